@@ -1,0 +1,343 @@
+"""The admin protocol between ``upterm`` and the daemon: framing and typed messages.
+
+Sans-I/O. A frame is a 4-byte big-endian length then one msgpack map. Requests carry an
+``id`` and get exactly one reply (``ok`` or ``error``); streams (an attached terminal) are
+frames tagged with a ``stream`` number. Every decoded value is checked against the schema
+below: wrong types, missing fields and values out of range are :class:`RemoteProtocolError`,
+unknown fields are ignored, unknown message types are reported with their type so the
+caller can answer "unknown type". See ``docs/admin-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from upterm.errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+#: Largest frame either side accepts. Bigger frames mean a broken or hostile peer: close.
+MAX_FRAME_BYTES: Final = 1 << 20
+#: Terminal data is sent in chunks no larger than this.
+MAX_DATA_CHUNK_BYTES: Final = 64 * 1024
+MAX_STRING_CHARS: Final = 64 * 1024
+MAX_LIST_ITEMS: Final = 4096
+MAX_TERMINAL_DIM: Final = 10_000
+MAX_ID: Final = 2**53
+_HEADER = struct.Struct(">I")
+
+
+# --- Framing -------------------------------------------------------------------------------
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Pack one message into a frame; raises :class:`LocalProtocolError` if too large."""
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME_BYTES:
+        raise LocalProtocolError(f"admin frame of {len(body)} bytes exceeds the limit")
+    return _HEADER.pack(len(body)) + body
+
+
+@dataclass(frozen=True)
+class BadFrame:
+    """A frame whose length was fine but whose body was not a msgpack map."""
+
+    reason: str
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """The peer announced a frame over :data:`MAX_FRAME_BYTES`; the stream cannot resync."""
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages; feed it any split of the stream."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any] | BadFrame]:
+        """Add bytes; yield each complete message (or :class:`BadFrame`) in order."""
+        self._buf += data
+        while len(self._buf) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf)
+            if length > self._max:
+                raise FrameTooLarge(f"admin frame of {length} bytes exceeds the limit")
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                return
+            body = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            yield _unpack_body(body)
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered but not yet part of a complete frame."""
+        return len(self._buf)
+
+
+def _unpack_body(body: bytes) -> dict[str, Any] | BadFrame:
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=MAX_FRAME_BYTES,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        return BadFrame(f"undecodable frame: {type(exc).__name__}")
+    if not isinstance(obj, dict):
+        return BadFrame("frame is not a map")
+    return obj
+
+
+# --- Field validation ---------------------------------------------------------------------
+
+
+def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise RemoteProtocolError(f"missing field {name!r}")
+        return None
+    value = obj[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RemoteProtocolError(f"field {name!r} must be an integer")
+    if not isinstance(value, kind):
+        raise RemoteProtocolError(f"field {name!r} must be {kind.__name__}")
+    if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+        raise RemoteProtocolError(f"field {name!r} is too long")
+    if isinstance(value, list | dict) and len(value) > MAX_LIST_ITEMS:
+        raise RemoteProtocolError(f"field {name!r} has too many items")
+    return value
+
+
+def _int(obj: dict[str, Any], name: str, lo: int, hi: int, required: bool = True) -> int | None:
+    value = _field(obj, name, int, required)
+    if value is not None and not lo <= value <= hi:
+        raise RemoteProtocolError(f"field {name!r} out of range {lo}..{hi}")
+    return value  # type: ignore[no-any-return]
+
+
+def _str(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
+    return _field(obj, name, str, required)  # type: ignore[no-any-return]
+
+
+def _str_list(obj: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = _field(obj, name, list, required=False) or []
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_STRING_CHARS:
+            raise RemoteProtocolError(f"field {name!r} must be a list of strings")
+    return tuple(value)
+
+
+def _str_map(obj: dict[str, Any], name: str) -> dict[str, str]:
+    value = _field(obj, name, dict, required=False) or {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise RemoteProtocolError(f"field {name!r} must map strings to strings")
+        if len(k) > MAX_STRING_CHARS or len(v) > MAX_STRING_CHARS:
+            raise RemoteProtocolError(f"field {name!r} has an oversized entry")
+    return dict(value)
+
+
+def _dims(obj: dict[str, Any]) -> tuple[int, int]:
+    cols = _int(obj, "cols", 1, MAX_TERMINAL_DIM)
+    rows = _int(obj, "rows", 1, MAX_TERMINAL_DIM)
+    assert cols is not None and rows is not None
+    return cols, rows
+
+
+# --- Requests (client → daemon) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Version handshake; the reply carries the daemon's protocol version."""
+
+    id: int
+    version: int
+
+
+@dataclass(frozen=True)
+class CreateSession:
+    """Start a command on a PTY and share it through a relay."""
+
+    id: int
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+    term: str
+    cols: int
+    rows: int
+    server: str | None
+    authorized_keys: tuple[str, ...]
+    accept: bool
+    known_hosts: str | None
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Let joiners in (after the host confirmed the start-up prompt)."""
+
+    id: int
+    session: str
+
+
+@dataclass(frozen=True)
+class ListSessions:
+    """List every session of the daemon."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Info:
+    """Describe one session (on a session socket, ``session`` may be omitted)."""
+
+    id: int
+    session: str | None
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Attach a terminal: the reply opens a stream of output and an exit frame."""
+
+    id: int
+    session: str | None
+    cols: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End a session: the command gets SIGHUP."""
+
+    id: int
+    session: str | None
+
+
+@dataclass(frozen=True)
+class Input:
+    """Keystrokes from an attached terminal."""
+
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Resize:
+    """The attached terminal changed size."""
+
+    stream: int
+    cols: int
+    rows: int
+
+
+Request = Hello | CreateSession | Accept | ListSessions | Info | Attach | Stop | Input | Resize
+
+
+@dataclass(frozen=True)
+class UnknownType:
+    """A well-formed message of a type this version does not know."""
+
+    id: int | None
+    type: str
+
+
+def _req_id(obj: dict[str, Any]) -> int:
+    value = _int(obj, "id", 0, MAX_ID)
+    assert value is not None
+    return value
+
+
+def request_id_of(obj: dict[str, Any]) -> int | None:
+    """The ``id`` of a raw message if it has a usable one (to address an error reply)."""
+    value = obj.get("id")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
+        return value
+    return None
+
+
+def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
+    """Validate a decoded message from a client; raises :class:`RemoteProtocolError`."""
+    kind = _str(obj, "type")
+    if kind == "hello":
+        version = _int(obj, "version", 0, 2**31)
+        assert version is not None
+        return Hello(_req_id(obj), version)
+    if kind == "create":
+        cols, rows = _dims(obj)
+        argv = _str_list(obj, "argv")
+        if not argv:
+            raise RemoteProtocolError("field 'argv' must name a command")
+        return CreateSession(
+            id=_req_id(obj),
+            argv=argv,
+            env=_str_map(obj, "env"),
+            cwd=_str(obj, "cwd") or "/",
+            term=_str(obj, "term", required=False) or "xterm-256color",
+            cols=cols,
+            rows=rows,
+            server=_str(obj, "server", required=False),
+            authorized_keys=_str_list(obj, "authorized_keys"),
+            accept=bool(_field(obj, "accept", bool, required=False)),
+            known_hosts=_str(obj, "known_hosts", required=False),
+        )
+    if kind == "accept":
+        return Accept(_req_id(obj), _str(obj, "session") or "")
+    if kind == "list":
+        return ListSessions(_req_id(obj))
+    if kind == "info":
+        return Info(_req_id(obj), _str(obj, "session", required=False))
+    if kind == "attach":
+        cols, rows = _dims(obj)
+        return Attach(_req_id(obj), _str(obj, "session", required=False), cols, rows)
+    if kind == "stop":
+        return Stop(_req_id(obj), _str(obj, "session", required=False))
+    if kind == "input":
+        stream = _int(obj, "stream", 0, MAX_ID)
+        data = _field(obj, "data", bytes)
+        if len(data) > MAX_DATA_CHUNK_BYTES:
+            raise RemoteProtocolError("input chunk too large")
+        assert stream is not None
+        return Input(stream, data)
+    if kind == "resize":
+        stream = _int(obj, "stream", 0, MAX_ID)
+        cols, rows = _dims(obj)
+        assert stream is not None
+        return Resize(stream, cols, rows)
+    assert kind is not None
+    return UnknownType(request_id_of(obj), kind[:64])
+
+
+# --- Replies and stream frames (daemon → client) -----------------------------------------
+
+
+def ok(req_id: int, **fields: Any) -> dict[str, Any]:
+    """A success reply to request ``req_id``."""
+    return {"type": "ok", "id": req_id, **fields}
+
+
+def error(req_id: int | None, code: str, message: str) -> dict[str, Any]:
+    """An error reply; ``req_id`` is None when the request had no usable id."""
+    return {"type": "error", "id": req_id, "code": code, "message": message}
+
+
+def output(stream: int, data: bytes) -> dict[str, Any]:
+    """Terminal output for an attached client."""
+    return {"type": "output", "stream": stream, "data": data}
+
+
+def exited(stream: int, status: int) -> dict[str, Any]:
+    """The session's command ended with ``status``; the stream is over."""
+    return {"type": "exit", "stream": stream, "status": status}
+
+
+def chunks(data: bytes, size: int = MAX_DATA_CHUNK_BYTES) -> Iterator[bytes]:
+    """Split terminal data into chunks that fit a frame."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]

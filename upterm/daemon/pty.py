@@ -1,0 +1,212 @@
+"""A command on a pseudo-terminal, driven from the asyncio loop without threads.
+
+The child becomes a session leader with the PTY as its controlling terminal, so job control,
+Ctrl-C and SIGWINCH behave as in any terminal. Exit is observed through a pidfd, so nothing
+polls and no SIGCHLD handler competes with other code in the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import struct
+import subprocess
+import termios
+from collections.abc import Callable, Mapping, Sequence
+
+from upterm.errors import UptermError
+
+log = logging.getLogger(__name__)
+
+#: Largest read from the PTY master in one go.
+READ_CHUNK_BYTES = 64 * 1024
+
+
+def _become_controlling_tty() -> None:  # pragma: no cover - runs in the child
+    # subprocess has already called setsid() (start_new_session); make fd 0, the PTY
+    # slave, our controlling terminal. Only an ioctl: safe between fork and exec.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    """Set a terminal's size; the kernel signals SIGWINCH to its foreground group."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def exit_status(wait_status: int) -> int:
+    """Shell convention: the exit code, or 128 + N for a process killed by signal N."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+class PtyProcess:
+    """A child process on a fresh PTY; output and exit are delivered as callbacks."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        cols: int,
+        rows: int,
+        on_output: Callable[[bytes], None],
+        on_exit: Callable[[int], None],
+    ) -> None:
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._loop = asyncio.get_running_loop()
+        master, slave = os.openpty()
+        try:
+            set_winsize(master, cols, rows)
+            try:
+                self._proc = subprocess.Popen(
+                    list(argv),
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    env=dict(env),
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=_become_controlling_tty,  # noqa: PLW1509 - ioctl only
+                    close_fds=True,
+                )
+            except FileNotFoundError as exc:
+                raise UptermError(
+                    f"command not found: {argv[0]}; check the command after '--'"
+                ) from exc
+            except NotADirectoryError as exc:
+                raise UptermError(f"working directory {cwd} is not usable") from exc
+            except PermissionError as exc:
+                raise UptermError(f"cannot run {argv[0]}: permission denied") from exc
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master_fd = master
+        self.pid = self._proc.pid
+        self._reading = False
+        self._paused = False
+        self._status: int | None = None
+        self._pidfd = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._pidfd, self._reap)
+        self._start_reading()
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the command has ended."""
+        return self._status
+
+    def _start_reading(self) -> None:
+        if not self._reading and self.master_fd >= 0:
+            self._loop.add_reader(self.master_fd, self._read)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.master_fd)
+            self._reading = False
+
+    def pause_output(self) -> None:
+        """Stop reading the PTY: the command blocks once the kernel buffer fills."""
+        self._paused = True
+        self._stop_reading()
+
+    def resume_output(self) -> None:
+        """Read the PTY again."""
+        self._paused = False
+        if self._status is None:
+            self._start_reading()
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master_fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # EIO: every slave fd is closed (the command and its children are gone).
+            if exc.errno != errno.EIO:
+                log.warning("reading the PTY failed: %s", exc)
+            self._stop_reading()
+            return
+        if not data:
+            self._stop_reading()
+            return
+        self._on_output(data)
+
+    def _reap(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        try:
+            _, wait_status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            wait_status = 0
+        self._proc.returncode = exit_status(wait_status)
+        self._status = exit_status(wait_status)
+        # Deliver what the command wrote before it exited; a background job that keeps the
+        # slave open must not hold the session, so stop at the first empty read.
+        self._stop_reading()
+        while True:
+            try:
+                data = os.read(self.master_fd, READ_CHUNK_BYTES)
+            except OSError:
+                break
+            if not data:
+                break
+            self._on_output(data)
+        self._on_exit(self._status)
+
+    def write(self, data: bytes) -> None:
+        """Send keystrokes to the command (drops them if the PTY is gone or full)."""
+        if self.master_fd < 0:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.master_fd, view)
+            except BlockingIOError:
+                # The line discipline's input queue is full (a stalled reader); typing
+                # more into it would block the daemon, so the excess is dropped.
+                log.debug("PTY input full: dropped %d bytes", len(view))
+                return
+            except OSError:
+                return
+            view = view[n:]
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the PTY size."""
+        if self.master_fd >= 0:
+            with contextlib.suppress(OSError):
+                set_winsize(self.master_fd, cols, rows)
+
+    def hangup(self) -> None:
+        """SIGHUP the command's process group, as a terminal closing would."""
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGHUP)
+
+    def kill(self) -> None:
+        """SIGKILL the command's process group."""
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the PTY (after the command has ended)."""
+        self._stop_reading()
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self.master_fd >= 0:
+            os.close(self.master_fd)
+            self.master_fd = -1

@@ -1,0 +1,230 @@
+"""A shared terminal: one command on a PTY and every viewer attached to it.
+
+Output fans out to each viewer without letting one stall another. A viewer that *paces*
+(the host's own attached terminal) may pause the PTY while its socket drains, as a real
+terminal would; every other viewer (SSH joiners) gets a bounded backlog and is cut off with a
+message when it falls further behind, so a stalled joiner never holds the command back.
+The PTY size is the smallest of all attached terminals, recomputed whenever one joins,
+resizes or leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from upterm.daemon.pty import PtyProcess
+
+log = logging.getLogger(__name__)
+
+#: A joiner with more unsent output than this is cut off.
+VIEWER_BACKLOG_LIMIT_BYTES = 1 << 20
+#: A pacing viewer above this pauses the PTY until it drains.
+PACE_HIGH_WATER_BYTES = 256 * 1024
+#: Recent output replayed to a new viewer so it does not start on a blank screen.
+REPLAY_BYTES = 64 * 1024
+CUT_OFF_MESSAGE = b"\r\nupterm: you fell too far behind the session's output; disconnected.\r\n"
+
+
+class Viewer(Protocol):
+    """Something that shows the session's output: a local terminal or an SSH joiner."""
+
+    @property
+    def viewer_id(self) -> str:
+        """Unique within the session."""
+        ...
+
+    @property
+    def paces(self) -> bool:
+        """True if this viewer may hold the PTY back (the host's own terminal)."""
+        ...
+
+    def send(self, data: bytes) -> None:
+        """Queue output; must not block."""
+        ...
+
+    def backlog(self) -> int:
+        """Bytes queued but not yet delivered."""
+        ...
+
+    def finish(self, status: int) -> None:
+        """The command ended with ``status``."""
+        ...
+
+    def cut_off(self, message: bytes) -> None:
+        """Disconnect this viewer with ``message``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A connected joiner, as ``upterm session current`` lists it."""
+
+    client_id: str
+    version: str
+    addr: str
+    fingerprint: str
+    joined_at: float = field(default_factory=time.time)
+
+
+class Session:
+    """The terminal core of a hosted session."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        cols: int,
+        rows: int,
+    ) -> None:
+        self.argv = tuple(argv)
+        self._env = dict(env)
+        self._cwd = cwd
+        self._size = (cols, rows)
+        self._proc: PtyProcess | None = None
+        self._viewers: dict[str, Viewer] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._pacing_blocked: set[str] = set()
+        self._replay = bytearray()
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Start the command (raises :class:`UptermError` if it cannot run)."""
+        cols, rows = self._size
+        self._proc = PtyProcess(
+            self.argv,
+            env=self._env,
+            cwd=self._cwd,
+            cols=cols,
+            rows=rows,
+            on_output=self._output,
+            on_exit=self._exit,
+        )
+
+    @property
+    def started(self) -> bool:
+        """Whether the command has been started."""
+        return self._proc is not None
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id."""
+        return self._proc.pid if self._proc else None
+
+    def hangup(self) -> None:
+        """End the session as a closed terminal would: SIGHUP to the command's group."""
+        if self._proc is not None:
+            self._proc.hangup()
+        elif not self.exited.done():
+            self._exit(129)
+
+    def kill(self) -> None:
+        """SIGKILL what is left of the command."""
+        if self._proc is not None:
+            self._proc.kill()
+
+    def _exit(self, status: int) -> None:
+        log.info("command %s exited with status %d", self.argv[0], status)
+        for viewer in list(self._viewers.values()):
+            viewer.finish(status)
+        self._viewers.clear()
+        self._sizes.clear()
+        if self._proc is not None:
+            self._proc.close()
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    # -- viewers --
+
+    @property
+    def viewer_count(self) -> int:
+        """How many viewers are attached."""
+        return len(self._viewers)
+
+    def attach(self, viewer: Viewer, cols: int, rows: int) -> None:
+        """Add a viewer: it gets recent output, then everything live."""
+        if self.exited.done():
+            viewer.finish(self.exited.result())
+            return
+        self._viewers[viewer.viewer_id] = viewer
+        replay = bytes(self._replay)
+        if len(self._replay) >= REPLAY_BYTES:
+            # The ring starts mid-stream: begin at a line boundary, not inside a sequence.
+            cut = replay.find(b"\n")
+            replay = replay[cut + 1 :] if cut >= 0 else b""
+        if replay:
+            viewer.send(replay)
+        self.resize(viewer.viewer_id, cols, rows)
+
+    def detach(self, viewer_id: str) -> None:
+        """Remove a viewer; the PTY size is recomputed without it."""
+        self._viewers.pop(viewer_id, None)
+        self._pacing_blocked.discard(viewer_id)
+        if self._sizes.pop(viewer_id, None) is not None:
+            self._apply_size()
+        self._maybe_resume()
+
+    def resize(self, viewer_id: str, cols: int, rows: int) -> None:
+        """A viewer's terminal changed size."""
+        if viewer_id not in self._viewers:
+            return
+        self._sizes[viewer_id] = (cols, rows)
+        self._apply_size()
+
+    def _apply_size(self) -> None:
+        if not self._sizes:
+            return
+        size = (
+            min(c for c, _ in self._sizes.values()),
+            min(r for _, r in self._sizes.values()),
+        )
+        if size != self._size:
+            self._size = size
+            if self._proc is not None:
+                self._proc.resize(*size)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Current PTY size (cols, rows)."""
+        return self._size
+
+    # -- data --
+
+    def input(self, data: bytes) -> None:
+        """Keystrokes from a viewer with the keyboard."""
+        if self._proc is not None:
+            self._proc.write(data)
+
+    def _output(self, data: bytes) -> None:
+        self._replay += data
+        if len(self._replay) > REPLAY_BYTES:
+            del self._replay[: len(self._replay) - REPLAY_BYTES]
+        for viewer in list(self._viewers.values()):
+            viewer.send(data)
+            backlog = viewer.backlog()
+            if viewer.paces:
+                if backlog > PACE_HIGH_WATER_BYTES:
+                    self._pacing_blocked.add(viewer.viewer_id)
+            elif backlog > VIEWER_BACKLOG_LIMIT_BYTES:
+                log.info("viewer %s fell %d bytes behind; cut off", viewer.viewer_id, backlog)
+                self.detach(viewer.viewer_id)
+                viewer.cut_off(CUT_OFF_MESSAGE)
+        if self._pacing_blocked and self._proc is not None:
+            self._proc.pause_output()
+
+    def drained(self, viewer_id: str) -> None:
+        """A pacing viewer's backlog fell below its low-water mark."""
+        self._pacing_blocked.discard(viewer_id)
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if not self._pacing_blocked and self._proc is not None:
+            self._proc.resume_output()

@@ -1,0 +1,198 @@
+"""The host's inner SSH server: one per channel the relay forwards, one per joiner.
+
+Its host key is the session key the relay pinned at registration. It accepts only user
+certificates signed by exactly the relay key this host pinned when it connected (never a
+self-signed or foreign certificate, unlike upstream before v0.35), whose principal is the
+joiner's token and whose ``upterm-auth-request`` extension names a key the host authorized.
+The joiner then attaches to the shared terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from upterm import sshcompat, wire
+from upterm.daemon.session import ClientInfo, Session
+from upterm.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
+#: Joiners arriving before the host accepted connections wait this long, then are refused.
+ACCEPT_WAIT_S = 60
+_client_counter = itertools.count(1)
+
+
+@dataclass
+class GuestPolicy:
+    """What the inner server needs to know about its hosted session."""
+
+    session: Session
+    #: Wire blob of the relay key pinned when the host connected; the only trusted signer.
+    relay_key_blob: bytes
+    #: Wire blobs of authorized joiner keys; empty means any key the relay let through.
+    authorized: frozenset[bytes]
+    accepting: asyncio.Event
+    on_join: Callable[[ClientInfo], None]
+    on_leave: Callable[[str], None]
+    hide_client_ip: bool = False
+
+
+class InnerServer(asyncssh.SSHServer):
+    """Authenticates one joiner arriving through the relay."""
+
+    def __init__(self, policy: GuestPolicy) -> None:
+        self._policy = policy
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._client: ClientInfo | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        sshcompat.on_client_certificate(conn, self._check_certificate)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Only relay-signed certificates get in: a bare key proves nothing about the joiner.
+        return False
+
+    async def _check_certificate(self, username: str, blob: bytes) -> bytes | None:
+        try:
+            cert = wire.verify_guest_certificate(
+                blob, self._policy.relay_key_blob, username, int(time.time())
+            )
+            joiner_key = cert.auth.public_key()
+        except RemoteProtocolError as exc:
+            log.info("refused a guest certificate: %s", exc)
+            return None
+        if self._policy.authorized and joiner_key.blob not in self._policy.authorized:
+            log.info("refused joiner key %s: not authorized", joiner_key.fingerprint)
+            return None
+        if not self._policy.accepting.is_set():
+            try:
+                await asyncio.wait_for(self._policy.accepting.wait(), ACCEPT_WAIT_S)
+            except TimeoutError:
+                return None
+        self._client = ClientInfo(
+            client_id=f"{next(_client_counter)}",
+            version=cert.auth.client_version,
+            addr="[redacted]" if self._policy.hide_client_ip else cert.auth.remote_addr,
+            fingerprint=joiner_key.fingerprint,
+        )
+        return cert.certified_blob
+
+    def session_requested(self) -> Any:
+        if self._client is None:
+            return False
+        return GuestSession(self._policy, self._client)
+
+
+class GuestSession(asyncssh.SSHServerSession[bytes]):
+    """A joiner's session channel: a viewer (and typist) of the shared terminal."""
+
+    def __init__(self, policy: GuestPolicy, client: ClientInfo) -> None:
+        self._policy = policy
+        self._client = client
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._pty: tuple[int, int] | None = None
+        self._attached = False
+        self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
+
+    @property
+    def paces(self) -> bool:
+        """Joiners never hold the PTY back."""
+        return False
+
+    # asyncssh callbacks
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _m: Any) -> bool:
+        cols, rows = term_size[0] or 80, term_size[1] or 24
+        self._pty = (min(cols, 10_000), min(rows, 10_000))
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        if self._pty is None:
+            self._chan.write(PTY_REQUIRED_MESSAGE)
+            self._chan.exit(1)
+            return
+        self._attached = True
+        self._policy.on_join(self._client)
+        self._policy.session.attach(self, *self._pty)
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._attached and datatype is None:
+            self._policy.session.input(data)
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if width and height:
+            self._policy.session.resize(self.viewer_id, min(width, 10_000), min(height, 10_000))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._attached:
+            self._attached = False
+            self._policy.session.detach(self.viewer_id)
+            self._policy.on_leave(self._client.client_id)
+
+    # Viewer protocol
+
+    def send(self, data: bytes) -> None:
+        """Queue output to the joiner."""
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write(data)
+
+    def backlog(self) -> int:
+        """Output asyncssh holds for this joiner."""
+        return self._chan.get_write_buffer_size() if self._chan is not None else 0
+
+    def finish(self, status: int) -> None:
+        """The shared command ended: pass its exit status on."""
+        self._attached = False
+        self._policy.on_leave(self._client.client_id)
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.exit(status)
+
+    def cut_off(self, message: bytes) -> None:
+        """Disconnect a joiner that fell behind."""
+        self._attached = False
+        self._policy.on_leave(self._client.client_id)
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_stderr(message)
+                self._chan.exit(1)

@@ -1,0 +1,1 @@
+"""Generated protobuf modules for the upstream payloads (see server.proto)."""

@@ -1,0 +1,1 @@
+"""uptermd, the relay: hosts register sessions, joiners reach them by token."""

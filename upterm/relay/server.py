@@ -1,0 +1,561 @@
+"""uptermd's SSH listener: hosts register sessions, joiners are routed to them.
+
+One asyncssh server. A connection whose banner is exactly ``SSH-2.0-upterm-host-client`` is
+a *host*: it may create sessions (``upterm-create-session@upterm.dev``) and forward them
+(``streamlocal-forward@openssh.com``, keyed by session id). Any other connection is a
+*joiner*: its SSH user name is the session token, it must present a key the host allows,
+and each of its session channels is proxied, request by request, into a fresh SSH
+connection to the host's inner server, opened as a ``forwarded-streamlocal@openssh.com``
+channel on the host's connection and authenticated with a certificate this relay signs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from upterm import sshcompat, wire
+from upterm.errors import RemoteProtocolError
+from upterm.keys import Ed25519Key
+from upterm.relay.registry import Registration, SessionTable, Superseded
+
+log = logging.getLogger(__name__)
+
+#: A joiner must finish authenticating within this many seconds.
+LOGIN_TIMEOUT_S = 60
+#: Upstream (relay → host) connection must be up within this many seconds.
+UPSTREAM_TIMEOUT_S = 30
+#: Pause a reader when the other side has this much unsent data queued.
+PROXY_HIGH_WATER_BYTES = 256 * 1024
+
+
+def format_addr(peer: Any) -> str:
+    """``host:port`` (``[v6]:port``) of a socket address tuple, or "" if unknown."""
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return ""
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class RelayIdentity:
+    """The relay's host key in both forms it needs: for asyncssh and for signing certs."""
+
+    key: Ed25519Key
+    ssh_key: asyncssh.SSHKey
+
+    @classmethod
+    def from_key(cls, key: Ed25519Key) -> RelayIdentity:
+        """Wrap an ed25519 key."""
+        return cls(key, asyncssh.import_private_key(key.private_openssh()))
+
+
+class _ForwardedStreamTunnel:
+    """asyncssh ``tunnel=`` object: each connect opens a forwarded-streamlocal channel."""
+
+    def __init__(self, host_conn: asyncssh.SSHServerConnection, session_id: str) -> None:
+        self._conn = host_conn
+        self._sid = session_id
+
+    async def create_connection(
+        self, session_factory: Callable[[], Any], _host: str, _port: int
+    ) -> tuple[Any, Any]:
+        return await self._conn.create_unix_connection(session_factory, self._sid)
+
+
+class Relay:
+    """Lifecycle of one uptermd node's SSH listener."""
+
+    def __init__(
+        self,
+        identity: RelayIdentity,
+        *,
+        host: str,
+        port: int,
+        node_addr: str | None,
+        version: str,
+    ) -> None:
+        self.identity = identity
+        self.table = SessionTable()
+        self.version = version
+        self._host = host
+        self._port = port
+        self._node_addr = node_addr
+        self._server: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def node_addr(self) -> str:
+        """The address embedded in tokens; defaults to the bound SSH address."""
+        if self._node_addr:
+            return self._node_addr
+        return f"{self._host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when started on port 0)."""
+        if self._server is None:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind the listener."""
+        self._server = await asyncssh.listen(
+            self._host,
+            self._port,
+            server_factory=lambda: RelayConnection(self),
+            server_host_keys=[self.identity.ssh_key],
+            server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
+            encoding=None,
+            login_timeout=LOGIN_TIMEOUT_S,
+            allow_scp=False,
+            # A relay forwards bytes; asyncssh's line editor would rewrite them.
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            keepalive_interval=0,
+            # Joiners authenticate by key only: no passwords, no keyboard-interactive.
+            password_auth=False,
+            kbdint_auth=False,
+            gss_host=None,
+            reuse_address=True,
+        )
+        log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        """Wait for the listener to close."""
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- registration (called by host connections) --
+
+    def register(self, reg: Registration) -> None:
+        """Add a registration; a displaced owner's connection is closed."""
+        displaced = self.table.register(reg)
+        if isinstance(displaced, RelayConnection):
+            log.info("session %s taken over by a newer registration", reg.session_id)
+            displaced.drop_session(reg.session_id)
+            displaced.close()
+
+
+class RelayConnection(asyncssh.SSHServer):
+    """One inbound SSH connection, host or joiner (decided by its banner)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.is_host = False
+        self._token: wire.Token | None = None
+        self._reg: Registration | None = None
+        self._joiner_key: bytes | None = None
+        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._owned: set[str] = set()
+
+    # -- connection lifecycle --
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        sshcompat.install_global_request_handler(
+            conn, wire.CREATE_SESSION_REQUEST, self._create_session
+        )
+        sshcompat.on_signed_public_key(conn, self._key_proven)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for sid in list(self._owned):
+            self.drop_session(sid)
+        if self._upstream is not None:
+            self._upstream.cancel()
+            if self._upstream.done() and not self._upstream.cancelled():
+                with contextlib.suppress(Exception):
+                    self._upstream.result().close()
+
+    def close(self) -> None:
+        """Disconnect this peer."""
+        if self.conn is not None:
+            self.conn.close()
+
+    def drop_session(self, sid: str) -> None:
+        """Forget a session this connection registered (its successor is left alone)."""
+        self._owned.discard(sid)
+        if self.relay.table.release(sid, self):
+            log.info("session %s closed", sid)
+
+    # -- authentication --
+
+    def begin_auth(self, username: str) -> bool:
+        assert self.conn is not None
+        banner = self.conn.get_extra_info("client_version") or ""
+        self.is_host = banner == wire.HOST_CLIENT_VERSION
+        if self.is_host:
+            return True
+        try:
+            self._token = wire.decode_token(username)
+        except RemoteProtocolError:
+            log.info("refused joiner with a malformed token from %s", self._peer())
+            return True
+        reg = self.relay.table.get(self._token.session_id)
+        foreign = self._token.node_addr not in (None, self.relay.node_addr)
+        if reg is None or foreign:
+            # Never dial a node address named by a joiner: only known cluster members count,
+            # and a single node knows none.
+            self.conn.send_auth_banner(
+                wire.BANNER_NO_HOST_FORMAT.format(session_id=self._token.session_id)
+            )
+            return True
+        self._reg = reg
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.is_host:
+            return True
+        reg = self._reg
+        if reg is None or self.relay.table.get(reg.session_id) is not reg:
+            return False
+        return reg.allows_client(bytes(key.public_data))
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Joiners' certificates are not an identity here; their plain key is.
+        return False
+
+    def _key_proven(self, key_blob: bytes) -> None:
+        self._joiner_key = key_blob
+
+    def _peer(self) -> str:
+        assert self.conn is not None
+        return format_addr(self.conn.get_extra_info("peername"))
+
+    # -- host side: registration and forwarding --
+
+    async def _create_session(self, payload: bytes) -> sshcompat.GlobalReply:
+        assert self.conn is not None
+        if not self.is_host:
+            return sshcompat.GlobalReply(False, b"only hosts may create sessions")
+        try:
+            req = wire.CreateSessionRequest.decode(payload)
+            if req.host_key_proof:
+                sid, generation = self._verify_proof(req)
+            else:
+                sid, generation = wire.random_session_id(), 0
+            host_keys = [wire.parse_public_key_line(k) for k in req.host_public_keys]
+            client_keys = [wire.parse_public_key_line(k) for k in req.client_authorized_keys]
+        except RemoteProtocolError as exc:
+            log.info("refused registration from %s: %s", self._peer(), exc)
+            return sshcompat.GlobalReply(False, str(exc).encode())
+        host_blobs = tuple(k.blob for k in host_keys if k is not None)
+        if not host_blobs:
+            return sshcompat.GlobalReply(False, b"failed to create session: no host key")
+        reg = Registration(
+            session_id=sid,
+            node_addr=self.relay.node_addr,
+            host_user=req.host_user,
+            host_key_blobs=host_blobs,
+            client_key_blobs=frozenset(k.blob for k in client_keys if k is not None),
+            generation=generation,
+            owner=self,
+        )
+        try:
+            self.relay.register(reg)
+        except Superseded as exc:
+            return sshcompat.GlobalReply(False, str(exc).encode())
+        self._owned.add(sid)
+        log.info(
+            "session %s registered by %s (user %r, generation %d, %d authorized keys)",
+            sid,
+            self._peer(),
+            req.host_user,
+            generation,
+            len(reg.client_key_blobs),
+        )
+        resp = wire.CreateSessionResponse(
+            session_id=sid,
+            node_addr=reg.node_addr,
+            ssh_user=wire.encode_token(sid, reg.node_addr),
+            session_key_redial=True,
+        )
+        return sshcompat.GlobalReply(True, resp.encode())
+
+    def _verify_proof(self, req: wire.CreateSessionRequest) -> tuple[str, int]:
+        assert self.conn is not None
+        key = wire.check_proof_fields(req)
+        try:
+            ssh_key = asyncssh.import_public_key(key.authorized_key_line())
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise RemoteProtocolError(f"{wire.REFUSED_PROOF}: unusable host key") from exc
+        payload = wire.proof_payload(
+            sshcompat.session_id(self.conn), req.session_secret, req.generation
+        )
+        if not ssh_key.verify(payload, req.host_key_proof):
+            raise RemoteProtocolError(f"{wire.REFUSED_PROOF}: bad signature")
+        return wire.derive_session_id(key.blob, req.session_secret), req.generation
+
+    def unix_server_requested(self, listen_path: str) -> Any:
+        if not self.is_host or listen_path not in self._owned:
+            log.info("refused forward of %r from %s: not its session", listen_path, self._peer())
+            return False
+        if not self.relay.table.mark_forwarded(listen_path, self):
+            return False
+        return sshcompat.PassiveListener(lambda: self.drop_session(listen_path))
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False
+
+    # -- joiner side: proxy each session channel to the host --
+
+    def session_requested(self) -> Any:
+        if self.is_host or self._reg is None:
+            return False
+        return _JoinerSession(self)
+
+    def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
+        """The SSH connection to the host's inner server, opened once per joiner."""
+        if self._upstream is None:
+            self._upstream = asyncio.ensure_future(self._open_upstream())
+        return self._upstream
+
+    async def _open_upstream(self) -> asyncssh.SSHClientConnection:
+        assert self.conn is not None and self._reg is not None and self._joiner_key is not None
+        reg = self._reg
+        host_conn = reg.owner
+        if self.relay.table.get(reg.session_id) is not reg or not isinstance(
+            host_conn, RelayConnection
+        ):
+            raise ConnectionError(wire.UPSTREAM_UNAVAILABLE)
+        assert host_conn.conn is not None
+        username = self.conn.get_extra_info("username") or ""
+        joiner_key = wire.PublicKey(self._joiner_key)
+        auth = wire.AuthRequest(
+            client_version=self.conn.get_extra_info("client_version") or "",
+            remote_addr=self._peer(),
+            authorized_key=joiner_key.authorized_key_line(),
+            local_addr=format_addr(self.conn.get_extra_info("sockname")),
+        )
+        cert_line = wire.build_guest_certificate(
+            self.relay.identity.key.private,
+            principal=username,
+            # Upstream puts the raw exchange hash here; hex keeps it UTF-8, which asyncssh
+            # hosts require, and no host reads it.
+            key_id=sshcompat.session_id(self.conn).hex().encode(),
+            auth=auth,
+            now=int(time.time()),
+        )
+        host_keys = [
+            asyncssh.import_public_key(wire.PublicKey(b).authorized_key_line())
+            for b in reg.host_key_blobs
+        ]
+        return await asyncio.wait_for(
+            asyncssh.connect(
+                reg.session_id,
+                0,
+                tunnel=_ForwardedStreamTunnel(host_conn.conn, reg.session_id),
+                username=username,
+                client_keys=[(self.relay.identity.ssh_key, asyncssh.import_certificate(cert_line))],
+                known_hosts=(host_keys, [], []),
+                agent_path=None,
+                config=None,
+                preferred_auth="publickey",
+                client_version=wire.relay_banner(self.relay.version)[len("SSH-2.0-") :],
+                encoding=None,
+                keepalive_interval=0,
+            ),
+            UPSTREAM_TIMEOUT_S,
+        )
+
+
+class _JoinerSession(asyncssh.SSHServerSession[bytes]):
+    """A joiner's session channel, replayed request by request on a host channel."""
+
+    def __init__(self, link: RelayConnection) -> None:
+        self._link = link
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._up: asyncssh.SSHClientChannel[bytes] | None = None
+        self._pending: list[tuple[bytes, int | None]] = []
+        self._pending_eof = False
+        self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
+        self._size: tuple[int, int, int, int] | None = None
+        self._env: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self._term = (term_type, term_size, term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        return self._start(command=None, subsystem=None)
+
+    def exec_requested(self, command: str) -> bool:
+        # The host decides what an exec request means; the relay only carries it.
+        return self._start(command=command, subsystem=None)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return self._start(command=None, subsystem=subsystem)
+
+    def _start(self, command: str | None, subsystem: str | None) -> bool:
+        if self._task is not None:
+            return False
+        self._task = asyncio.ensure_future(self._open(command, subsystem))
+        return True
+
+    async def _open(self, command: str | None, subsystem: str | None) -> None:
+        assert self._chan is not None
+        chan = self._chan
+        try:
+            upstream = await self._link.upstream()
+            kwargs: dict[str, Any] = {}
+            if self._term is not None:
+                kwargs.update(
+                    term_type=self._term[0],
+                    term_size=self._size or self._term[1],
+                    term_modes=self._term[2],
+                )
+            up_chan, _ = await upstream.create_session(
+                lambda: _HostSideSession(self),
+                command=command,
+                subsystem=subsystem,
+                encoding=None,
+                **kwargs,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("joiner %s could not reach its host: %s", self._link._peer(), exc)
+            chan.write_stderr(f"upterm: {wire.UPSTREAM_UNAVAILABLE}\r\n".encode())
+            chan.exit(1)
+            return
+        self._up = up_chan
+        for data, datatype in self._pending:
+            up_chan.write(data, datatype)
+        self._pending.clear()
+        if self._pending_eof:
+            up_chan.write_eof()
+
+    # joiner → host
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._up is None:
+            self._pending.append((data, datatype))
+            if sum(len(d) for d, _ in self._pending) > PROXY_HIGH_WATER_BYTES and self._chan:
+                self._chan.pause_reading()
+            return
+        self._up.write(data, datatype)
+        if self._up.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._chan:
+            self._chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._up is None:
+            self._pending_eof = True
+        else:
+            self._up.write_eof()
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self._size = (width, height, pixwidth, pixheight)
+        if self._up is not None:
+            self._up.change_terminal_size(width, height, pixwidth, pixheight)
+
+    def signal_received(self, signal: str) -> None:
+        if self._up is not None:
+            self._up.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self._up is None:
+            return False
+        self._up.send_break(msec)
+        return True
+
+    def pause_writing(self) -> None:
+        if self._up is not None:
+            self._up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up is not None:
+            self._up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._up is not None:
+            self._up.close()
+
+    # host → joiner (called by _HostSideSession)
+
+    def host_data(self, data: bytes, datatype: int | None) -> None:
+        assert self._chan is not None
+        self._chan.write(data, datatype)
+        if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
+            self._up.pause_reading()
+
+    def host_resumed(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    def host_eof(self) -> None:
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_eof()
+
+    def host_closed(self, status: int | None, signal: tuple[str, bool, str] | None) -> None:
+        if self._chan is None:
+            return
+        if signal is not None:
+            self._chan.exit_with_signal(signal[0], signal[1], signal[2])
+        elif status is not None:
+            self._chan.exit(status)
+        else:
+            self._chan.close()
+
+
+class _HostSideSession(asyncssh.SSHClientSession[bytes]):
+    """The relay's end of a host channel; hands everything back to its joiner."""
+
+    def __init__(self, joiner: _JoinerSession) -> None:
+        self._joiner = joiner
+        self._status: int | None = None
+        self._signal: tuple[str, bool, str] | None = None
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._joiner.host_data(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._joiner.host_eof()
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self._status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self._signal = (signal, core_dumped, msg)
+
+    def pause_writing(self) -> None:
+        if self._joiner._chan is not None:
+            self._joiner._chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._joiner.host_resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._joiner.host_closed(self._status, self._signal)

@@ -1,0 +1,211 @@
+"""The one place that touches asyncssh internals.
+
+asyncssh (checked on 2.14 … 2.24) offers no public API for four things upterm needs:
+sending a global request and reading its reply payload, answering a custom global request
+(with a failure *text*, as Go peers send), reading the ``upterm-auth-request`` extension of a
+client certificate, and granting the permissions such a certificate does not list. Each is
+done here, in a few lines each, and tested directly by ``tests/test_sshcompat.py`` so that an
+asyncssh upgrade that breaks one fails loudly. Everything else in upterm uses public API only.
+See ``shared/reference/asyncssh-notes.md`` for why each mechanism is shaped as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+from asyncssh.constants import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
+from asyncssh.misc import map_handler_name
+
+log = logging.getLogger(__name__)
+
+#: Permissions uptermd-style guest certificates do not carry but a shared terminal needs.
+_GUEST_PERMISSIONS = {
+    "permit-pty": True,
+    "permit-port-forwarding": True,
+    "permit-agent-forwarding": True,
+    "permit-X11-forwarding": True,
+}
+
+
+@dataclass(frozen=True)
+class GlobalReply:
+    """The answer to a global request: success with a payload, or failure with a text."""
+
+    ok: bool
+    payload: bytes = b""
+
+
+def is_closed(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> bool:
+    """True once the connection is closing or closed (2.10 has no ``is_closed``)."""
+    checker = getattr(conn, "is_closed", None)
+    if checker is not None:
+        return bool(checker())
+    return getattr(conn, "_transport", None) is None
+
+
+def session_id(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> bytes:
+    """The SSH session identifier: the exchange hash H of the connection's first key exchange.
+
+    Upstream proofs sign over it, so a proof captured on one connection is useless on another.
+    """
+    sid = conn._session_id
+    if not isinstance(sid, bytes) or not sid:
+        raise RuntimeError("SSH session id not yet known (key exchange incomplete)")
+    return sid
+
+
+async def global_request(
+    conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection,
+    name: str,
+    payload: bytes,
+) -> GlobalReply:
+    """Send a global request with ``want_reply`` and return its reply payload or failure text.
+
+    Raises :class:`asyncssh.ConnectionLost` when the connection is gone: asyncssh reports
+    that as an empty failure, which would otherwise look like a bare refusal.
+    """
+    pkttype, packet = await conn._make_global_request(name.encode(), payload)
+    data = bytes(packet.get_remaining_payload())
+    if pkttype == MSG_REQUEST_SUCCESS:
+        return GlobalReply(True, data)
+    if not data and is_closed(conn):
+        raise asyncssh.ConnectionLost(f"connection closed during {name}")
+    assert pkttype == MSG_REQUEST_FAILURE
+    return GlobalReply(False, data)
+
+
+def _answer(conn: Any, reply: GlobalReply) -> None:
+    """Answer the global request at the head of the queue exactly once."""
+    if is_closed(conn) or not conn._global_request_queue:
+        return
+    if reply.ok:
+        # ``b''`` is falsy and would be sent as a failure by asyncssh; True means "no payload".
+        conn._report_global_response(reply.payload or True)
+        return
+    _, _, want_reply = conn._global_request_queue.pop(0)
+    if want_reply:
+        conn.send_packet(MSG_REQUEST_FAILURE, reply.payload)
+    if conn._global_request_queue:
+        conn._service_next_global_request()
+
+
+def install_global_request_handler(
+    conn: asyncssh.SSHServerConnection | asyncssh.SSHClientConnection,
+    name: str,
+    handler: Callable[[bytes], Awaitable[GlobalReply]],
+) -> None:
+    """Serve global request ``name`` on this one connection with an async ``handler``.
+
+    asyncssh answers requests one at a time in arrival order; the handler's reply is sent
+    exactly once, even if the handler raises (then as a failure "internal error"), so later
+    requests (keepalives, forwards) are never stalled. Call from ``connection_made``.
+    """
+    attr = "_process_" + map_handler_name(name) + "_global_request"
+
+    def process(packet: Any) -> None:
+        payload = bytes(packet.get_remaining_payload())
+
+        async def run() -> None:
+            reply = GlobalReply(False, b"internal error")
+            try:
+                reply = await handler(payload)
+            except Exception:
+                log.exception("handler for %s failed", name)
+            finally:
+                _answer(conn, reply)
+
+        conn.create_task(run())
+
+    setattr(conn, attr, process)
+
+
+def on_client_certificate(
+    conn: asyncssh.SSHServerConnection,
+    check: Callable[[str, bytes], Awaitable[bytes | None]],
+) -> None:
+    """Have ``check(username, cert_blob)`` alone decide on OpenSSH client certificates.
+
+    ``check`` must verify everything (signature, signer, type, principal, validity) and
+    return the certified key's wire blob, or None to refuse. asyncssh's own certificate
+    parser is bypassed because it refuses key IDs that are not UTF-8, and the Go relay puts
+    the raw exchange hash there; it also drops the extensions ``check`` needs. On success
+    the connection is granted the ``permit-*`` rights the certificate does not list
+    (uptermd certificates list none, and asyncssh would refuse the PTY without them).
+    """
+    original = conn._validate_client_certificate
+
+    async def validate(username: str, key_data: bytes) -> Any:
+        try:
+            alg, _ = _read_string(key_data)
+        except ValueError:
+            return None
+        if not alg.endswith(b"-cert-v01@openssh.com"):
+            return await original(username, key_data)
+        key_blob = await check(username, bytes(key_data))
+        if key_blob is None:
+            return None
+        conn._key_options = {}
+        conn._cert_options = dict(_GUEST_PERMISSIONS)
+        return asyncssh.import_public_key(
+            base64.b64encode(key_blob).join((alg.removesuffix(b"-cert-v01@openssh.com") + b" ", b""))
+        )
+
+    conn._validate_client_certificate = validate  # type: ignore[method-assign]
+
+
+def _read_string(data: bytes) -> tuple[bytes, bytes]:
+    if len(data) < 4:
+        raise ValueError("short")
+    n = int.from_bytes(data[:4], "big")
+    if len(data) < 4 + n:
+        raise ValueError("short")
+    return data[4 : 4 + n], data[4 + n :]
+
+
+def on_signed_public_key(
+    conn: asyncssh.SSHServerConnection,
+    accepted: Callable[[bytes], None],
+) -> None:
+    """Call ``accepted(key_blob)`` for the key whose *signed* auth request succeeded.
+
+    asyncssh asks about each key twice (a query, then the signed request); only the signed
+    one proves possession, and the client may query several keys before signing one.
+    """
+    original = conn.validate_public_key
+
+    async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        ok = await original(username, key_data, msg, signature)
+        if ok and msg:
+            accepted(bytes(key_data))
+        return ok
+
+    conn.validate_public_key = validate  # type: ignore[method-assign]
+
+
+class PassiveListener(asyncssh.SSHListener):
+    """What a relay returns from ``unix_server_requested``: binds nothing, reports closing.
+
+    Returning True there would make asyncssh bind a real UNIX socket named after the path in
+    the working directory; we only need to know when the forward is cancelled or lost.
+    """
+
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self._on_close: Callable[[], None] | None = on_close
+
+    def get_port(self) -> int:
+        """No TCP port: this listener forwards a named stream."""
+        return 0
+
+    def close(self) -> None:
+        """Called by asyncssh on cancel-streamlocal-forward or connection loss."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def wait_closed(self) -> None:
+        """Nothing to wait for."""

@@ -82,12 +82,7 @@ class FrameDecoder:
 
 def _unpack_body(body: bytes) -> dict[str, Any] | BadFrame:
     try:
-        obj = msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=MAX_FRAME_BYTES,
-        )
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         return BadFrame(f"undecodable frame: {type(exc).__name__}")
     if not isinstance(obj, dict):
@@ -210,6 +205,8 @@ class Attach:
     session: str | None
     cols: int
     rows: int
+    #: The host's own terminal: if it goes away without detaching, the session ends.
+    primary: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,7 +292,13 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
         return Info(_req_id(obj), _str(obj, "session", required=False))
     if kind == "attach":
         cols, rows = _dims(obj)
-        return Attach(_req_id(obj), _str(obj, "session", required=False), cols, rows)
+        return Attach(
+            _req_id(obj),
+            _str(obj, "session", required=False),
+            cols,
+            rows,
+            primary=bool(_field(obj, "primary", bool, required=False)),
+        )
     if kind == "stop":
         return Stop(_req_id(obj), _str(obj, "session", required=False))
     if kind == "input":

@@ -152,7 +152,9 @@ def on_client_certificate(
         conn._key_options = {}
         conn._cert_options = dict(_GUEST_PERMISSIONS)
         return asyncssh.import_public_key(
-            base64.b64encode(key_blob).join((alg.removesuffix(b"-cert-v01@openssh.com") + b" ", b""))
+            base64.b64encode(key_blob).join(
+                (alg.removesuffix(b"-cert-v01@openssh.com") + b" ", b"")
+            )
         )
 
     conn._validate_client_certificate = validate  # type: ignore[method-assign]

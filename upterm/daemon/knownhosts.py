@@ -60,10 +60,7 @@ class RelayTrust:
 
     def check(self, key_blob: bytes) -> bool:
         """True if ``key_blob`` may be the relay's key; raises :class:`HostKeyChanged`."""
-        if self.pinned is not None:
-            ok = key_blob == self.pinned
-        else:
-            ok = self._check_file(key_blob)
+        ok = key_blob == self.pinned if self.pinned is not None else self._check_file(key_blob)
         if ok:
             self.accepted = key_blob
         return ok

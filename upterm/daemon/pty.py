@@ -74,7 +74,7 @@ class PtyProcess:
                     env=dict(env),
                     cwd=cwd,
                     start_new_session=True,
-                    preexec_fn=_become_controlling_tty,  # noqa: PLW1509 - ioctl only
+                    preexec_fn=_become_controlling_tty,
                     close_fds=True,
                 )
             except FileNotFoundError as exc:

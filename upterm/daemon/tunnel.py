@@ -52,9 +52,7 @@ class RelayURL:
         """Parse ``--server``; raises :class:`ConfigError` naming what is wrong."""
         parts = urlsplit(text if "://" in text else "ssh://" + text)
         if parts.scheme != "ssh":
-            raise ConfigError(
-                f"unsupported relay URL scheme in {text!r}; use ssh://HOST:PORT"
-            )
+            raise ConfigError(f"unsupported relay URL scheme in {text!r}; use ssh://HOST:PORT")
         try:
             port = parts.port
         except ValueError:
@@ -78,7 +76,9 @@ class _RelayClient(asyncssh.SSHClient):
         self.trust = trust
         self.changed: HostKeyChanged | None = None
 
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
         try:
             return self.trust.check(bytes(key.public_data))
         except HostKeyChanged as exc:
@@ -213,7 +213,9 @@ class Tunnel:
         derived = wire.derive_session_id(self._key.public.blob, self._secret)
         token = resp.ssh_user or wire.encode_token(resp.session_id, resp.node_addr)
         version = wire.parse_relay_banner(conn.get_extra_info("server_version") or "")
-        return Registered(resp.session_id, resp.node_addr, token, resp.session_id == derived, version)
+        return Registered(
+            resp.session_id, resp.node_addr, token, resp.session_id == derived, version
+        )
 
     async def serve(self, policy: GuestPolicy) -> None:
         """Forward the session and serve joiners on the inner SSH server."""

@@ -1,0 +1,112 @@
+"""The local terminal while attached: raw mode, size changes, and relaying bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import select
+import shutil
+import signal
+import termios
+import tty
+from collections.abc import Iterator
+from typing import Any
+
+from upterm.ctl.client import AdminClient
+from upterm.errors import DaemonUnavailable
+
+STDIN_FD = 0
+STDOUT_FD = 1
+
+
+def terminal_size() -> tuple[int, int]:
+    """Columns and rows of the controlling terminal (80x24 without one)."""
+    try:
+        size = os.get_terminal_size(STDOUT_FD)
+    except OSError:
+        fallback = shutil.get_terminal_size((80, 24))
+        return fallback.columns, fallback.lines
+    return max(size.columns, 1), max(size.lines, 1)
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int) -> Iterator[None]:
+    """Put a TTY in raw mode (keys go to the remote command, Ctrl-C included); restore after."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write everything, waiting if the terminal is slow (that paces the session)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # the terminal is gone
+                return
+            raise
+
+
+async def relay_attached(client: AdminClient, session: str | None, primary: bool) -> int:
+    """Attach this terminal to a session until its command exits; return its exit status."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    stream_box: list[int] = []
+
+    def on_stream(frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "output" and isinstance(frame.get("data"), bytes):
+            write_all(STDOUT_FD, frame["data"])
+        elif kind == "exit" and not done.done():
+            status = frame.get("status")
+            done.set_result(status if isinstance(status, int) else 1)
+
+    client.on_stream = on_stream
+    cols, rows = terminal_size()
+    with raw_mode(STDIN_FD):
+        reply = await client.request(
+            "attach", session=session, cols=cols, rows=rows, primary=primary
+        )
+        stream = int(reply["stream"])
+        stream_box.append(stream)
+
+        def on_stdin() -> None:
+            try:
+                data = os.read(STDIN_FD, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                # End of input (not a TTY): keep showing output, stop forwarding keys.
+                loop.remove_reader(STDIN_FD)
+                return
+            client.send({"type": "input", "stream": stream, "data": data})
+
+        def on_winch() -> None:
+            c, r = terminal_size()
+            client.send({"type": "resize", "stream": stream, "cols": c, "rows": r})
+
+        loop.add_reader(STDIN_FD, on_stdin)
+        loop.add_signal_handler(signal.SIGWINCH, on_winch)
+        try:
+            closed: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(client.closed))
+            waiters: set[asyncio.Future[Any]] = {done, closed}
+            finished, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if done not in finished:
+                raise DaemonUnavailable("lost the connection to the upterm daemon")
+            return done.result()
+        finally:
+            loop.remove_reader(STDIN_FD)
+            loop.remove_signal_handler(signal.SIGWINCH)

@@ -1,0 +1,361 @@
+"""The daemon's sessions: create, list, describe, attach, accept and stop them.
+
+A hosted session joins three parts: the shared terminal (:mod:`upterm.daemon.session`),
+the connection to the relay with its inner SSH server (:mod:`upterm.daemon.tunnel`) and the
+session's own admin socket. This module answers admin requests about them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from upterm import __version__, adminproto, paths, wire
+from upterm.daemon.admin import AdminConnection, AdminServer
+from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
+from upterm.daemon.localrelay import LocalRelay
+from upterm.daemon.session import PACE_HIGH_WATER_BYTES, ClientInfo, Session
+from upterm.daemon.sshd import GuestPolicy
+from upterm.daemon.tunnel import RelayURL, Tunnel
+from upterm.errors import (
+    AuthorizedKeysError,
+    RemoteProtocolError,
+    SessionNotFound,
+    UptermError,
+    UsageError,
+)
+from upterm.keys import Ed25519Key
+
+log = logging.getLogger(__name__)
+
+#: A stopped command gets SIGHUP, then SIGKILL after this long.
+STOP_GRACE_S = 3
+
+
+class AttachedTerminal:
+    """A terminal attached over the admin socket (``upterm host`` / ``session attach``).
+
+    It paces the command the way a real terminal does: when its socket backs up, the PTY
+    is paused until it drains, so the host's own screen never loses output.
+    """
+
+    def __init__(self, conn: AdminConnection, stream: int, session: Session) -> None:
+        self._conn = conn
+        self.stream = stream
+        self._session = session
+        self.viewer_id = f"local-{id(conn)}-{stream}"
+        self._drain: asyncio.Task[None] | None = None
+        self.done = False
+
+    @property
+    def paces(self) -> bool:
+        """The host's terminal holds the PTY back rather than lose output."""
+        return True
+
+    def send(self, data: bytes) -> None:
+        """Queue output frames."""
+        for chunk in adminproto.chunks(data):
+            self._conn.send(adminproto.output(self.stream, chunk))
+        if self.backlog() > PACE_HIGH_WATER_BYTES and self._drain is None:
+            self._drain = asyncio.ensure_future(self._wait_drained())
+
+    async def _wait_drained(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._conn.writer.drain()
+        self._drain = None
+        self._session.drained(self.viewer_id)
+
+    def backlog(self) -> int:
+        """Bytes not yet written to the client's socket."""
+        return self._conn.backlog()
+
+    def finish(self, status: int) -> None:
+        """Tell the client the command's exit status; the stream ends."""
+        self.done = True
+        self._conn.send(adminproto.exited(self.stream, status))
+
+    def cut_off(self, message: bytes) -> None:
+        """Local terminals pace instead of being cut off; close if asked anyway."""
+        self.done = True
+        self._conn.close()
+
+
+@dataclass
+class HostedSession:
+    """Everything the daemon holds for one session."""
+
+    session_id: str
+    session: Session
+    tunnel: Tunnel
+    authorized: list[wire.PublicKey]
+    accepting: asyncio.Event
+    admin: AdminServer | None = None
+    clients: dict[str, ClientInfo] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        """The session as the admin protocol describes it (camelCase, as upstream's JSON)."""
+        reg = self.tunnel.registered
+        assert reg is not None
+        return {
+            "sessionId": self.session_id,
+            "command": list(self.session.argv),
+            "host": str(self.tunnel.url),
+            "nodeAddr": reg.node_addr,
+            "sshUser": reg.token,
+            "sshCommand": self.tunnel.url.join_command(reg.token),
+            "adminSocket": str(paths.session_socket_path(self.session_id)),
+            "pid": self.session.pid,
+            "accepting": self.accepting.is_set(),
+            "relayConnected": self.tunnel.connected,
+            "reconnectSupported": reg.reconnect_supported,
+            "createdAt": self.created_at,
+            "authorizedKeys": [
+                {"fingerprint": k.fingerprint, "comment": k.comment} for k in self.authorized
+            ],
+            "clientCount": len(self.clients),
+            "clients": [
+                {
+                    "id": c.client_id,
+                    "version": c.version,
+                    "addr": c.addr,
+                    "fingerprint": c.fingerprint,
+                    "joinedAt": c.joined_at,
+                }
+                for c in self.clients.values()
+            ],
+        }
+
+
+class Manager:
+    """Owns every hosted session of the daemon."""
+
+    def __init__(self, local_relay: LocalRelay) -> None:
+        self._local_relay = local_relay
+        self.sessions: dict[str, HostedSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- dispatch --
+
+    async def dispatch(
+        self, req: adminproto.Request, conn: AdminConnection
+    ) -> dict[str, Any] | None:
+        """Answer one admin request."""
+        match req:
+            case adminproto.Hello():
+                return adminproto.ok(
+                    req.id,
+                    version=adminproto.PROTOCOL_VERSION,
+                    daemon=__version__,
+                    pid=os.getpid(),
+                )
+            case adminproto.CreateSession():
+                return await self._create(req)
+            case adminproto.Accept():
+                hosted = self._find(req.session, conn)
+                self._accept(hosted)
+                return adminproto.ok(req.id)
+            case adminproto.ListSessions():
+                return adminproto.ok(req.id, sessions=[s.info() for s in self.sessions.values()])
+            case adminproto.Info():
+                return adminproto.ok(req.id, session=self._find(req.session, conn).info())
+            case adminproto.Attach():
+                self._attach(req, conn)
+                return None
+            case adminproto.Stop():
+                hosted = self._find(req.session, conn)
+                hosted.session.hangup()
+                return adminproto.ok(req.id)
+            case adminproto.Input():
+                viewer = _streams(conn).get(req.stream)
+                if viewer is not None and not viewer.done:
+                    viewer._session.input(req.data)
+                return None
+            case adminproto.Resize():
+                viewer = _streams(conn).get(req.stream)
+                if viewer is not None:
+                    viewer._session.resize(viewer.viewer_id, req.cols, req.rows)
+                return None
+        raise RemoteProtocolError("unhandled request")  # pragma: no cover
+
+    def _find(self, key: str | None, conn: AdminConnection) -> HostedSession:
+        key = key or conn.bound_session
+        if not key:
+            raise UsageError("name a session id (see 'upterm session list')")
+        hosted = self.sessions.get(key)
+        if hosted is None:
+            raise SessionNotFound(f"no session {key!r}; 'upterm session list' shows them")
+        return hosted
+
+    # -- create --
+
+    async def _create(self, req: adminproto.CreateSession) -> dict[str, Any]:
+        authorized = _parse_authorized(req.authorized_keys)
+        if req.server:
+            url = RelayURL.parse(req.server)
+            known = Path(req.known_hosts) if req.known_hosts else _default_known_hosts()
+            trust = RelayTrust(name=known_hosts_name(url.host, url.port), known_hosts=known)
+        else:
+            local = await self._local_relay.ensure()
+            url = RelayURL("ssh", local.host, local.port)
+            trust = RelayTrust(
+                name=known_hosts_name(url.host, url.port),
+                known_hosts=_default_known_hosts() if local.pinned_key is None else None,
+                pinned=local.pinned_key,
+            )
+        key = Ed25519Key.generate()
+        hosted_box: list[HostedSession] = []
+
+        def on_lost(_exc: Exception | None) -> None:
+            if hosted_box:
+                self._relay_lost(hosted_box[0])
+
+        tunnel = Tunnel(url, trust, key, wire.new_session_secret(), on_lost=on_lost)
+        reg = await tunnel.connect(authorized)
+        sid = reg.session_id
+        try:
+            if sid in self.sessions:
+                raise UptermError(f"the relay handed out session id {sid} twice; try again")
+            sock_path = paths.session_socket_path(sid)
+            env = dict(req.env)
+            # Ours wins over an inherited value, so nested sessions see the inner one.
+            env[wire.ADMIN_SOCKET_ENV] = str(sock_path)
+            env["TERM"] = req.term
+            session = Session(req.argv, env=env, cwd=req.cwd, cols=req.cols, rows=req.rows)
+            accepting = asyncio.Event()
+            hosted = HostedSession(sid, session, tunnel, authorized, accepting)
+            hosted_box.append(hosted)
+            policy = GuestPolicy(
+                session=session,
+                relay_key_blob=tunnel.relay_key_blob,
+                authorized=frozenset(k.blob for k in authorized),
+                accepting=accepting,
+                on_join=lambda c: self._joined(hosted, c),
+                on_leave=lambda cid: self._left(hosted, cid),
+            )
+            await tunnel.serve(policy)
+            hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
+            await hosted.admin.start()
+            self.sessions[sid] = hosted
+            if req.accept:
+                self._accept(hosted)
+        except BaseException:
+            tunnel.close()
+            if hosted_box and hosted_box[0].admin is not None:
+                hosted_box[0].admin.close()
+            self.sessions.pop(sid, None)
+            raise
+        task = asyncio.ensure_future(self._reap(hosted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("session %s created for %s via %s", sid, req.argv, url)
+        return adminproto.ok(req.id, session=hosted.info(), warnings=trust.warnings)
+
+    def _accept(self, hosted: HostedSession) -> None:
+        if not hosted.session.started:
+            hosted.session.start()
+        hosted.accepting.set()
+
+    async def _reap(self, hosted: HostedSession) -> None:
+        await hosted.session.exited
+        # Give joiners a moment to receive the exit status before the tunnel goes.
+        await asyncio.sleep(0.2)
+        hosted.tunnel.close()
+        if hosted.admin is not None:
+            hosted.admin.close()
+        self.sessions.pop(hosted.session_id, None)
+        log.info("session %s ended", hosted.session_id)
+
+    def _relay_lost(self, hosted: HostedSession) -> None:
+        if not hosted.session.exited.done():
+            log.warning(
+                "session %s lost its relay %s; the command keeps running",
+                hosted.session_id,
+                hosted.tunnel.url,
+            )
+
+    def _joined(self, hosted: HostedSession, client: ClientInfo) -> None:
+        hosted.clients[client.client_id] = client
+        log.info(
+            "session %s: client joined from %s (%s, %s)",
+            hosted.session_id,
+            client.addr,
+            client.version,
+            client.fingerprint,
+        )
+
+    def _left(self, hosted: HostedSession, client_id: str) -> None:
+        if hosted.clients.pop(client_id, None) is not None:
+            log.info("session %s: client %s left", hosted.session_id, client_id)
+
+    # -- attach --
+
+    def _attach(self, req: adminproto.Attach, conn: AdminConnection) -> None:
+        hosted = self._find(req.session, conn)
+        if not hosted.session.started:
+            raise UsageError("the session has not accepted connections yet; accept it first")
+        stream = conn.new_stream()
+        viewer = AttachedTerminal(conn, stream, hosted.session)
+        _streams(conn)[stream] = viewer
+
+        def closed() -> None:
+            hosted.session.detach(viewer.viewer_id)
+            if req.primary and not viewer.done:
+                # The host's terminal went away without detaching: end the session, as
+                # closing a terminal ends the shell in it.
+                log.info("session %s: host terminal closed; hanging up", hosted.session_id)
+                hosted.session.hangup()
+
+        conn.on_close(closed)
+        conn.send(adminproto.ok(req.id, stream=stream, session=hosted.info()))
+        hosted.session.attach(viewer, req.cols, req.rows)
+
+    # -- shutdown --
+
+    async def stop_all(self) -> None:
+        """Hang up every session and wait for the commands to end."""
+        for hosted in list(self.sessions.values()):
+            hosted.session.hangup()
+        waits = [h.session.exited for h in self.sessions.values()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=STOP_GRACE_S)
+            if pending:
+                for hosted in list(self.sessions.values()):
+                    hosted.session.kill()
+                await asyncio.wait(pending, timeout=STOP_GRACE_S)
+        for hosted in list(self.sessions.values()):
+            hosted.tunnel.close()
+            if hosted.admin is not None:
+                hosted.admin.close()
+        self.sessions.clear()
+
+
+def _streams(conn: AdminConnection) -> dict[int, AttachedTerminal]:
+    return conn.streams
+
+
+def _default_known_hosts() -> Path:
+    return Path.home() / ".ssh" / "known_hosts"
+
+
+def _parse_authorized(lines: tuple[str, ...]) -> list[wire.PublicKey]:
+    """Parse the authorized keys the client sent; the client already refused empty sources."""
+    keys: list[wire.PublicKey] = []
+    for line in lines:
+        try:
+            key = wire.parse_public_key_line(line)
+        except RemoteProtocolError as exc:
+            raise AuthorizedKeysError(f"authorized keys: {exc}") from exc
+        if key is not None:
+            keys.append(key)
+    if lines and not keys:
+        raise AuthorizedKeysError(
+            "the authorized keys given contain no key; refusing to open the session to everyone"
+        )
+    return keys

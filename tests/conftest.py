@@ -1,0 +1,226 @@
+"""Shared fixtures: isolated user environments, a real uptermd, joiner keys, tmux."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+SSH_OPTS = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "LogLevel=ERROR",
+]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll until ``predicate()`` is truthy; fail the test with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class UserEnv:
+    """A user's environment of its own: home, runtime, state and config dirs."""
+
+    root: Path
+    env: dict[str, str]
+
+    @property
+    def runtime(self) -> Path:
+        return Path(self.env["XDG_RUNTIME_DIR"]) / "upterm"
+
+    def run(self, *args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+        )
+
+
+def _kill_processes_of(runtime: str) -> None:
+    """End every process started with this runtime dir (daemons, built-in relays)."""
+    marker = f"XDG_RUNTIME_DIR={runtime}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def user_env() -> Iterator[UserEnv]:
+    # Short paths: UNIX socket paths are limited to 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ut-", dir="/tmp"))
+    for sub in ("home", "run", "state", "config"):
+        (root / sub).mkdir(mode=0o700)
+    env = {
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(root / "home"),
+        "XDG_RUNTIME_DIR": str(root / "run"),
+        "XDG_STATE_HOME": str(root / "state"),
+        "XDG_CONFIG_HOME": str(root / "config"),
+        "UPTERM_LOCAL_RELAY_ADDR": "127.0.0.1:0",
+        "TERM": "xterm-256color",
+        "LANG": "C.UTF-8",
+        "SHELL": "/bin/bash",
+        "PS1": "$ ",
+    }
+    yield UserEnv(root, env)
+    _kill_processes_of(env["XDG_RUNTIME_DIR"])
+    time.sleep(0.2)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class RelayProc:
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"ssh://{self.host}:{self.port}"
+
+
+def start_relay(user_env: UserEnv, state_dir: Path | None = None) -> RelayProc:
+    state = state_dir or (user_env.root / "relay-state")
+    addr_file = user_env.root / f"relay-{uuid.uuid4().hex[:6]}.addr"
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "uptermd"),
+            "--ssh-addr",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+            "--addr-file",
+            str(addr_file),
+        ],
+        env=user_env.env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(user_env.root / "uptermd.log", "ab"),  # noqa: SIM115
+    )
+    wait_for(lambda: addr_file.exists() or proc.poll() is not None, 15, what="uptermd to listen")
+    assert proc.poll() is None, (user_env.root / "uptermd.log").read_text()
+    host, _, port = addr_file.read_text().strip().rpartition(":")
+    return RelayProc(host, int(port), proc, state)
+
+
+@pytest.fixture
+def relay(user_env: UserEnv) -> Iterator[RelayProc]:
+    r = start_relay(user_env)
+    yield r
+    r.proc.terminate()
+    try:
+        r.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        r.proc.kill()
+
+
+def make_key(path: Path) -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture
+def joiner_key(tmp_path: Path) -> Path:
+    return make_key(tmp_path / "joiner")
+
+
+class Tmux:
+    """A private tmux server; panes run commands in a given environment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.socket = f"ut-{uuid.uuid4().hex[:10]}"
+        self.env = env
+        self._tmux(
+            "new-session", "-d", "-s", "main", "-x", "120", "-y", "40", "bash --norc --noprofile"
+        )
+        self.panes = ["main:0.0"]
+        self._prompt(self.panes[0])
+
+    def _prompt(self, pane: str) -> None:
+        # bash resets PS1 for interactive shells; a plain "$ " keeps assertions simple.
+        self.send(pane, "export PS1='$ '; clear")
+        self.wait_text(pane, "$ ")
+
+    def _tmux(self, *args: str) -> str:
+        out = subprocess.run(
+            ["tmux", "-L", self.socket, "-f", "/dev/null", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"tmux {args[0]} failed: {out.stderr}")
+        return out.stdout
+
+    def split(self) -> str:
+        self._tmux("split-window", "-t", "main", "-v", "bash --norc --noprofile")
+        self.panes.append(f"main:0.{len(self.panes)}")
+        self._prompt(self.panes[-1])
+        return self.panes[-1]
+
+    def send(self, pane: str, text: str, enter: bool = True) -> None:
+        self._tmux("send-keys", "-t", pane, "-l", text)
+        if enter:
+            self._tmux("send-keys", "-t", pane, "Enter")
+
+    def screen(self, pane: str) -> str:
+        return self._tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", pane)
+
+    def wait_text(self, pane: str, text: str, timeout: float = 15.0) -> str:
+        return wait_for(
+            lambda: (s := self.screen(pane)) and text in s and s,
+            timeout,
+            what=f"{text!r} in pane {pane}; screen was:\n{self.screen(pane)}",
+        )
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, check=False)
+
+
+@pytest.fixture
+def tmux(user_env: UserEnv) -> Iterator[Tmux]:
+    t = Tmux(user_env.env)
+    yield t
+    t.kill()
+
+
+def ssh_join_command(join_line: str, key: Path) -> str:
+    """The printed join line plus what a test joiner needs (its key, no host-key prompts)."""
+    return join_line + " -i " + shlex.quote(str(key)) + " " + shlex.join(SSH_OPTS)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up (scripts/setup.sh), lint, types, then pytest.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k e2e
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check upterm tests
+.venv/bin/ruff format --check upterm tests
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: set-up (scripts/setup.sh), then share a terminal. With no --server, the
+# daemon starts a built-in relay on 127.0.0.1:2222 and prints the ssh line to join.
+# Arguments go to 'upterm host', e.g. scripts/try.sh --accept -- bash
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/upterm host "$@"

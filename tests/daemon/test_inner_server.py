@@ -1,0 +1,212 @@
+"""The host's inner SSH server trusts only certificates from the relay key it pinned.
+
+Real asyncssh on both ends over loopback: the client plays a relay presenting guest
+certificates, honest and forged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import asyncssh
+import pytest
+
+from tests.conftest import SSH_OPTS
+from upterm import wire
+from upterm.daemon.session import ClientInfo, Session
+from upterm.daemon.sshd import PTY_REQUIRED_MESSAGE, GuestPolicy, InnerServer
+from upterm.keys import Ed25519Key
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Host:
+    def __init__(self, policy: GuestPolicy, acceptor: asyncssh.SSHAcceptor) -> None:
+        self.policy = policy
+        self.acceptor = acceptor
+        self.joined: list[ClientInfo] = []
+
+    @property
+    def port(self) -> int:
+        return int(self.acceptor.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def host(tmp_path):
+    relay_key = Ed25519Key.generate()
+    session = Session(
+        ["bash", "--norc", "--noprofile"],
+        env={"PATH": os.environ["PATH"], "PS1": "$ ", "TERM": "xterm"},
+        cwd=str(tmp_path),
+        cols=80,
+        rows=24,
+    )
+    session.start()
+    accepting = asyncio.Event()
+    accepting.set()
+    joined: list[ClientInfo] = []
+    policy = GuestPolicy(
+        session,
+        relay_key.public.blob,
+        frozenset(),
+        accepting,
+        on_join=joined.append,
+        on_leave=lambda cid: None,
+    )
+    acceptor = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: InnerServer(policy),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        encoding=None,
+        line_editor=False,
+    )
+    h = Host(policy, acceptor)
+    h.joined = joined
+    h.relay_key = relay_key  # type: ignore[attr-defined]
+    yield h
+    session.hangup()
+    acceptor.close()
+
+
+def cert_line(
+    signer: Ed25519Key, principal: str, joiner: Ed25519Key, now: int | None, key_id: bytes
+) -> bytes:
+    auth = wire.AuthRequest(
+        client_version="SSH-2.0-OpenSSH_9.9",
+        remote_addr="192.0.2.7:50000",
+        authorized_key=joiner.public.authorized_key_line(),
+        local_addr="127.0.0.1:2222",
+    )
+    return wire.build_guest_certificate(
+        signer.private, principal, key_id, auth, now or int(time.time())
+    )
+
+
+def cert_for(signer: Ed25519Key, principal: str, joiner: Ed25519Key, now: int | None = None):
+    # asyncssh clients only load UTF-8 key ids; the raw-bytes case is tested with OpenSSH.
+    line = cert_line(signer, principal, joiner, now, b"relay-hop")
+    return asyncssh.import_private_key(signer.private_openssh()), asyncssh.import_certificate(line)
+
+
+async def connect_as(host: Host, signer: Ed25519Key, principal: str = "tok", **kw):
+    key, cert = cert_for(signer, principal, Ed25519Key.generate(), **kw)
+    return await asyncssh.connect(
+        "127.0.0.1",
+        host.port,
+        username=principal,
+        client_keys=[(key, cert)],
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    )
+
+
+async def test_pinned_relay_certificate_gets_a_shared_pty(host: Host) -> None:
+    conn = await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+    async with conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        proc.stdin.write(b"echo inner-$((7*6))\r")
+        out = b""
+        while b"inner-42" not in out:
+            out += await asyncio.wait_for(proc.stdout.read(4096), 10)
+        proc.close()
+    assert host.joined and host.joined[0].addr == "192.0.2.7:50000"
+    assert host.joined[0].version == "SSH-2.0-OpenSSH_9.9"
+
+
+async def test_self_signed_or_foreign_certificates_are_refused(host: Host) -> None:
+    # A forged certificate: valid in itself, signed by a key the host never pinned.
+    with pytest.raises(asyncssh.PermissionDenied):
+        await connect_as(host, Ed25519Key.generate())
+    assert host.joined == []
+
+
+async def test_wrong_principal_or_expired_certificate_is_refused(host: Host) -> None:
+    key, cert = cert_for(host.relay_key, "someone-else", Ed25519Key.generate())  # type: ignore[attr-defined]
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.port,
+            username="tok",
+            client_keys=[(key, cert)],
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        )
+    with pytest.raises(asyncssh.PermissionDenied):
+        await connect_as(host, host.relay_key, now=int(time.time()) - 3600)  # type: ignore[attr-defined]
+
+
+async def test_bare_key_is_refused(host: Host) -> None:
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.port,
+            username="tok",
+            client_keys=[asyncssh.import_private_key(host.relay_key.private_openssh())],  # type: ignore[attr-defined]
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        )
+
+
+async def test_joiner_key_not_authorized_is_refused(host: Host) -> None:
+    host.policy.authorized = frozenset({Ed25519Key.generate().public.blob})
+    with pytest.raises(asyncssh.PermissionDenied):
+        await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+
+
+async def test_session_without_pty_is_told_and_exits_1(host: Host) -> None:
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        result = await asyncio.wait_for(conn.run(encoding=None, stdin=asyncssh.DEVNULL), 10)
+    assert result.exit_status == 1
+    assert result.stdout == PTY_REQUIRED_MESSAGE
+
+
+async def test_exec_requests_are_refused(host: Host) -> None:
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process("touch /tmp/should-not-exist", term_type="xterm")
+
+
+async def test_go_style_raw_key_id_is_accepted(host: Host, tmp_path) -> None:
+    """The Go relay puts the raw exchange hash (not UTF-8) in the key id; asyncssh's own
+    parser refuses that, ours must not. OpenSSH presents such a certificate unchanged."""
+    relay_key: Ed25519Key = host.relay_key  # type: ignore[attr-defined]
+    key_file = tmp_path / "relay"
+    key_file.write_bytes(relay_key.private_openssh())
+    key_file.chmod(0o600)
+    cert_file = tmp_path / "relay-cert.pub"
+    cert_file.write_bytes(
+        cert_line(relay_key, "tok", Ed25519Key.generate(), None, bytes(range(128, 160)))
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "ssh",
+        "-tt",
+        *SSH_OPTS,
+        "-o",
+        "BatchMode=yes",
+        "-i",
+        str(key_file),
+        "-o",
+        f"CertificateFile={cert_file}",
+        "-p",
+        str(host.port),
+        "tok@127.0.0.1",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout
+    out = b""
+    while b"$ " not in out:
+        out += await asyncio.wait_for(proc.stdout.read(4096), 10)
+    proc.stdin.write(b"echo raw-$((8*8))\r")
+    while b"raw-64" not in out:
+        out += await asyncio.wait_for(proc.stdout.read(4096), 10)
+    proc.terminate()
+    await proc.wait()
+    assert host.joined

@@ -1,0 +1,135 @@
+"""The asyncssh adapter, tested directly: if an asyncssh upgrade breaks a mechanism, this fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import pytest
+
+from upterm import sshcompat
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, handlers) -> None:
+        self._handlers = handlers
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        for name, handler in self._handlers.items():
+            sshcompat.install_global_request_handler(conn, name, handler)
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+async def _pair(handlers):
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _Server(handlers),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+    )
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None
+    )
+    return server, conn
+
+
+async def test_reply_payloads_failure_texts_and_ordering() -> None:
+    async def echo(payload: bytes) -> sshcompat.GlobalReply:
+        return sshcompat.GlobalReply(True, payload[::-1])
+
+    async def slow_refusal(payload: bytes) -> sshcompat.GlobalReply:
+        await asyncio.sleep(0.2)
+        return sshcompat.GlobalReply(False, b"no: " + payload)
+
+    async def empty_success(payload: bytes) -> sshcompat.GlobalReply:
+        # b"" would be sent as a failure by asyncssh; the adapter must send success.
+        return sshcompat.GlobalReply(True, b"")
+
+    async def broken(payload: bytes) -> sshcompat.GlobalReply:
+        raise RuntimeError("handler bug")
+
+    server, conn = await _pair(
+        {"echo@t": echo, "slow@t": slow_refusal, "empty@t": empty_success, "broken@t": broken}
+    )
+    async with conn:
+        replies = await asyncio.gather(
+            sshcompat.global_request(conn, "slow@t", b"first"),
+            sshcompat.global_request(conn, "echo@t", b"abc"),
+            sshcompat.global_request(conn, "broken@t", b""),
+            sshcompat.global_request(conn, "empty@t", b""),
+            sshcompat.global_request(conn, "unknown@t", b""),
+            # After a handler raised, later requests are still answered (exactly once each).
+            sshcompat.global_request(conn, "echo@t", b"xyz"),
+        )
+    server.close()
+    assert replies == [
+        sshcompat.GlobalReply(False, b"no: first"),
+        sshcompat.GlobalReply(True, b"cba"),
+        sshcompat.GlobalReply(False, b"internal error"),
+        sshcompat.GlobalReply(True, b""),
+        sshcompat.GlobalReply(False, b""),
+        sshcompat.GlobalReply(True, b"zyx"),
+    ]
+
+
+async def test_session_id_is_the_same_on_both_ends() -> None:
+    seen: list[bytes] = []
+
+    async def record(payload: bytes) -> sshcompat.GlobalReply:
+        return sshcompat.GlobalReply(True, b"")
+
+    class _Recording(_Server):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            super().connection_made(conn)
+            self.conn = conn
+
+        def auth_completed(self) -> None:
+            seen.append(sshcompat.session_id(self.conn))
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _Recording({"r@t": record}),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None
+    ) as conn:
+        await sshcompat.global_request(conn, "r@t", b"")
+        assert seen == [sshcompat.session_id(conn)]
+        assert len(seen[0]) == 32  # SHA-256 exchange hash (curve25519-sha256)
+    server.close()
+
+
+async def test_lost_connection_is_not_mistaken_for_a_refusal() -> None:
+    never = asyncio.Event()
+
+    async def hang(payload: bytes) -> sshcompat.GlobalReply:
+        await never.wait()
+        return sshcompat.GlobalReply(True)
+
+    server, conn = await _pair({"hang@t": hang})
+    task = asyncio.ensure_future(sshcompat.global_request(conn, "hang@t", b""))
+    await asyncio.sleep(0.1)
+    conn.close()
+    with pytest.raises(asyncssh.ConnectionLost):
+        await task
+    server.close()
+
+
+def test_passive_listener_reports_close_once() -> None:
+    closed: list[int] = []
+    listener = sshcompat.PassiveListener(lambda: closed.append(1))
+    listener.close()
+    listener.close()
+    assert closed == [1]
+    assert listener.get_port() == 0

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: A stopped command gets SIGHUP, then SIGKILL after this long.
 STOP_GRACE_S = 3
+#: After the command exits, joiners get this long to receive its exit status.
+EXIT_FLUSH_S = 2
 
 
 class AttachedTerminal:
@@ -95,6 +97,7 @@ class HostedSession:
     tunnel: Tunnel
     authorized: list[wire.PublicKey]
     accepting: asyncio.Event
+    policy: GuestPolicy
     admin: AdminServer | None = None
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
@@ -229,8 +232,6 @@ class Manager:
             env["TERM"] = req.term
             session = Session(req.argv, env=env, cwd=req.cwd, cols=req.cols, rows=req.rows)
             accepting = asyncio.Event()
-            hosted = HostedSession(sid, session, tunnel, authorized, accepting)
-            hosted_box.append(hosted)
             policy = GuestPolicy(
                 session=session,
                 relay_key_blob=tunnel.relay_key_blob,
@@ -239,6 +240,9 @@ class Manager:
                 on_join=lambda c: self._joined(hosted, c),
                 on_leave=lambda cid: self._left(hosted, cid),
             )
+            policy.all_closed.set()
+            hosted = HostedSession(sid, session, tunnel, authorized, accepting, policy)
+            hosted_box.append(hosted)
             await tunnel.serve(policy)
             hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
             await hosted.admin.start()
@@ -264,8 +268,9 @@ class Manager:
 
     async def _reap(self, hosted: HostedSession) -> None:
         await hosted.session.exited
-        # Give joiners a moment to receive the exit status before the tunnel goes.
-        await asyncio.sleep(0.2)
+        # Joiners have been sent the exit status; let it reach them before the tunnel goes.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hosted.policy.all_closed.wait(), EXIT_FLUSH_S)
         hosted.tunnel.close()
         if hosted.admin is not None:
             hosted.admin.close()

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
@@ -45,6 +45,20 @@ class GuestPolicy:
     on_join: Callable[[ClientInfo], None]
     on_leave: Callable[[str], None]
     hide_client_ip: bool = False
+    #: Joiner channels still open; the tunnel stays up until they have said goodbye.
+    open_channels: set[object] = field(default_factory=set)
+    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def channel_opened(self, chan: object) -> None:
+        """Track a joiner channel."""
+        self.open_channels.add(chan)
+        self.all_closed.clear()
+
+    def channel_closed(self, chan: object) -> None:
+        """Forget a joiner channel."""
+        self.open_channels.discard(chan)
+        if not self.open_channels:
+            self.all_closed.set()
 
 
 class InnerServer(asyncssh.SSHServer):
@@ -126,6 +140,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        self._policy.channel_opened(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _m: Any) -> bool:
         cols, rows = term_size[0] or 80, term_size[1] or 24
@@ -163,6 +178,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._policy.channel_closed(self)
         if self._attached:
             self._attached = False
             self._policy.session.detach(self.viewer_id)

@@ -71,6 +71,7 @@ _SESSION_ID_DOMAIN = b"upterm-session-id-v1"
 _PROOF_DOMAIN = b"upterm-session-v1"
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}")
 _RELAY_BANNER_RE = re.compile(r"^SSH-2\.0-uptermd-(.+)$")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 #: Longest SSH user name we even look at; anything longer is refused before decoding.
 MAX_TOKEN_LEN = 512
 
@@ -363,7 +364,10 @@ def check_proof_fields(req: CreateSessionRequest) -> PublicKey:
         raise RemoteProtocolError(f"{REFUSED_PROOF}: the session secret must be 16 bytes")
     if req.generation < 1:
         raise RemoteProtocolError(f"{REFUSED_PROOF}: generation must be at least 1")
-    key = parse_public_key_line(req.host_public_keys[0])
+    try:
+        key = parse_public_key_line(req.host_public_keys[0])
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(f"{REFUSED_PROOF}: {exc}") from exc
     if key is None:
         raise RemoteProtocolError(f"{REFUSED_PROOF}: the host key is empty")
     return key
@@ -394,11 +398,14 @@ def decode_token(user: str) -> Token:
         raise RemoteProtocolError("SSH user name is not a session token")
     if not sep:
         return Token(sid)
+    # Strict, as Go's base64.URLEncoding: URL alphabet, '=' padding, nothing else.
+    if not _B64URL_RE.fullmatch(node_b64) or len(node_b64) % 4:
+        raise RemoteProtocolError("session token has a malformed node address")
     try:
         node = base64.urlsafe_b64decode(node_b64.encode("ascii")).decode("utf-8")
     except (binascii.Error, ValueError) as exc:
         raise RemoteProtocolError("session token has a malformed node address") from exc
-    if not node.isprintable():
+    if not node or not node.isprintable():
         raise RemoteProtocolError("session token has a malformed node address")
     return Token(sid, node)
 

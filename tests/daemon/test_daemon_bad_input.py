@@ -95,7 +95,13 @@ def test_malformed_frames_get_error_replies_and_others_keep_working(
     s.sendall(adminproto.encode_frame({"type": "info", "id": 9, "session": "nope"}))
     assert read_frame(s)["code"] == "not_found"
     # The same connection still works after all that.
-    assert hello(s, 10) == {"type": "ok", "id": 10, "version": 1, "daemon": "0.1.0", "pid": daemon.pid}
+    assert hello(s, 10) == {
+        "type": "ok",
+        "id": 10,
+        "version": 1,
+        "daemon": "0.1.0",
+        "pid": daemon.pid,
+    }
 
     # An oversized frame cannot be resynchronised: error, then a clean close.
     s.sendall(struct.pack(">I", adminproto.MAX_FRAME_BYTES + 1))
@@ -212,9 +218,7 @@ def test_host_without_tty_needs_accept(user_env: UserEnv) -> None:
 def test_empty_authorized_keys_fail_closed(user_env: UserEnv, tmp_path: Path, content: str) -> None:
     keys = tmp_path / "keys"
     keys.write_text(content)
-    out = user_env.run(
-        "upterm", "host", "--accept", "--authorized-keys", str(keys), "--", "true"
-    )
+    out = user_env.run("upterm", "host", "--accept", "--authorized-keys", str(keys), "--", "true")
     assert out.returncode == 1
     assert "holds no key; refusing to open the session to everyone" in out.stderr
     # Nothing was shared: no daemon had to be started for it.

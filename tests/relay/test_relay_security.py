@@ -45,7 +45,9 @@ class Hosted:
         self.reg = reg
 
 
-async def host_session(relay: Relay, tmp_path: Path, authorized: list[wire.PublicKey] | None = None):
+async def host_session(
+    relay: Relay, tmp_path: Path, authorized: list[wire.PublicKey] | None = None
+):
     trust = RelayTrust(name=f"[127.0.0.1]:{relay.port}", known_hosts=tmp_path / "kh")
     tunnel = Tunnel(
         RelayURL("ssh", "127.0.0.1", relay.port),
@@ -129,7 +131,7 @@ async def ssh_join(
 
 async def test_unknown_token_refused_with_banner_and_others_undisturbed(relay, tmp_path) -> None:
     key = make_key(tmp_path / "j")
-    tunnel, session, reg = await host_session(relay, tmp_path)
+    tunnel, _session, reg = await host_session(relay, tmp_path)
     rc, _, err = await ssh_join(relay.port, "AAAAAAAAAAAAAAAAAAAA", key, b"")
     assert rc == 255
     assert b"upterm: no host is connected for session AAAAAAAAAAAAAAAAAAAA" in err
@@ -191,7 +193,7 @@ async def test_another_host_cannot_forward_or_cancel_a_session(relay, tmp_path) 
         except asyncssh.ConnectionLost:
             pass
     assert relay.table.get(reg.session_id) is not None
-    rc, out, _ = await ssh_join(relay.port, reg.token, key, b"echo still-$((9*9))\r", b"still-81")
+    _, out, _ = await ssh_join(relay.port, reg.token, key, b"echo still-$((9*9))\r", b"still-81")
     assert b"still-81" in out
     session.hangup()
     tunnel.close()
@@ -209,7 +211,9 @@ async def test_malformed_registration_is_refused_and_connection_survives(relay) 
             generation=1,
             host_key_proof=b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x40" + bytes(64),
         )
-        reply = await sshcompat.global_request(host, wire.CREATE_SESSION_REQUEST, bad_proof.encode())
+        reply = await sshcompat.global_request(
+            host, wire.CREATE_SESSION_REQUEST, bad_proof.encode()
+        )
         assert (reply.ok, reply.payload) == (False, b"upterm: session proof refused: bad signature")
         # Legacy registration (no proof) still works on the same connection: random id.
         legacy = wire.CreateSessionRequest(
@@ -276,9 +280,7 @@ async def test_proven_session_id_is_derived_and_replayed_proof_is_useless(relay,
             host_public_keys=(key.public.authorized_key_line(),),
             session_secret=secret,
             generation=2,
-            host_key_proof=wire.sign_proof(
-                key.private, wire.proof_payload(b"H" * 32, secret, 2)
-            ),
+            host_key_proof=wire.sign_proof(key.private, wire.proof_payload(b"H" * 32, secret, 2)),
         )
         reply = await sshcompat.global_request(other, wire.CREATE_SESSION_REQUEST, stolen.encode())
         assert reply.payload == b"upterm: session proof refused: bad signature"

@@ -7,14 +7,14 @@ relay whose key differs from the recorded one is refused, never silently re-trus
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import hmac
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upterm.errors import HostKeyChanged
+from upterm.errors import HostKeyChanged, RemoteProtocolError
 from upterm.wire import PublicKey, fingerprint_sha256, parse_public_key_line
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,14 @@ def _pattern_matches(pattern: str, name: str) -> bool:
             return False
         mac = hmac.new(salt, name.encode(), hashlib.sha1).digest()
         return hmac.compare_digest(mac, digest)
-    return fnmatch.fnmatchcase(name, pattern)
+    return _glob_regex(pattern).fullmatch(name) is not None
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    # OpenSSH's patterns know only '*' and '?'; '[' is literal (as in "[host]:2222"), so
+    # fnmatch, which reads "[...]" as a character class, must not be used.
+    parts = ("." if ch == "?" else ".*" if ch == "*" else re.escape(ch) for ch in pattern)
+    return re.compile("".join(parts))
 
 
 def _host_field_matches(hosts: str, name: str) -> bool:
@@ -81,8 +88,8 @@ class RelayTrust:
                 continue
             try:
                 known = parse_public_key_line(" ".join(fields[1:]))
-            except ValueError:
-                continue
+            except RemoteProtocolError:
+                continue  # as OpenSSH: a line it cannot read neither matches nor conflicts
             if known is None:
                 continue
             if known.blob == key_blob:

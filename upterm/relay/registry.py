@@ -63,7 +63,9 @@ class SessionTable:
         if cur is None:
             self._by_id[reg.session_id] = reg
             return None
-        if cur.owner is reg.owner or reg.generation <= cur.generation:
+        # Legacy (generation 0) registrations have random ids and no proof: nobody may take
+        # them over. A proven one yields only to a strictly newer generation.
+        if cur.owner is reg.owner or cur.generation == 0 or reg.generation <= cur.generation:
             raise Superseded()
         self._by_id[reg.session_id] = reg
         return cur.owner

@@ -255,3 +255,15 @@ def test_two_clients_racing_start_one_daemon(user_env: UserEnv) -> None:
         in Path(f"/proc/{pid}/environ").read_bytes()
     ]
     assert len(daemons) == 1
+
+
+def test_command_that_cannot_run_is_one_line_and_shares_nothing(user_env: UserEnv, daemon) -> None:
+    out = user_env.run("upterm", "host", "--accept", "--", "/nonexistent/cmd")
+    assert out.returncode == 1
+    assert out.stderr == (
+        "upterm: command not found: /nonexistent/cmd; check the command after '--'\n"
+    )
+    listed = user_env.run("upterm", "session", "list", "-o", "json")
+    assert listed.stdout.strip() == "[]"
+    # The failed session's socket was removed again.
+    assert sorted(p.name for p in user_env.runtime.iterdir()) == ["daemon.lock", "daemon.sock"]

@@ -505,7 +505,10 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
 
     def host_data(self, data: bytes, datatype: int | None) -> None:
         assert self._chan is not None
-        self._chan.write(data, datatype)
+        try:
+            self._chan.write(data, datatype)
+        except (OSError, asyncssh.Error):
+            return  # the joiner is gone; its connection_lost closes the host side
         if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
             self._up.pause_reading()
 
@@ -521,12 +524,13 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     def host_closed(self, status: int | None, signal: tuple[str, bool, str] | None) -> None:
         if self._chan is None:
             return
-        if signal is not None:
-            self._chan.exit_with_signal(signal[0], signal[1], signal[2])
-        elif status is not None:
-            self._chan.exit(status)
-        else:
-            self._chan.close()
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if signal is not None:
+                self._chan.exit_with_signal(signal[0], signal[1], signal[2])
+            elif status is not None:
+                self._chan.exit(status)
+            else:
+                self._chan.close()
 
 
 class _HostSideSession(asyncssh.SSHClientSession[bytes]):

@@ -210,3 +210,14 @@ async def test_go_style_raw_key_id_is_accepted(host: Host, tmp_path) -> None:
     proc.terminate()
     await proc.wait()
     assert host.joined
+
+
+async def test_joiner_closing_its_input_leaves_with_status_0(host: Host) -> None:
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        await asyncio.wait_for(proc.stdout.read(2), 10)  # attached: the prompt arrives
+        proc.stdin.write_eof()
+        result = await asyncio.wait_for(proc.wait(check=False), 10)
+    assert result.exit_status == 0
+    # The shared command is unaffected.
+    assert not host.policy.session.exited.done()

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import shlex
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import RelayProc, Tmux, UserEnv, make_key, ssh_join_command
+from tests.conftest import (
+    VENV_BIN,
+    RelayProc,
+    Tmux,
+    UserEnv,
+    _kill_processes_of,
+    make_key,
+    ssh_join_command,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +95,66 @@ def test_authorized_keys_refuse_wrong_key(
     tmux.send(host_pane, "exit")
     tmux.wait_text(joiner_pane, "joiner-rc=0")
     tmux.wait_text(host_pane, "host-rc=0")
+
+
+def test_two_users_share_one_builtin_relay_address(tmp_path, joiner_key) -> None:
+    """Two users (two daemons) on one machine, both on the default built-in relay address:
+    the first daemon runs uptermd there, the second uses it (its key via known_hosts), and a
+    joiner reaches both sessions."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    users = []
+    for name in ("alice", "bob"):
+        root = Path(tempfile.mkdtemp(prefix=f"ut-{name}-", dir="/tmp"))
+        env = {
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(root),
+            "XDG_RUNTIME_DIR": str(root),
+            "XDG_STATE_HOME": str(root / "state"),
+            "UPTERM_LOCAL_RELAY_ADDR": f"127.0.0.1:{port}",
+        }
+        users.append(env)
+    procs = []
+    try:
+        lines = []
+        for env in users:
+            proc = subprocess.Popen(
+                ["upterm", "host", "--accept", "--", "bash", "--norc", "--noprofile"],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            while True:
+                line = proc.stdout.readline().decode()
+                assert line, proc.stderr.read() if proc.stderr else ""
+                if match := JOIN_RE.match(line):
+                    lines.append(match.group(1))
+                    break
+        assert all(f"-p {port}" in line for line in lines)
+        for i, line in enumerate(lines):
+            joiner = subprocess.Popen(
+                [*shlex.split(ssh_join_command(line, joiner_key)), "-tt"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            assert joiner.stdin and joiner.stdout
+            joiner.stdin.write(f"echo user-{i}-$((10+{i}))\r".encode())
+            joiner.stdin.flush()
+            seen = b""
+            deadline = time.monotonic() + 20
+            while f"user-{i}-{10 + i}".encode() not in seen and time.monotonic() < deadline:
+                ready, _, _ = select.select([joiner.stdout], [], [], 0.5)
+                if ready:
+                    seen += os.read(joiner.stdout.fileno(), 4096)
+            joiner.kill()
+            joiner.wait()
+            assert f"user-{i}-{10 + i}".encode() in seen, seen
+    finally:
+        for proc in procs:
+            proc.kill()
+        for env in users:
+            _kill_processes_of(env["XDG_RUNTIME_DIR"])

@@ -175,7 +175,15 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._policy.session.resize(self.viewer_id, min(width, 10_000), min(height, 10_000))
 
     def eof_received(self) -> bool:
-        return False
+        # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.
+        if self._attached:
+            self._attached = False
+            self._policy.session.detach(self.viewer_id)
+            self._policy.on_leave(self._client.client_id)
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.exit(0)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)

@@ -221,6 +221,21 @@ def tmux(user_env: UserEnv) -> Iterator[Tmux]:
     t.kill()
 
 
+def start_shell(cwd: Path):
+    """A bare ``bash`` on a PTY as the shared command (call inside a running event loop)."""
+    from upterm.daemon.session import Session
+
+    session = Session(
+        ["bash", "--norc", "--noprofile"],
+        env={"PATH": os.environ["PATH"], "PS1": "$ ", "TERM": "xterm"},
+        cwd=str(cwd),
+        cols=80,
+        rows=24,
+    )
+    session.start()
+    return session
+
+
 def ssh_join_command(join_line: str, key: Path) -> str:
     """The printed join line plus what a test joiner needs (its key, no host-key prompts)."""
     return join_line + " -i " + shlex.quote(str(key)) + " " + shlex.join(SSH_OPTS)

@@ -7,15 +7,14 @@ certificates, honest and forged.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import asyncssh
 import pytest
 
-from tests.conftest import SSH_OPTS
+from tests.conftest import SSH_OPTS, start_shell
 from upterm import wire
-from upterm.daemon.session import ClientInfo, Session
+from upterm.daemon.session import ClientInfo
 from upterm.daemon.sshd import PTY_REQUIRED_MESSAGE, GuestPolicy, InnerServer
 from upterm.keys import Ed25519Key
 
@@ -36,14 +35,7 @@ class Host:
 @pytest.fixture
 async def host(tmp_path):
     relay_key = Ed25519Key.generate()
-    session = Session(
-        ["bash", "--norc", "--noprofile"],
-        env={"PATH": os.environ["PATH"], "PS1": "$ ", "TERM": "xterm"},
-        cwd=str(tmp_path),
-        cols=80,
-        rows=24,
-    )
-    session.start()
+    session = start_shell(tmp_path)
     accepting = asyncio.Event()
     accepting.set()
     joined: list[ClientInfo] = []

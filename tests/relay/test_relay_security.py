@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from tests.conftest import SSH_OPTS, make_key
+from tests.conftest import SSH_OPTS, make_key, start_shell
 from upterm import sshcompat, wire
 from upterm.daemon.knownhosts import RelayTrust
 from upterm.daemon.session import Session
@@ -57,14 +56,7 @@ async def host_session(
         on_lost=lambda exc: None,
     )
     reg = await tunnel.connect(authorized or [])
-    session = Session(
-        ["bash", "--norc", "--noprofile"],
-        env={"PATH": os.environ["PATH"], "PS1": "$ ", "TERM": "xterm"},
-        cwd=str(tmp_path),
-        cols=80,
-        rows=24,
-    )
-    session.start()
+    session = start_shell(tmp_path)
     accepting = asyncio.Event()
     accepting.set()
     policy = GuestPolicy(

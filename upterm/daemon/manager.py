@@ -50,7 +50,7 @@ class AttachedTerminal:
     def __init__(self, conn: AdminConnection, stream: int, session: Session) -> None:
         self._conn = conn
         self.stream = stream
-        self._session = session
+        self.session = session
         self.viewer_id = f"local-{id(conn)}-{stream}"
         self._drain: asyncio.Task[None] | None = None
         self.done = False
@@ -71,7 +71,7 @@ class AttachedTerminal:
         with contextlib.suppress(ConnectionError, OSError):
             await self._conn.writer.drain()
         self._drain = None
-        self._session.drained(self.viewer_id)
+        self.session.drained(self.viewer_id)
 
     def backlog(self) -> int:
         """Bytes not yet written to the client's socket."""
@@ -178,12 +178,12 @@ class Manager:
             case adminproto.Input():
                 viewer = _streams(conn).get(req.stream)
                 if viewer is not None and not viewer.done:
-                    viewer._session.input(req.data)
+                    viewer.session.input(req.data)
                 return None
             case adminproto.Resize():
                 viewer = _streams(conn).get(req.stream)
                 if viewer is not None:
-                    viewer._session.resize(viewer.viewer_id, req.cols, req.rows)
+                    viewer.session.resize(viewer.viewer_id, req.cols, req.rows)
                 return None
         raise RemoteProtocolError("unhandled request")  # pragma: no cover
 

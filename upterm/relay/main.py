@@ -53,12 +53,12 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
         await relay.start()
     except OSError as exc:
         raise ConfigError(
-            f"cannot listen on {relay._host}:{relay._port}: {exc.strerror}; "
+            f"cannot listen on {relay.bind_host}:{relay.port}: {exc.strerror}; "
             "choose another --ssh-addr"
         ) from exc
     if addr_file is not None:
         tmp = addr_file.with_name(addr_file.name + ".tmp")
-        tmp.write_text(f"{relay._host}:{relay.port}\n")
+        tmp.write_text(f"{relay.bind_host}:{relay.port}\n")
         tmp.replace(addr_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -98,6 +98,11 @@ class Relay:
         return f"{self._host}:{self.port}"
 
     @property
+    def bind_host(self) -> str:
+        """The address the listener binds."""
+        return self._host
+
+    @property
     def port(self) -> int:
         """The bound TCP port (useful when started on port 0)."""
         if self._server is None:
@@ -202,7 +207,7 @@ class RelayConnection(asyncssh.SSHServer):
         try:
             self._token = wire.decode_token(username)
         except RemoteProtocolError:
-            log.info("refused joiner with a malformed token from %s", self._peer())
+            log.info("refused joiner with a malformed token from %s", self.peer())
             return True
         reg = self.relay.table.get(self._token.session_id)
         foreign = self._token.node_addr not in (None, self.relay.node_addr)
@@ -240,7 +245,8 @@ class RelayConnection(asyncssh.SSHServer):
     def _key_proven(self, key_blob: bytes) -> None:
         self._joiner_key = key_blob
 
-    def _peer(self) -> str:
+    def peer(self) -> str:
+        """The peer's address as ``host:port``."""
         assert self.conn is not None
         return format_addr(self.conn.get_extra_info("peername"))
 
@@ -259,7 +265,7 @@ class RelayConnection(asyncssh.SSHServer):
             host_keys = [wire.parse_public_key_line(k) for k in req.host_public_keys]
             client_keys = [wire.parse_public_key_line(k) for k in req.client_authorized_keys]
         except RemoteProtocolError as exc:
-            log.info("refused registration from %s: %s", self._peer(), exc)
+            log.info("refused registration from %s: %s", self.peer(), exc)
             return sshcompat.GlobalReply(False, str(exc).encode())
         host_blobs = tuple(k.blob for k in host_keys if k is not None)
         if not host_blobs:
@@ -281,7 +287,7 @@ class RelayConnection(asyncssh.SSHServer):
         log.info(
             "session %s registered by %s (user %r, generation %d, %d authorized keys)",
             sid,
-            self._peer(),
+            self.peer(),
             req.host_user,
             generation,
             len(reg.client_key_blobs),
@@ -310,7 +316,7 @@ class RelayConnection(asyncssh.SSHServer):
 
     def unix_server_requested(self, listen_path: str) -> Any:
         if not self.is_host or listen_path not in self._owned:
-            log.info("refused forward of %r from %s: not its session", listen_path, self._peer())
+            log.info("refused forward of %r from %s: not its session", listen_path, self.peer())
             return False
         if not self.relay.table.mark_forwarded(listen_path, self):
             return False
@@ -345,7 +351,7 @@ class RelayConnection(asyncssh.SSHServer):
         joiner_key = wire.PublicKey(self._joiner_key)
         auth = wire.AuthRequest(
             client_version=self.conn.get_extra_info("client_version") or "",
-            remote_addr=self._peer(),
+            remote_addr=self.peer(),
             authorized_key=joiner_key.authorized_key_line(),
             local_addr=format_addr(self.conn.get_extra_info("sockname")),
         )
@@ -442,7 +448,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.info("joiner %s could not reach its host: %s", self._link._peer(), exc)
+            log.info("joiner %s could not reach its host: %s", self._link.peer(), exc)
             chan.write_stderr(f"upterm: {wire.UPSTREAM_UNAVAILABLE}\r\n".encode())
             chan.exit(1)
             return
@@ -512,6 +518,11 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
             self._up.pause_reading()
 
+    def host_paused(self) -> None:
+        """The host channel's send window is full: stop reading the joiner."""
+        if self._chan is not None:
+            self._chan.pause_reading()
+
     def host_resumed(self) -> None:
         if self._chan is not None:
             self._chan.resume_reading()
@@ -555,8 +566,7 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
         self._signal = (signal, core_dumped, msg)
 
     def pause_writing(self) -> None:
-        if self._joiner._chan is not None:
-            self._joiner._chan.pause_reading()
+        self._joiner.host_paused()
 
     def resume_writing(self) -> None:
         self._joiner.host_resumed()

@@ -10,6 +10,7 @@ caller can answer "unknown type". See ``docs/admin-protocol.md``.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ MAX_STRING_CHARS: Final = 64 * 1024
 MAX_LIST_ITEMS: Final = 4096
 MAX_TERMINAL_DIM: Final = 10_000
 MAX_ID: Final = 2**53
+#: ``wait`` can block at most this long (a week).
+MAX_WAIT_S: Final = 7 * 24 * 3600
+#: Session names: safe in file names, shell prompts and ssh config Host lines.
+NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEADER = struct.Struct(">I")
 
 
@@ -93,7 +98,9 @@ def _unpack_body(body: bytes) -> dict[str, Any] | BadFrame:
 # --- Field validation ---------------------------------------------------------------------
 
 
-def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
+def _field(
+    obj: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True
+) -> Any:
     if name not in obj or obj[name] is None:
         if required:
             raise RemoteProtocolError(f"missing field {name!r}")
@@ -102,7 +109,8 @@ def _field(obj: dict[str, Any], name: str, kind: type, required: bool = True) ->
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise RemoteProtocolError(f"field {name!r} must be an integer")
     if not isinstance(value, kind):
-        raise RemoteProtocolError(f"field {name!r} must be {kind.__name__}")
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RemoteProtocolError(f"field {name!r} must be {names}")
     if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
         raise RemoteProtocolError(f"field {name!r} is too long")
     if isinstance(value, list | dict) and len(value) > MAX_LIST_ITEMS:
@@ -139,6 +147,16 @@ def _str_map(obj: dict[str, Any], name: str) -> dict[str, str]:
     return dict(value)
 
 
+def _name(obj: dict[str, Any]) -> str | None:
+    name = _str(obj, "name", required=False)
+    if name is not None and not NAME_RE.fullmatch(name):
+        raise RemoteProtocolError(
+            "field 'name' must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
 def _dims(obj: dict[str, Any]) -> tuple[int, int]:
     cols = _int(obj, "cols", 1, MAX_TERMINAL_DIM)
     rows = _int(obj, "rows", 1, MAX_TERMINAL_DIM)
@@ -172,6 +190,7 @@ class CreateSession:
     authorized_keys: tuple[str, ...]
     accept: bool
     known_hosts: str | None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,22 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Wait:
+    """Reply once the last joiner has left, the session ended, or ``timeout_s`` passed."""
+
+    id: int
+    session: str | None
+    timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class Detach:
+    """Leave an attached stream on purpose: the session goes on."""
+
+    stream: int
+
+
+@dataclass(frozen=True)
 class Input:
     """Keystrokes from an attached terminal."""
 
@@ -234,7 +269,19 @@ class Resize:
     rows: int
 
 
-Request = Hello | CreateSession | Accept | ListSessions | Info | Attach | Stop | Input | Resize
+Request = (
+    Hello
+    | CreateSession
+    | Accept
+    | ListSessions
+    | Info
+    | Attach
+    | Stop
+    | Wait
+    | Detach
+    | Input
+    | Resize
+)
 
 
 @dataclass(frozen=True)
@@ -283,6 +330,7 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             authorized_keys=_str_list(obj, "authorized_keys"),
             accept=bool(_field(obj, "accept", bool, required=False)),
             known_hosts=_str(obj, "known_hosts", required=False),
+            name=_name(obj),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")
@@ -301,6 +349,15 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
         )
     if kind == "stop":
         return Stop(_req_id(obj), _str(obj, "session", required=False))
+    if kind == "wait":
+        timeout = _field(obj, "timeout_s", (int, float), required=False)
+        if isinstance(timeout, bool) or (timeout is not None and not 0 < timeout <= MAX_WAIT_S):
+            raise RemoteProtocolError(f"field 'timeout_s' out of range 0..{MAX_WAIT_S}")
+        return Wait(_req_id(obj), _str(obj, "session", required=False), timeout)
+    if kind == "detach":
+        stream = _int(obj, "stream", 0, MAX_ID)
+        assert stream is not None
+        return Detach(stream)
     if kind == "input":
         stream = _int(obj, "stream", 0, MAX_ID)
         data = _field(obj, "data", bytes)

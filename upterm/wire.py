@@ -47,6 +47,8 @@ FORWARDED_STREAMLOCAL_CHANNEL = "forwarded-streamlocal@openssh.com"
 KEEPALIVE_REQUEST = "keepalive@openssh.com"
 AUTH_REQUEST_EXTENSION = "upterm-auth-request"
 ADMIN_SOCKET_ENV = "UPTERM_ADMIN_SOCKET"
+#: Named sessions export their name to the command (upstream v0.38).
+SESSION_NAME_ENV = "UPTERM_SESSION_NAME"
 
 #: Texts the relay shows guests; upstream pins them as a wire contract (``upterm join``
 #: matches the "no host" prefix).

@@ -43,7 +43,7 @@ def test_host_and_join_with_builtin_relay(tmux: Tmux, user_env: UserEnv, joiner_
     host_pane = tmux.panes[0]
     join_line = start_host(tmux, "--accept -- bash --norc --noprofile")
     assert ":" in join_line.split("@")[0], "token must be SESSIONID:base64url(node)"
-    tmux.wait_text(host_pane, "connected.\n$ ")
+    tmux.wait_text(host_pane, "sends a ~).\n$ ")
 
     joiner_pane = tmux.split()
     tmux.send(joiner_pane, ssh_join_command(join_line, joiner_key) + "; echo joiner-rc=$?")

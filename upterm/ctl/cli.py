@@ -8,20 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shlex
+import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.shell_completion import get_completion_class
 
-from upterm import __version__, paths, wire
+from upterm import __version__, adminproto, config, wire
 from upterm.ctl import render
 from upterm.ctl.client import AdminClient, connect_daemon
-from upterm.ctl.terminal import relay_attached, terminal_size
-from upterm.errors import AuthorizedKeysError, NotInSession, UptermError, UsageError
+from upterm.ctl.terminal import DETACH_HELP, relay_attached, terminal_size
+from upterm.errors import (
+    AuthorizedKeysError,
+    ConfigError,
+    DaemonUnavailable,
+    NotInSession,
+    UptermError,
+    UsageError,
+)
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "UPTERM"}
+ENV_PREFIX = "UPTERM"
+#: Exit status of ``session wait`` when the timeout passed first (as timeout(1)).
+WAIT_TIMEOUT_EXIT = 124
 
 
 def _fail(exc: UptermError) -> NoReturn:
@@ -65,38 +78,138 @@ def read_authorized_keys(files: tuple[str, ...]) -> list[str]:
     return [line.strip() for line in lines]
 
 
-@click.group(context_settings=CONTEXT)
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1h30m`` → seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", text.strip())
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise UsageError(f"cannot read duration {text!r}; use e.g. 90s, 30m or 1h30m")
+    hours, minutes, seconds = (int(g) if g else 0 for g in parts.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if not 0 < total <= adminproto.MAX_WAIT_S:
+        raise UsageError(f"duration {text!r} must be between 1s and 7 days")
+    return float(total)
+
+
+def _output_format(value: str) -> str:
+    if value in ("text", "json") or value.startswith("template="):
+        return value
+    raise click.BadParameter("use text, json or template='...'")
+
+
+def _print_session(info: dict[str, Any], output: str) -> None:
+    if output == "json":
+        click.echo(render.as_json(info))
+    elif output.startswith("template="):
+        template = output.removeprefix("template=").strip("'\"")
+        try:
+            click.echo(render.render_template(template, info), nl=False)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    else:
+        click.echo(render.session_detail(info))
+
+
+def output_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o text|json|template='...'``."""
+    return click.option(
+        "-o",
+        "--output",
+        default="text",
+        show_default=True,
+        callback=lambda _ctx, _param, value: _output_format(value),
+        metavar="text|json|template=FMT",
+        help="Output format. FMT takes {field} placeholders: the JSON keys, e.g. "
+        "'{sessionId} {clientCount}'.",
+    )(func)
+
+
+class AliasedGroup(click.Group):
+    """A group whose commands also answer to upstream's short names."""
+
+    def __init__(self, *args: Any, aliases: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.aliases = aliases or {}
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        _, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else None), cmd, rest
+
+
+def _load_config(ctx: click.Context) -> None:
+    try:
+        settings = config.load()
+    except ConfigError as exc:
+        _fail(exc)
+    ctx.default_map = config.click_default_map(settings)
+
+
+@click.group(
+    cls=AliasedGroup,
+    aliases={"se": "session"},
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=False,
+)
 @click.version_option(__version__, "-v", "--version", prog_name="upterm")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Instant, secure terminal sharing over SSH.
 
     \b
-    Share a terminal:          upterm host -- bash
-    Only let certain keys in:  upterm host --authorized-keys ~/.ssh/authorized_keys -- bash
-    Inside a shared terminal:  upterm session current
+    Share a terminal:           upterm host -- bash
+    Only let certain keys in:   upterm host --authorized-keys ~/.ssh/team.pub
+    In CI, without a terminal:  upterm host --detach --accept --name ci -- bash
+                                upterm session wait ci --timeout 30m
+    Inside a shared terminal:   upterm session current
     """
+    _load_config(ctx)
 
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+# --- host -----------------------------------------------------------------------------------
+
+
+@cli.command()
 @click.option(
     "--server",
+    envvar=f"{ENV_PREFIX}_SERVER",
     default=None,
     metavar="URL",
     help="Relay to use, ssh://HOST:PORT. Default: a built-in relay on this machine.",
 )
-@click.option("--accept", is_flag=True, help="Share at once, without the confirmation prompt.")
+@click.option(
+    "--accept",
+    is_flag=True,
+    envvar=f"{ENV_PREFIX}_ACCEPT",
+    help="Share at once, without the confirmation prompt.",
+)
 @click.option(
     "--authorized-keys",
     "authorized_keys",
     multiple=True,
+    envvar=f"{ENV_PREFIX}_AUTHORIZED_KEYS",
     metavar="FILE",
     help="Only keys in FILE may join (repeatable). Unreadable or empty: refused.",
 )
 @click.option(
     "--known-hosts",
+    envvar=f"{ENV_PREFIX}_KNOWN_HOSTS",
     default=None,
     metavar="FILE",
-    help="Where the relay's host key is checked and recorded (default ~/.ssh/known_hosts).",
+    help="Where relay host keys are checked and recorded (default ~/.ssh/known_hosts).",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="Name the session; session commands accept it instead of the id.",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Start in the background: print the join line and return.",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def host(
@@ -104,9 +217,14 @@ def host(
     accept: bool,
     authorized_keys: tuple[str, ...],
     known_hosts: str | None,
+    name: str | None,
+    detach: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
+
+    While attached, ~. at the start of a line detaches: the session goes on and
+    'upterm session attach' comes back. Closing the terminal without detaching ends it.
 
     \b
     Examples:
@@ -114,8 +232,16 @@ def host(
       upterm host --accept -- bash --norc          # no confirmation prompt
       upterm host --server ssh://relay.example.com:22 -- htop
       upterm host --authorized-keys ~/.ssh/team.pub -- bash
+      upterm host --detach --accept --name ci -- bash   # headless, e.g. in CI
     """
-    _run(_host(server, accept, authorized_keys, known_hosts, command))
+    if name is not None and not adminproto.NAME_RE.fullmatch(name):
+        _fail(
+            UsageError(
+                f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit"
+            )
+        )
+    _run(_host(server, accept, authorized_keys, known_hosts, name, detach, command))
 
 
 async def _host(
@@ -123,6 +249,8 @@ async def _host(
     accept: bool,
     authorized_files: tuple[str, ...],
     known_hosts: str | None,
+    name: str | None,
+    detach: bool,
     command: tuple[str, ...],
 ) -> int:
     if not accept and not sys.stdin.isatty():
@@ -133,7 +261,7 @@ async def _host(
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
     client = await connect_daemon()
     try:
-        await client.hello()
+        await _handshake(client)
         cols, rows = terminal_size()
         reply = await client.request(
             "create",
@@ -147,6 +275,7 @@ async def _host(
             authorized_keys=authorized,
             accept=accept,
             known_hosts=known_hosts,
+            name=name,
         )
         for warning in reply.get("warnings", []):
             click.echo(warning, err=True)
@@ -164,25 +293,61 @@ async def _host(
                 click.echo("Session discarded.")
                 return 0
             await client.request("accept", session=sid)
-        click.echo("Run 'upterm session current' inside the session to see who is connected.")
-        return await relay_attached(client, sid, primary=True)
+        handle = name or sid
+        if detach:
+            click.echo(f"Running in the background. Attach: upterm session attach {handle}")
+            return 0
+        click.echo(f"Attached: {DETACH_HELP}.")
+        return await _attached(client, sid, handle)
     finally:
         await client.aclose()
 
 
-@cli.group(context_settings=CONTEXT)
+async def _handshake(client: AdminClient) -> None:
+    reply = await client.hello()
+    if reply.get("version") != adminproto.PROTOCOL_VERSION:
+        raise DaemonUnavailable(
+            f"the running upterm daemon speaks admin protocol {reply.get('version')}, this "
+            f"upterm speaks {adminproto.PROTOCOL_VERSION}; stop the old daemon (kill "
+            f"{reply.get('pid')}) and try again"
+        )
+
+
+async def _attached(client: AdminClient, session: str, handle: str) -> int:
+    status = await relay_attached(client, session, primary=True)
+    if status is None:
+        click.echo(f"\r\n[detached; 'upterm session attach {handle}' to return]\r")
+        return 0
+    return status
+
+
+# --- session --------------------------------------------------------------------------------
+
+
+@cli.group(
+    cls=AliasedGroup,
+    aliases={"c": "current", "ls": "list", "l": "list", "i": "info"},
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 def session() -> None:
-    """Inspect sessions (alias: se)."""
+    """Inspect and control sessions (alias: se).
+
+    \b
+    Examples:
+      upterm session current            # in a shared shell: who is connected
+      upterm session list
+      upterm session attach ci
+      upterm session stop ci
+    """
 
 
-def _output_option(func: Any) -> Any:
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        help="Output format.",
-    )(func)
+async def _session_request(kind: str, key: str | None, **fields: Any) -> dict[str, Any]:
+    client = await connect_daemon(autostart=False)
+    try:
+        await _handshake(client)
+        return await client.request(kind, session=key, **fields)
+    finally:
+        await client.aclose()
 
 
 @session.command("current")
@@ -192,29 +357,40 @@ def _output_option(func: Any) -> Any:
     default=None,
     help="Session admin socket (default: $UPTERM_ADMIN_SOCKET).",
 )
-@_output_option
-def session_current(admin_socket: str | None, output: str) -> None:
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Outside a session print nothing and exit 0 (for shell prompts).",
+)
+@output_option
+def session_current(admin_socket: str | None, quiet: bool, output: str) -> None:
     """Show the session this shell runs in (alias: c).
 
     \b
     Examples:
       upterm session current
       upterm session current -o json
+      PS1='$(upterm session current -q -o template="[{name} {clientCount}] ")\\$ '
     """
     if not admin_socket:
+        if quiet:
+            sys.exit(0)
         _fail(
             NotInSession(
                 f"not inside an upterm session ({wire.ADMIN_SOCKET_ENV} is not set); run it "
                 "in a shell started by 'upterm host'"
             )
         )
-    _run(_current(Path(admin_socket), output))
+    _run(_current(Path(admin_socket), output, quiet))
 
 
-async def _current(sock: Path, output: str) -> int:
+async def _current(sock: Path, output: str, quiet: bool) -> int:
     try:
         client = await AdminClient.connect(sock)
     except (FileNotFoundError, ConnectionRefusedError):
+        if quiet:
+            return 0
         raise NotInSession(
             f"the session behind {sock} has ended; {wire.ADMIN_SOCKET_ENV} is stale"
         ) from None
@@ -222,12 +398,12 @@ async def _current(sock: Path, output: str) -> int:
         info = (await client.request("info"))["session"]
     finally:
         await client.aclose()
-    click.echo(render.as_json(info) if output == "json" else render.session_detail(info))
+    _print_session(info, output)
     return 0
 
 
 @session.command("list")
-@_output_option
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def session_list(output: str) -> None:
     """List this user's sessions; * marks the current one (alias: ls).
 
@@ -240,25 +416,191 @@ def session_list(output: str) -> None:
 
 
 async def _list(output: str) -> int:
-    client = await connect_daemon(autostart=False)
     try:
+        client = await connect_daemon(autostart=False)
+    except DaemonUnavailable:
+        # No daemon means no sessions: that is an answer, not an error.
+        click.echo("[]" if output == "json" else render.session_table([], None))
+        return 0
+    try:
+        await _handshake(client)
         sessions = (await client.request("list"))["sessions"]
     finally:
         await client.aclose()
     current = os.environ.get(wire.ADMIN_SOCKET_ENV)
-    click.echo(
-        render.as_json(sessions) if output == "json" else render.session_table(sessions, current)
-    )
+    if output == "json":
+        click.echo(render.as_json(sessions))
+    else:
+        click.echo(render.session_table(sessions, current))
     return 0
 
 
-# Upstream's aliases.
-cli.add_command(session, "se")
-session.add_command(session_current, "c")
-session.add_command(session_list, "ls")
+@session.command("info")
+@click.argument("session_key", metavar="ID|NAME")
+@output_option
+def session_info(session_key: str, output: str) -> None:
+    """Show one session (alias: i).
+
+    \b
+    Examples:
+      upterm session info ci
+      upterm session info ci -o template='{sshCommand}'
+    """
+
+    async def run() -> int:
+        _print_session((await _session_request("info", session_key))["session"], output)
+        return 0
+
+    _run(run())
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@session.command("attach")
+@click.argument("session_key", metavar="ID|NAME")
+def session_attach(session_key: str) -> None:
+    """Attach this terminal to a running session (~. detaches again).
+
+    \b
+    Examples:
+      upterm session attach ci
+    """
+
+    async def run() -> int:
+        if not sys.stdin.isatty():
+            raise UsageError("attach needs a terminal; run it in an interactive shell")
+        client = await connect_daemon(autostart=False)
+        try:
+            await _handshake(client)
+            return await _attached(client, session_key, session_key)
+        finally:
+            await client.aclose()
+
+    _run(run())
+
+
+@session.command("stop")
+@click.argument("session_key", metavar="ID|NAME")
+def session_stop(session_key: str) -> None:
+    """End a session: its command gets SIGHUP, joiners are disconnected.
+
+    \b
+    Examples:
+      upterm session stop ci
+    """
+
+    async def run() -> int:
+        await _session_request("stop", session_key)
+        return 0
+
+    _run(run())
+
+
+@session.command("wait")
+@click.argument("session_key", metavar="ID|NAME")
+@click.option("--timeout", default=None, help="Give up after this long (90s, 30m, 2h).")
+def session_wait(session_key: str, timeout: str | None) -> None:
+    """Block until the last joiner leaves (after at least one joined), or the session ends.
+
+    Exits 0 then, or 124 when --timeout passes first.
+
+    \b
+    Examples:
+      upterm session wait ci --timeout 30m
+    """
+    timeout_s = parse_duration(timeout) if timeout else None
+
+    async def run() -> int:
+        reply = await _session_request("wait", session_key, timeout_s=timeout_s)
+        reason = reply.get("reason")
+        messages = {
+            "last_left": "the last joiner left",
+            "ended": "the session ended",
+            "timeout": f"timed out after {timeout}",
+        }
+        click.echo(f"upterm: {messages.get(str(reason), reason)}", err=True)
+        return WAIT_TIMEOUT_EXIT if reason == "timeout" else 0
+
+    try:
+        _run(run())
+    except UsageError as exc:  # pragma: no cover - parse errors are raised above
+        _fail(exc)
+
+
+@session.command("ssh-config")
+@click.argument("session_key", metavar="ID|NAME")
+def session_ssh_config(session_key: str) -> None:
+    """Print an OpenSSH config stanza for joiners (editor remote plugins use it).
+
+    \b
+    Examples:
+      upterm session ssh-config ci >> ~/.ssh/config   # then: ssh ci
+    """
+
+    async def run() -> int:
+        info = (await _session_request("info", session_key))["session"]
+        click.echo(render.ssh_config(info))
+        return 0
+
+    _run(run())
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+@cli.group(context_settings={"help_option_names": ["-h", "--help"]})
+def config_cmd() -> None:
+    """Show or edit the configuration file (flags > UPTERM_* env > file > defaults).
+
+    \b
+    Examples:
+      upterm config path
+      upterm config edit
+    """
+
+
+@config_cmd.command("path")
+def config_path() -> None:
+    """Print where the configuration file is (it may not exist yet)."""
+    click.echo(str(config.config_path()))
+
+
+@config_cmd.command("view")
+def config_view() -> None:
+    """Print the configuration file, or the commented template if there is none."""
+    path = config.config_path()
+    try:
+        click.echo(path.read_text(encoding="utf-8"), nl=False)
+    except FileNotFoundError:
+        click.echo(f"# {path} does not exist yet; 'upterm config edit' creates it.")
+        click.echo(config.TEMPLATE, nl=False)
+
+
+@config_cmd.command("edit")
+def config_edit() -> None:
+    """Open the configuration file in $VISUAL / $EDITOR (created from a template)."""
+    path = config.config_path()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(config.TEMPLATE)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    result = subprocess.run([*shlex.split(editor), str(path)], check=False)
+    if result.returncode != 0:
+        _fail(UptermError(f"the editor {editor!r} exited with status {result.returncode}"))
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(f"{path} is valid.")
+
+
+cli.add_command(config_cmd, "config")
+
+
+# --- daemon, version, completion ------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def daemon(args: tuple[str, ...]) -> None:
     """Run the per-user daemon in the foreground (normally started on demand).
@@ -267,6 +609,7 @@ def daemon(args: tuple[str, ...]) -> None:
     Examples:
       upterm daemon
       upterm daemon --local-relay-addr 127.0.0.1:2223
+      upterm daemon --help
     """
     # The daemon is a separate program; the thin client never imports it.
     os.execv(sys.executable, [sys.executable, "-m", "upterm.daemon", *args])  # noqa: S606
@@ -274,8 +617,29 @@ def daemon(args: tuple[str, ...]) -> None:
 
 @cli.command()
 def version() -> None:
-    """Print the version."""
-    click.echo(f"upterm {__version__} (runtime dir {paths.runtime_dir()})")
+    """Print the version.
+
+    \b
+    Examples:
+      upterm version
+    """
+    click.echo(f"upterm {__version__} (admin protocol {adminproto.PROTOCOL_VERSION})")
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print a shell completion script.
+
+    \b
+    Examples:
+      upterm completion bash > ~/.local/share/bash-completion/completions/upterm
+      upterm completion zsh > "${fpath[1]}/_upterm"
+      upterm completion fish > ~/.config/fish/completions/upterm.fish
+    """
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "upterm", "_UPTERM_COMPLETE").source())
 
 
 def main() -> None:

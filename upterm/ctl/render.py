@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shlex
+import string
 from typing import Any
+from urllib.parse import urlsplit
 
 LABEL_WIDTH = 20
 
@@ -15,9 +16,11 @@ def _row(label: str, value: str) -> str:
 
 def session_detail(info: dict[str, Any]) -> str:
     """Multi-line description of one session (what ``upterm host`` prints)."""
-    lines = [
-        _row("Session", str(info.get("sessionId", ""))),
-        _row("Command", shlex.join(info.get("command") or [])),
+    lines = [_row("Session", str(info.get("sessionId", "")))]
+    if info.get("name"):
+        lines.append(_row("Name", str(info["name"])))
+    lines += [
+        _row("Command", str(info.get("command", ""))),
         _row("Host", str(info.get("host", ""))),
     ]
     keys = info.get("authorizedKeys") or []
@@ -39,14 +42,14 @@ def session_table(sessions: list[dict[str, Any]], current: str | None) -> str:
     """One line per session; ``*`` marks the one this shell is in."""
     if not sessions:
         return "No active sessions. Run 'upterm host' to share your terminal."
-    rows = [("", "SESSION ID", "COMMAND", "CLIENTS", "SSH")]
+    rows = [("", "SESSION", "COMMAND", "CLIENTS", "SSH")]
     for info in sessions:
         mark = "*" if current and info.get("adminSocket") == current else ""
         rows.append(
             (
                 mark,
-                str(info.get("sessionId", "")),
-                shlex.join(info.get("command") or []),
+                str(info.get("name") or info.get("sessionId", "")),
+                str(info.get("command", "")),
                 str(info.get("clientCount", 0)),
                 str(info.get("sshCommand", "")),
             )
@@ -61,3 +64,48 @@ def session_table(sessions: list[dict[str, Any]], current: str | None) -> str:
 def as_json(value: Any) -> str:
     """Pretty JSON (two-space indent, as upstream)."""
     return json.dumps(value, indent=2, sort_keys=False)
+
+
+def render_template(template: str, info: dict[str, Any]) -> str:
+    """Fill ``{field}`` placeholders (``{{`` for a brace) from a session's JSON fields.
+
+    Only plain field names are allowed, so a template cannot reach into Python objects.
+    """
+    formatter = string.Formatter()
+    out = []
+    for literal, field_name, spec, conversion in formatter.parse(template):
+        out.append(literal)
+        if field_name is None:
+            continue
+        if field_name not in info:
+            known = ", ".join(sorted(info))
+            raise ValueError(f"unknown field {{{field_name}}} in the template; fields: {known}")
+        value = info[field_name]
+        if conversion:
+            value = formatter.convert_field(value, conversion)
+        out.append(format("" if value is None else value, spec or ""))
+    return "".join(out)
+
+
+def ssh_config(info: dict[str, Any]) -> str:
+    """An OpenSSH ``Host`` stanza for joining the session, plus the relay's known_hosts line."""
+    parts = urlsplit(str(info.get("host", "")))
+    host, port = parts.hostname or "", parts.port or 22
+    alias = str(info.get("name") or info.get("sessionId"))
+    known_name = host if port == 22 else f"[{host}]:{port}"
+    lines = [
+        f"# upterm session {info.get('sessionId')}",
+        f"Host {alias}",
+        f"    HostName {host}",
+        f"    Port {port}",
+        f"    User {info.get('sshUser')}",
+        "    RequestTTY yes",
+    ]
+    key = info.get("relayHostKey")
+    if key:
+        lines += [
+            "# The relay's host key as this host trusts it; to pin it, add this line to",
+            "# ~/.ssh/known_hosts:",
+            f"# {known_name} {key}",
+        ]
+    return "\n".join(lines)

@@ -59,10 +59,47 @@ def write_all(fd: int, data: bytes) -> None:
             raise
 
 
-async def relay_attached(client: AdminClient, session: str | None, primary: bool) -> int:
-    """Attach this terminal to a session until its command exits; return its exit status."""
+DETACH_HELP = "~. at the start of a line detaches (~~ sends a ~)"
+
+
+class DetachFilter:
+    """Spots the detach key in typed input, the way ssh spots its escapes.
+
+    ``~.`` typed at the start of a line detaches; ``~~`` sends one ``~``; a ``~`` followed by
+    anything else is sent as typed. Sans-I/O: bytes in, bytes to forward out.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._tilde = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Return the bytes to forward and whether the user asked to detach."""
+        out = bytearray()
+        for byte in data:
+            ch = bytes((byte,))
+            if self._tilde:
+                self._tilde = False
+                if ch == b".":
+                    return bytes(out), True
+                out += b"~" if ch == b"~" else b"~" + ch
+            elif self._line_start and ch == b"~":
+                self._tilde = True
+                continue
+            else:
+                out += ch
+            self._line_start = ch in (b"\r", b"\n")
+        return bytes(out), False
+
+
+async def relay_attached(client: AdminClient, session: str | None, primary: bool) -> int | None:
+    """Attach this terminal to a session until its command exits.
+
+    Returns the command's exit status, or None if the user detached (the session goes on).
+    """
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[int] = loop.create_future()
+    done: asyncio.Future[int | None] = loop.create_future()
+    detach_filter = DetachFilter()
     stream_box: list[int] = []
 
     def on_stream(frame: dict[str, Any]) -> None:
@@ -91,7 +128,12 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
                 # End of input (not a TTY): keep showing output, stop forwarding keys.
                 loop.remove_reader(STDIN_FD)
                 return
-            client.send({"type": "input", "stream": stream, "data": data})
+            data, detach = detach_filter.feed(data)
+            if data:
+                client.send({"type": "input", "stream": stream, "data": data})
+            if detach and not done.done():
+                client.send({"type": "detach", "stream": stream})
+                done.set_result(None)
 
         def on_winch() -> None:
             c, r = terminal_size()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: A stopped command gets SIGHUP, then SIGKILL after this long.
 STOP_GRACE_S = 3
+DAEMON_STOPPING_MESSAGE = (
+    b"\r\nupterm: the host's upterm daemon is shutting down; this session ends now.\r\n"
+)
 #: After the command exits, joiners get this long to receive its exit status.
 EXIT_FLUSH_S = 2
 
@@ -98,9 +102,18 @@ class HostedSession:
     authorized: list[wire.PublicKey]
     accepting: asyncio.Event
     policy: GuestPolicy
+    name: str | None = None
     admin: AdminServer | None = None
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    #: Set (and replaced) whenever a joiner arrives or leaves, for ``wait``.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    had_joiner: bool = False
+
+    def notify_change(self) -> None:
+        """Wake everyone waiting for a change of joiners."""
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def info(self) -> dict[str, Any]:
         """The session as the admin protocol describes it (camelCase, as upstream's JSON)."""
@@ -108,8 +121,16 @@ class HostedSession:
         assert reg is not None
         return {
             "sessionId": self.session_id,
-            "command": list(self.session.argv),
+            "name": self.name,
+            # Upstream's JSON has the command as one space-joined string; argv is ours.
+            "command": shlex.join(self.session.argv),
+            "argv": list(self.session.argv),
+            "forceCommand": "",
             "host": str(self.tunnel.url),
+            "relayHostKey": wire.PublicKey(self.tunnel.relay_key_blob)
+            .authorized_key_line()
+            .decode()
+            .strip(),
             "nodeAddr": reg.node_addr,
             "sshUser": reg.token,
             "sshCommand": self.tunnel.url.join_command(reg.token),
@@ -175,6 +196,15 @@ class Manager:
                 hosted = self._find(req.session, conn)
                 hosted.session.hangup()
                 return adminproto.ok(req.id)
+            case adminproto.Wait():
+                hosted = self._find(req.session, conn)
+                return adminproto.ok(req.id, reason=await self._wait(hosted, req.timeout_s))
+            case adminproto.Detach():
+                viewer = _streams(conn).pop(req.stream, None)
+                if viewer is not None:
+                    viewer.done = True
+                    viewer.session.detach(viewer.viewer_id)
+                return None
             case adminproto.Input():
                 viewer = _streams(conn).get(req.stream)
                 if viewer is not None and not viewer.done:
@@ -190,16 +220,40 @@ class Manager:
     def _find(self, key: str | None, conn: AdminConnection) -> HostedSession:
         key = key or conn.bound_session
         if not key:
-            raise UsageError("name a session id (see 'upterm session list')")
+            raise UsageError("name a session id or name (see 'upterm session list')")
         hosted = self.sessions.get(key)
+        if hosted is None:
+            hosted = next((h for h in self.sessions.values() if h.name == key), None)
         if hosted is None:
             raise SessionNotFound(f"no session {key!r}; 'upterm session list' shows them")
         return hosted
+
+    async def _wait(self, hosted: HostedSession, timeout_s: float | None) -> str:
+        """Block until the last joiner left, the session ended, or the timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if hosted.session.exited.done():
+                return "ended"
+            if hosted.had_joiner and not hosted.clients:
+                return "last_left"
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return "timeout"
+            changed = asyncio.ensure_future(hosted.changed.wait())
+            waiters: set[asyncio.Future[Any]] = {changed, hosted.session.exited}
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
 
     # -- create --
 
     async def _create(self, req: adminproto.CreateSession) -> dict[str, Any]:
         authorized = _parse_authorized(req.authorized_keys)
+        if req.name and any(h.name == req.name for h in self.sessions.values()):
+            raise UsageError(
+                f"a session named {req.name!r} is already running; pick another --name or "
+                f"stop it with 'upterm session stop {req.name}'"
+            )
         if req.server:
             url = RelayURL.parse(req.server)
             known = Path(req.known_hosts) if req.known_hosts else _default_known_hosts()
@@ -229,6 +283,9 @@ class Manager:
             env = dict(req.env)
             # Ours wins over an inherited value, so nested sessions see the inner one.
             env[wire.ADMIN_SOCKET_ENV] = str(sock_path)
+            env.pop(wire.SESSION_NAME_ENV, None)
+            if req.name:
+                env[wire.SESSION_NAME_ENV] = req.name
             env["TERM"] = req.term
             session = Session(req.argv, env=env, cwd=req.cwd, cols=req.cols, rows=req.rows)
             accepting = asyncio.Event()
@@ -241,7 +298,9 @@ class Manager:
                 on_leave=lambda cid: self._left(hosted, cid),
             )
             policy.all_closed.set()
-            hosted = HostedSession(sid, session, tunnel, authorized, accepting, policy)
+            hosted = HostedSession(
+                sid, session, tunnel, authorized, accepting, policy, name=req.name
+            )
             hosted_box.append(hosted)
             await tunnel.serve(policy)
             hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
@@ -287,6 +346,8 @@ class Manager:
 
     def _joined(self, hosted: HostedSession, client: ClientInfo) -> None:
         hosted.clients[client.client_id] = client
+        hosted.had_joiner = True
+        hosted.notify_change()
         log.info(
             "session %s: client joined from %s (%s, %s)",
             hosted.session_id,
@@ -298,6 +359,7 @@ class Manager:
     def _left(self, hosted: HostedSession, client_id: str) -> None:
         if hosted.clients.pop(client_id, None) is not None:
             log.info("session %s: client %s left", hosted.session_id, client_id)
+            hosted.notify_change()
 
     # -- attach --
 
@@ -326,6 +388,7 @@ class Manager:
     async def stop_all(self) -> None:
         """Hang up every session and wait for the commands to end."""
         for hosted in list(self.sessions.values()):
+            hosted.session.broadcast(DAEMON_STOPPING_MESSAGE)
             hosted.session.hangup()
         waits = [h.session.exited for h in self.sessions.values()]
         if waits:

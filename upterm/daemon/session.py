@@ -198,6 +198,11 @@ class Session:
 
     # -- data --
 
+    def broadcast(self, message: bytes) -> None:
+        """Show every viewer a notice (not part of the command's output or replay)."""
+        for viewer in list(self._viewers.values()):
+            viewer.send(message)
+
     def input(self, data: bytes) -> None:
         """Keystrokes from a viewer with the keyboard."""
         if self._proc is not None:

@@ -506,7 +506,10 @@ def session_wait(session_key: str, timeout: str | None) -> None:
     Examples:
       upterm session wait ci --timeout 30m
     """
-    timeout_s = parse_duration(timeout) if timeout else None
+    try:
+        timeout_s = parse_duration(timeout) if timeout else None
+    except UsageError as exc:
+        _fail(exc)
 
     async def run() -> int:
         reply = await _session_request("wait", session_key, timeout_s=timeout_s)
@@ -519,10 +522,7 @@ def session_wait(session_key: str, timeout: str | None) -> None:
         click.echo(f"upterm: {messages.get(str(reason), reason)}", err=True)
         return WAIT_TIMEOUT_EXIT if reason == "timeout" else 0
 
-    try:
-        _run(run())
-    except UsageError as exc:  # pragma: no cover - parse errors are raised above
-        _fail(exc)
+    _run(run())
 
 
 @session.command("ssh-config")

@@ -136,25 +136,34 @@ class AdminClient:
         self._task.cancel()
 
 
-def _spawn_daemon() -> None:
-    log_dir = paths.state_dir()
-    log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    subprocess.Popen(
-        [sys.executable, "-m", "upterm.daemon", "--log-file"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-        cwd="/",
-    )
+def _spawn_daemon() -> subprocess.Popen[bytes]:
+    log_path = paths.state_dir() / "daemon.log"
+    try:
+        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_fh = log_path.open("ab")
+    except OSError as exc:
+        raise DaemonUnavailable(
+            f"cannot start the upterm daemon: {log_path}: {exc.strerror}; check "
+            "XDG_STATE_HOME and your home directory"
+        ) from exc
+    with log_fh:
+        # The daemon's own start-up errors land in its log, where the message points.
+        return subprocess.Popen(
+            [sys.executable, "-m", "upterm.daemon", "--log-file"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_fh,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
 
 
 async def connect_daemon(autostart: bool = True) -> AdminClient:
     """Connect to this user's daemon, starting it in the background if it is not running.
 
     Two commands racing to start it end up with one daemon: the daemon holds a lock, a
-    second instance exits at once, and both commands connect to the survivor.
+    second instance exits at once (status 0), and both commands connect to the survivor.
     """
     run_dir = paths.runtime_dir()
     if run_dir.exists():
@@ -167,14 +176,16 @@ async def connect_daemon(autostart: bool = True) -> AdminClient:
             raise DaemonUnavailable(
                 "the upterm daemon is not running; start it with 'upterm daemon'"
             ) from None
-    _spawn_daemon()
+    proc = _spawn_daemon()
     deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
     while time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         try:
             return await AdminClient.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            continue
+            status = proc.poll()
+            if status not in (None, 0):
+                break
     raise DaemonUnavailable(
         f"the upterm daemon did not start; see {paths.state_dir() / 'daemon.log'} or run "
         "'upterm daemon' to see why"

@@ -49,9 +49,14 @@ def host_detached(user_env: UserEnv, name: str, *extra: str) -> dict:
 class Joiner:
     """An OpenSSH joiner that stays connected until closed."""
 
+    @staticmethod
+    def ssh_args(info: dict, key: Path) -> list[str]:
+        """ssh's arguments (without "ssh") to join the session described by ``info``."""
+        return shlex.split(ssh_join_command(info["sshCommand"], key))[1:]
+
     def __init__(self, info: dict, key: Path) -> None:
         self.proc = subprocess.Popen(
-            [*shlex.split(ssh_join_command(info["sshCommand"], key)), "-tt"],
+            ["ssh", *self.ssh_args(info, key), "-tt"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

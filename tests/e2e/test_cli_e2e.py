@@ -519,3 +519,37 @@ def test_sigterm_to_daemon_ends_sessions_cleanly(user_env: UserEnv, joiner_key: 
     assert not (user_env.runtime / "daemon.sock").exists()
     assert not Path(info["adminSocket"]).exists()
     assert SSH_OPTS  # joiners use the shared options
+
+
+def test_nested_session_sees_the_inner_socket(user_env: UserEnv) -> None:
+    outer = host_detached(user_env, "outer")
+    # `upterm host` run from inside the outer session's shell inherits its variables.
+    env = {
+        **user_env.env,
+        "UPTERM_ADMIN_SOCKET": outer["adminSocket"],
+        "UPTERM_SESSION_NAME": "outer",
+    }
+    out = subprocess.run(
+        ["upterm", "host", "--detach", "--accept", "--name", "inner", "--", "sleep", "300"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    inner = json.loads(headless(user_env, "session", "info", "inner", "-o", "json").stdout)
+    environ = Path(f"/proc/{inner['pid']}/environ").read_bytes().split(b"\0")
+    assert f"UPTERM_ADMIN_SOCKET={inner['adminSocket']}".encode() in environ
+    assert b"UPTERM_SESSION_NAME=inner" in environ
+    assert inner["adminSocket"] != outer["adminSocket"]
+    # And `session list` from inside the inner session marks it, not the outer one.
+    listed = subprocess.run(
+        ["upterm", "session", "list"],
+        env={**user_env.env, "UPTERM_ADMIN_SOCKET": inner["adminSocket"]},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    ).stdout
+    marked = [line for line in listed.splitlines() if line.startswith("*")]
+    assert len(marked) == 1 and "inner" in marked[0]

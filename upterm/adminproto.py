@@ -157,6 +157,15 @@ def _name(obj: dict[str, Any]) -> str | None:
     return name
 
 
+def _keepalive(obj: dict[str, Any]) -> float:
+    value = _field(obj, "keepalive_s", (int, float), required=False)
+    if value is None:
+        return 50.0
+    if isinstance(value, bool) or not 1 <= value <= 3600:
+        raise RemoteProtocolError("field 'keepalive_s' out of range 1..3600")
+    return float(value)
+
+
 def _dims(obj: dict[str, Any]) -> tuple[int, int]:
     cols = _int(obj, "cols", 1, MAX_TERMINAL_DIM)
     rows = _int(obj, "rows", 1, MAX_TERMINAL_DIM)
@@ -191,6 +200,7 @@ class CreateSession:
     accept: bool
     known_hosts: str | None
     name: str | None = None
+    keepalive_s: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,7 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             accept=bool(_field(obj, "accept", bool, required=False)),
             known_hosts=_str(obj, "known_hosts", required=False),
             name=_name(obj),
+            keepalive_s=_keepalive(obj),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")

@@ -21,6 +21,7 @@ HOST_KEYS: dict[str, type] = {
     "accept": bool,
     "authorized-keys": list,
     "known-hosts": str,
+    "keepalive": float,
 }
 
 TEMPLATE = """\
@@ -39,6 +40,9 @@ TEMPLATE = """\
 
 # Where relay host keys are checked and recorded.
 # known-hosts = "~/.ssh/known_hosts"
+
+# Seconds between probes of the relay; three unanswered ones trigger a reconnect.
+# keepalive = 50.0
 """
 
 
@@ -73,7 +77,9 @@ def load(path: Path | None = None) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown setting {key!r}; known: {', '.join(sorted(HOST_KEYS))}"
             )
-        ok = isinstance(value, expected)
+        ok = isinstance(value, expected) or (
+            expected is float and isinstance(value, int) and not isinstance(value, bool)
+        )
         if isinstance(value, list):
             ok = ok and all(isinstance(v, str) for v in value)
         if not ok:

@@ -313,7 +313,7 @@ def test_config_file_env_and_flag_precedence(user_env: UserEnv, relay: RelayProc
     assert out.returncode == 2
     assert out.stderr == (
         f"upterm: {path}: unknown setting 'servr'; known: accept, authorized-keys, "
-        "known-hosts, server\n"
+        "keepalive, known-hosts, server\n"
     )
 
 

@@ -53,7 +53,7 @@ async def host_session(
         trust,
         Ed25519Key.generate(),
         wire.new_session_secret(),
-        on_lost=lambda exc: None,
+        on_state=lambda state: None,
     )
     reg = await tunnel.connect(authorized or [])
     session = start_shell(tmp_path)
@@ -260,7 +260,7 @@ async def test_proven_session_id_is_derived_and_replayed_proof_is_useless(relay,
         RelayTrust(name="r", pinned=relay.identity.key.public.blob),
         key,
         secret,
-        on_lost=lambda exc: None,
+        on_state=lambda state: None,
     )
     reg = await tunnel.connect([])
     assert reg.session_id == wire.derive_session_id(key.public.blob, secret)
@@ -285,7 +285,7 @@ async def test_changed_relay_key_is_refused(relay, tmp_path) -> None:
         RelayTrust(name="r", pinned=Ed25519Key.generate().public.blob),
         Ed25519Key.generate(),
         wire.new_session_secret(),
-        on_lost=lambda exc: None,
+        on_state=lambda state: None,
     )
     from upterm.errors import HostKeyChanged
 
@@ -302,7 +302,7 @@ async def test_superseded_registration_is_refused(relay, tmp_path) -> None:
             RelayTrust(name="r", pinned=relay.identity.key.public.blob),
             key,
             secret,
-            on_lost=lambda exc: None,
+            on_state=lambda state: None,
         )
 
     first, second = make(), make()

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -211,6 +212,15 @@ def cli(ctx: click.Context) -> None:
     is_flag=True,
     help="Start in the background: print the join line and return.",
 )
+@click.option(
+    "--keepalive",
+    type=click.FloatRange(1, 3600),
+    default=50,
+    show_default=True,
+    envvar=f"{ENV_PREFIX}_KEEPALIVE",
+    metavar="SECONDS",
+    help="Probe the relay this often; three unanswered probes mean it is gone (reconnect).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def host(
     server: str | None,
@@ -219,6 +229,7 @@ def host(
     known_hosts: str | None,
     name: str | None,
     detach: bool,
+    keepalive: float,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
@@ -241,23 +252,30 @@ def host(
                 "a letter or digit"
             )
         )
-    _run(_host(server, accept, authorized_keys, known_hosts, name, detach, command))
+    opts = HostOptions(server, accept, authorized_keys, known_hosts, name, detach, keepalive)
+    _run(_host(opts, command))
 
 
-async def _host(
-    server: str | None,
-    accept: bool,
-    authorized_files: tuple[str, ...],
-    known_hosts: str | None,
-    name: str | None,
-    detach: bool,
-    command: tuple[str, ...],
-) -> int:
+@dataclass(frozen=True)
+class HostOptions:
+    """What ``upterm host`` was asked to do."""
+
+    server: str | None
+    accept: bool
+    authorized_files: tuple[str, ...]
+    known_hosts: str | None
+    name: str | None
+    detach: bool
+    keepalive_s: float
+
+
+async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
+    server, accept, name, detach = opts.server, opts.accept, opts.name, opts.detach
     if not accept and not sys.stdin.isatty():
         raise UsageError(
             "interactive confirmation requires a terminal; pass --accept to share without asking"
         )
-    authorized = read_authorized_keys(authorized_files)
+    authorized = read_authorized_keys(opts.authorized_files)
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
     client = await connect_daemon()
     try:
@@ -274,8 +292,9 @@ async def _host(
             server=server,
             authorized_keys=authorized,
             accept=accept,
-            known_hosts=known_hosts,
+            known_hosts=opts.known_hosts,
             name=name,
+            keepalive_s=opts.keepalive_s,
         )
         for warning in reply.get("warnings", []):
             click.echo(warning, err=True)

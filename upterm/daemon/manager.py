@@ -138,6 +138,8 @@ class HostedSession:
             "pid": self.session.pid,
             "accepting": self.accepting.is_set(),
             "relayConnected": self.tunnel.connected,
+            "relayState": self.tunnel.state,
+            "reconnects": self.tunnel.reconnects,
             "reconnectSupported": reg.reconnect_supported,
             "createdAt": self.created_at,
             "authorizedKeys": [
@@ -269,11 +271,18 @@ class Manager:
         key = Ed25519Key.generate()
         hosted_box: list[HostedSession] = []
 
-        def on_lost(_exc: Exception | None) -> None:
+        def on_state(state: str) -> None:
             if hosted_box:
-                self._relay_lost(hosted_box[0])
+                self._relay_state(hosted_box[0], state)
 
-        tunnel = Tunnel(url, trust, key, wire.new_session_secret(), on_lost=on_lost)
+        tunnel = Tunnel(
+            url,
+            trust,
+            key,
+            wire.new_session_secret(),
+            on_state=on_state,
+            keepalive_s=req.keepalive_s,
+        )
         reg = await tunnel.connect(authorized)
         sid = reg.session_id
         try:
@@ -336,13 +345,18 @@ class Manager:
         self.sessions.pop(hosted.session_id, None)
         log.info("session %s ended", hosted.session_id)
 
-    def _relay_lost(self, hosted: HostedSession) -> None:
-        if not hosted.session.exited.done():
-            log.warning(
-                "session %s lost its relay %s; the command keeps running",
-                hosted.session_id,
-                hosted.tunnel.url,
-            )
+    def _relay_state(self, hosted: HostedSession, state: str) -> None:
+        if hosted.session.exited.done():
+            return
+        log.info("session %s: relay %s is %s", hosted.session_id, hosted.tunnel.url, state)
+        notices = {
+            "reconnecting": "lost the relay; reconnecting (the command keeps running)",
+            "connected": "reconnected to the relay; the join line is unchanged",
+            "disconnected": "lost the relay, which cannot keep this session's id; the "
+            "command keeps running but nobody can join",
+        }
+        if state in notices:
+            hosted.session.notify_host(f"\r\n[upterm: {notices[state]}]\r\n".encode())
 
     def _joined(self, hosted: HostedSession, client: ClientInfo) -> None:
         hosted.clients[client.client_id] = client

@@ -198,6 +198,12 @@ class Session:
 
     # -- data --
 
+    def notify_host(self, message: bytes) -> None:
+        """Show a notice in the host's own attached terminals only."""
+        for viewer in list(self._viewers.values()):
+            if viewer.paces:
+                viewer.send(message)
+
     def broadcast(self, message: bytes) -> None:
         """Show every viewer a notice (not part of the command's output or replay)."""
         for viewer in list(self._viewers.values()):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +30,18 @@ from upterm.errors import (
     RelayPermissionDenied,
     RelayUnreachable,
     RemoteProtocolError,
+    UptermError,
 )
 from upterm.keys import Ed25519Key
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 15
+RECONNECT_BASE_DELAY_S = 1.0
+RECONNECT_MAX_DELAY_S = 30.0
+RECONNECT_MIN_DELAY_S = 0.1
+#: A connection that stayed up this long resets the backoff.
+RECONNECT_RESET_AFTER_S = 60.0
 #: Upstream's keepalive period ("nlb is 350 sec & heroku router is 55 sec").
 KEEPALIVE_INTERVAL_S = 50
 KEEPALIVE_COUNT_MAX = 3
@@ -110,8 +118,20 @@ class Registered:
     relay_version: str | None
 
 
+def backoff_delay_s(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0.1 s, min(30 s, 1 s * 2**attempt)]."""
+    bound = min(RECONNECT_MAX_DELAY_S, RECONNECT_BASE_DELAY_S * 2 ** min(attempt, 16))
+    return rng.uniform(RECONNECT_MIN_DELAY_S, max(bound, RECONNECT_MIN_DELAY_S))
+
+
 class Tunnel:
-    """One outer connection to a relay carrying one session."""
+    """The outer connection to a relay carrying one session, redialled when it drops.
+
+    After the first connection the relay's key is pinned exactly (no prompt, no
+    known_hosts), and every redial registers the same key and secret with the next
+    generation, so a relay that supports proofs gives back the same session id and the join
+    line stays valid. Joiners of the lost connection must join again.
+    """
 
     def __init__(
         self,
@@ -119,7 +139,8 @@ class Tunnel:
         trust: RelayTrust,
         session_key: Ed25519Key,
         secret: bytes,
-        on_lost: Callable[[Exception | None], None],
+        on_state: Callable[[str], None],
+        keepalive_s: float = KEEPALIVE_INTERVAL_S,
     ) -> None:
         self.url = url
         self.trust = trust
@@ -127,10 +148,18 @@ class Tunnel:
         self._ssh_key = asyncssh.import_private_key(session_key.private_openssh())
         self._secret = secret
         self._generation = 0
-        self._on_lost = on_lost
+        self._on_state = on_state
+        self._keepalive_s = keepalive_s
         self._conn: asyncssh.SSHClientConnection | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._authorized: list[wire.PublicKey] = []
+        self._policy: GuestPolicy | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self._rng = random.Random()  # noqa: S311 - jitter, not secrets
         self.registered: Registered | None = None
+        self.state = "connecting"
+        self.reconnects = 0
 
     @property
     def relay_key_blob(self) -> bytes:
@@ -138,11 +167,27 @@ class Tunnel:
         assert self.trust.accepted is not None
         return self.trust.accepted
 
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self._on_state(state)
+
     async def connect(self, authorized: list[wire.PublicKey]) -> Registered:
-        """Connect, register the session and return its identity."""
-        client = _RelayClient(self.trust)
+        """Connect for the first time and register the session; return its identity."""
+        self._authorized = authorized
+        conn = await self._dial(self.trust)
         try:
-            conn = await asyncio.wait_for(
+            self.registered = await self._register(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return self.registered
+
+    async def _dial(self, trust: RelayTrust) -> asyncssh.SSHClientConnection:
+        client = _RelayClient(trust)
+        try:
+            return await asyncio.wait_for(
                 asyncssh.connect(
                     self.url.host,
                     self.url.port,
@@ -154,7 +199,7 @@ class Tunnel:
                     agent_path=None,
                     config=None,
                     preferred_auth="publickey",
-                    keepalive_interval=KEEPALIVE_INTERVAL_S,
+                    keepalive_interval=self._keepalive_s,
                     keepalive_count_max=KEEPALIVE_COUNT_MAX,
                     encoding=None,
                 ),
@@ -176,25 +221,14 @@ class Tunnel:
                 f"cannot reach the relay at {self.url}: {reason}; check --server and that "
                 "uptermd is running there"
             ) from exc
-        self._conn = conn
-        conn_lost = asyncio.ensure_future(conn.wait_closed())
-        conn_lost.add_done_callback(lambda _f: self._lost())
-        try:
-            self.registered = await self._register(conn, authorized)
-        except BaseException:
-            conn.close()
-            raise
-        return self.registered
 
-    async def _register(
-        self, conn: asyncssh.SSHClientConnection, authorized: list[wire.PublicKey]
-    ) -> Registered:
+    async def _register(self, conn: asyncssh.SSHClientConnection) -> Registered:
         self._generation += 1
         payload = wire.proof_payload(sshcompat.session_id(conn), self._secret, self._generation)
         req = wire.CreateSessionRequest(
             host_user=getpass.getuser(),
             host_public_keys=(self._key.public.authorized_key_line(),),
-            client_authorized_keys=tuple(k.authorized_key_line() for k in authorized),
+            client_authorized_keys=tuple(k.authorized_key_line() for k in self._authorized),
             session_secret=self._secret,
             generation=self._generation,
             host_key_proof=wire.sign_proof(self._key.private, payload),
@@ -218,12 +252,20 @@ class Tunnel:
         )
 
     async def serve(self, policy: GuestPolicy) -> None:
-        """Forward the session and serve joiners on the inner SSH server."""
-        assert self._conn is not None and self.registered is not None
+        """Forward the session, serve joiners, and redial whenever the connection drops."""
+        assert self._conn is not None
+        self._policy = policy
+        await self._forward(self._conn)
+        self._set_state("connected")
+        self._supervisor = asyncio.ensure_future(self._supervise())
+
+    async def _forward(self, conn: asyncssh.SSHClientConnection) -> None:
+        assert self._policy is not None and self.registered is not None
         sid = self.registered.session_id
+        policy = self._policy
         try:
             self._acceptor = await asyncssh.listen(
-                tunnel=_StreamForwardTunnel(self._conn, sid),
+                tunnel=_StreamForwardTunnel(conn, sid),
                 server_factory=lambda: InnerServer(policy),
                 server_host_keys=[self._ssh_key],
                 server_version=wire.HOST_SERVER_VERSION[len("SSH-2.0-") :],
@@ -235,7 +277,7 @@ class Tunnel:
                 password_auth=False,
                 kbdint_auth=False,
                 gss_host=None,
-                keepalive_interval=KEEPALIVE_INTERVAL_S,
+                keepalive_interval=self._keepalive_s,
             )
         except (asyncssh.Error, ValueError) as exc:
             # ValueError: asyncssh cannot parse a refusal that carries a reason text.
@@ -243,17 +285,69 @@ class Tunnel:
                 f"the relay at {self.url} refused to forward session {sid}"
             ) from exc
 
-    def _lost(self) -> None:
-        log.info("connection to relay %s closed", self.url)
-        self._on_lost(None)
+    async def _supervise(self) -> None:
+        attempt = 0
+        while True:
+            assert self._conn is not None
+            up_since = time.monotonic()
+            await self._conn.wait_closed()
+            if self._closing:
+                return
+            if self._acceptor is not None:
+                self._acceptor.close()
+            log.warning("lost the connection to relay %s", self.url)
+            assert self.registered is not None
+            if not self.registered.reconnect_supported:
+                # A relay without proofs would hand out a new id: the join line could not
+                # stay the same, so the session stays local (as upstream does).
+                self._set_state("disconnected")
+                return
+            if time.monotonic() - up_since >= RECONNECT_RESET_AFTER_S:
+                attempt = 0
+            self._set_state("reconnecting")
+            while not self._closing:
+                await asyncio.sleep(backoff_delay_s(attempt, self._rng))
+                attempt += 1
+                if await self._redial():
+                    self.reconnects += 1
+                    self._set_state("connected")
+                    break
+
+    async def _redial(self) -> bool:
+        assert self.registered is not None
+        pinned = RelayTrust(name=self.trust.name, pinned=self.relay_key_blob)
+        conn: asyncssh.SSHClientConnection | None = None
+        try:
+            conn = await self._dial(pinned)
+            reg = await self._register(conn)
+            if reg.session_id != self.registered.session_id:
+                raise RelayPermissionDenied(
+                    f"the relay at {self.url} gave a different session id on redial"
+                )
+            self._conn = conn
+            await self._forward(conn)
+        except (UptermError, asyncssh.Error, OSError) as exc:
+            log.info("redial of %s failed: %s", self.url, exc)
+            if conn is not None:
+                conn.close()
+            return False
+        if self._closing:
+            conn.close()
+            return False
+        log.info("reconnected to relay %s as session %s", self.url, reg.session_id)
+        return True
 
     @property
     def connected(self) -> bool:
         """Whether the outer connection is up."""
-        return self._conn is not None and not sshcompat.is_closed(self._conn)
+        return self.state == "connected"
 
     def close(self) -> None:
-        """Cancel the forward and disconnect."""
+        """Cancel the forward and disconnect for good."""
+        self._closing = True
+        self._set_state("closed")
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self._acceptor is not None:
             self._acceptor.close()
         if self._conn is not None:

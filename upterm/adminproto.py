@@ -29,6 +29,8 @@ MAX_STRING_CHARS: Final = 64 * 1024
 MAX_LIST_ITEMS: Final = 4096
 MAX_TERMINAL_DIM: Final = 10_000
 MAX_ID: Final = 2**53
+#: How the shared PTY's size follows the attached terminals.
+SIZE_POLICIES: Final = ("smallest", "host", "largest")
 #: ``wait`` can block at most this long (a week).
 MAX_WAIT_S: Final = 7 * 24 * 3600
 #: Session names: safe in file names, shell prompts and ssh config Host lines.
@@ -157,6 +159,28 @@ def _name(obj: dict[str, Any]) -> str | None:
     return name
 
 
+def _choice(obj: dict[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = _str(obj, name, required=False)
+    if value is None:
+        return default
+    if value not in choices:
+        raise RemoteProtocolError(f"field {name!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _pty_size(obj: dict[str, Any]) -> tuple[int, int] | None:
+    value = _field(obj, "pty_size", list, required=False)
+    if value is None:
+        return None
+    if (
+        len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not all(1 <= v <= MAX_TERMINAL_DIM for v in value)
+    ):
+        raise RemoteProtocolError("field 'pty_size' must be [cols, rows] within 1..10000")
+    return int(value[0]), int(value[1])
+
+
 def _keepalive(obj: dict[str, Any]) -> float:
     value = _field(obj, "keepalive_s", (int, float), required=False)
     if value is None:
@@ -201,6 +225,12 @@ class CreateSession:
     known_hosts: str | None
     name: str | None = None
     keepalive_s: float = 50.0
+    read_only: bool = False
+    force_command: tuple[str, ...] = ()
+    size_policy: str = "smallest"
+    pty_size: tuple[int, int] | None = None
+    quiet: bool = False
+    hide_client_ip: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +372,12 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             known_hosts=_str(obj, "known_hosts", required=False),
             name=_name(obj),
             keepalive_s=_keepalive(obj),
+            read_only=bool(_field(obj, "read_only", bool, required=False)),
+            force_command=_str_list(obj, "force_command"),
+            size_policy=_choice(obj, "size_policy", SIZE_POLICIES, "smallest"),
+            pty_size=_pty_size(obj),
+            quiet=bool(_field(obj, "quiet", bool, required=False)),
+            hide_client_ip=bool(_field(obj, "hide_client_ip", bool, required=False)),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")

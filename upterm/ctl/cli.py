@@ -221,6 +221,36 @@ def cli(ctx: click.Context) -> None:
     metavar="SECONDS",
     help="Probe the relay this often; three unanswered probes mean it is gone (reconnect).",
 )
+@click.option(
+    "-f",
+    "--force-command",
+    default=None,
+    metavar="CMD",
+    help="Give each joiner its own CMD on its own terminal instead of the shared one.",
+)
+@click.option(
+    "-r", "--read-only", is_flag=True, help="Joiners watch; their keystrokes are dropped."
+)
+@click.option(
+    "--size-policy",
+    type=click.Choice(adminproto.SIZE_POLICIES),
+    default="smallest",
+    show_default=True,
+    help="Which attached terminal sizes the shared one.",
+)
+@click.option(
+    "--pty-size",
+    default=None,
+    metavar="COLSxROWS",
+    help="Pin the shared terminal's size, e.g. 120x40.",
+)
+@click.option("--quiet", is_flag=True, help="No join/leave notices in your terminal.")
+@click.option(
+    "--hide-client-ip/--show-client-ip",
+    default=None,
+    envvar=f"{ENV_PREFIX}_HIDE_CLIENT_IP",
+    help="Show joiners' addresses as [redacted] (default: hidden when a CI variable is set).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def host(
     server: str | None,
@@ -230,6 +260,12 @@ def host(
     name: str | None,
     detach: bool,
     keepalive: float,
+    force_command: str | None,
+    read_only: bool,
+    size_policy: str,
+    pty_size: str | None,
+    quiet: bool,
+    hide_client_ip: bool | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
@@ -244,6 +280,8 @@ def host(
       upterm host --server ssh://relay.example.com:22 -- htop
       upterm host --authorized-keys ~/.ssh/team.pub -- bash
       upterm host --detach --accept --name ci -- bash   # headless, e.g. in CI
+      upterm host --read-only -- htop              # joiners can only watch
+      upterm host --force-command 'tmux attach -t pair' -- tmux new -s pair
     """
     if name is not None and not adminproto.NAME_RE.fullmatch(name):
         _fail(
@@ -252,8 +290,53 @@ def host(
                 "a letter or digit"
             )
         )
-    opts = HostOptions(server, accept, authorized_keys, known_hosts, name, detach, keepalive)
+    try:
+        opts = HostOptions(
+            server,
+            accept,
+            authorized_keys,
+            known_hosts,
+            name,
+            detach,
+            keepalive,
+            force_command=tuple(shlex.split(force_command)) if force_command else (),
+            read_only=read_only,
+            size_policy=size_policy,
+            pty_size=parse_size(pty_size) if pty_size else None,
+            quiet=quiet,
+            hide_client_ip=in_ci() if hide_client_ip is None else hide_client_ip,
+        )
+    except (UsageError, ValueError) as exc:
+        _fail(exc if isinstance(exc, UsageError) else UsageError(f"--force-command: {exc}"))
     _run(_host(opts, command))
+
+
+#: CI systems upstream recognises; client addresses are hidden by default under any of them.
+CI_VARIABLES = (
+    "CI",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "CIRCLECI",
+    "TRAVIS",
+    "JENKINS_URL",
+    "BUILDKITE",
+    "TF_BUILD",
+    "TEAMCITY_VERSION",
+    "BITBUCKET_BUILD_NUMBER",
+)
+
+
+def in_ci() -> bool:
+    """Whether a CI system's variable is set (non-empty)."""
+    return any(os.environ.get(name) for name in CI_VARIABLES)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``120x40`` → (120, 40)."""
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text.strip())
+    if not match or not all(1 <= int(v) <= adminproto.MAX_TERMINAL_DIM for v in match.groups()):
+        raise UsageError(f"--pty-size {text!r}: use COLSxROWS, e.g. 120x40")
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -267,6 +350,12 @@ class HostOptions:
     name: str | None
     detach: bool
     keepalive_s: float
+    force_command: tuple[str, ...] = ()
+    read_only: bool = False
+    size_policy: str = "smallest"
+    pty_size: tuple[int, int] | None = None
+    quiet: bool = False
+    hide_client_ip: bool = False
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -295,6 +384,12 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             known_hosts=opts.known_hosts,
             name=name,
             keepalive_s=opts.keepalive_s,
+            read_only=opts.read_only,
+            force_command=list(opts.force_command),
+            size_policy=opts.size_policy,
+            pty_size=list(opts.pty_size) if opts.pty_size else None,
+            quiet=opts.quiet,
+            hide_client_ip=opts.hide_client_ip,
         )
         for warning in reply.get("warnings", []):
             click.echo(warning, err=True)

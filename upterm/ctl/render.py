@@ -21,6 +21,8 @@ def session_detail(info: dict[str, Any]) -> str:
         lines.append(_row("Name", str(info["name"])))
     lines += [
         _row("Command", str(info.get("command", ""))),
+        *([_row("Force Command", str(info["forceCommand"]))] if info.get("forceCommand") else []),
+        *([_row("Access", "read-only for joiners")] if info.get("readOnly") else []),
         _row("Host", str(info.get("host", ""))),
     ]
     keys = info.get("authorizedKeys") or []

@@ -103,6 +103,7 @@ class HostedSession:
     accepting: asyncio.Event
     policy: GuestPolicy
     name: str | None = None
+    options: adminproto.CreateSession | None = None
     admin: AdminServer | None = None
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
@@ -125,7 +126,11 @@ class HostedSession:
             # Upstream's JSON has the command as one space-joined string; argv is ours.
             "command": shlex.join(self.session.argv),
             "argv": list(self.session.argv),
-            "forceCommand": "",
+            "forceCommand": shlex.join(self.policy.force_command),
+            "readOnly": self.policy.read_only,
+            "sizePolicy": self.options.size_policy if self.options else "smallest",
+            "ptySize": list(self.session.size),
+            "hideClientIp": self.policy.hide_client_ip,
             "host": str(self.tunnel.url),
             "relayHostKey": wire.PublicKey(self.tunnel.relay_key_blob)
             .authorized_key_line()
@@ -296,7 +301,15 @@ class Manager:
             if req.name:
                 env[wire.SESSION_NAME_ENV] = req.name
             env["TERM"] = req.term
-            session = Session(req.argv, env=env, cwd=req.cwd, cols=req.cols, rows=req.rows)
+            session = Session(
+                req.argv,
+                env=env,
+                cwd=req.cwd,
+                cols=req.cols,
+                rows=req.rows,
+                size_policy=req.size_policy,
+                pinned_size=req.pty_size,
+            )
             accepting = asyncio.Event()
             policy = GuestPolicy(
                 session=session,
@@ -305,10 +318,13 @@ class Manager:
                 accepting=accepting,
                 on_join=lambda c: self._joined(hosted, c),
                 on_leave=lambda cid: self._left(hosted, cid),
+                hide_client_ip=req.hide_client_ip,
+                read_only=req.read_only,
+                force_command=req.force_command,
             )
             policy.all_closed.set()
             hosted = HostedSession(
-                sid, session, tunnel, authorized, accepting, policy, name=req.name
+                sid, session, tunnel, authorized, accepting, policy, name=req.name, options=req
             )
             hosted_box.append(hosted)
             await tunnel.serve(policy)
@@ -359,9 +375,12 @@ class Manager:
             hosted.session.notify_host(f"\r\n[upterm: {notices[state]}]\r\n".encode())
 
     def _joined(self, hosted: HostedSession, client: ClientInfo) -> None:
+        if client.client_id in hosted.clients:
+            return  # another channel of a joiner already here
         hosted.clients[client.client_id] = client
         hosted.had_joiner = True
         hosted.notify_change()
+        self._notice(hosted, f"{client.addr} joined ({client.fingerprint})")
         log.info(
             "session %s: client joined from %s (%s, %s)",
             hosted.session_id,
@@ -371,9 +390,17 @@ class Manager:
         )
 
     def _left(self, hosted: HostedSession, client_id: str) -> None:
-        if hosted.clients.pop(client_id, None) is not None:
+        client = hosted.clients.pop(client_id, None)
+        if client is not None:
             log.info("session %s: client %s left", hosted.session_id, client_id)
             hosted.notify_change()
+            self._notice(hosted, f"{client.addr} left ({client.fingerprint})")
+
+    @staticmethod
+    def _notice(hosted: HostedSession, text: str) -> None:
+        """A short line in the host's own terminal (not the joiners'), unless --quiet."""
+        if hosted.options is None or not hosted.options.quiet:
+            hosted.session.notify_host(f"\r\n[upterm: {text}]\r\n".encode())
 
     # -- attach --
 

@@ -188,6 +188,22 @@ class PtyProcess:
             with contextlib.suppress(OSError):
                 set_winsize(self.master_fd, cols, rows)
 
+    def redraw(self) -> None:
+        """Ask the program in the foreground to repaint (SIGWINCH), e.g. for a new viewer.
+
+        Full-screen programs (vim, less, top) redraw everything on SIGWINCH, so a viewer
+        who arrives mid-screen sees the current screen, not a fragment of old output.
+        """
+        if self._status is None and self.master_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.killpg(os.tcgetpgrp(self.master_fd), signal.SIGWINCH)
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the command's process group."""
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
     def hangup(self) -> None:
         """SIGHUP the command's process group, as a terminal closing would."""
         if self._status is None:

@@ -82,9 +82,15 @@ class Session:
         cwd: str,
         cols: int,
         rows: int,
+        size_policy: str = "smallest",
+        pinned_size: tuple[int, int] | None = None,
     ) -> None:
         self.argv = tuple(argv)
         self._env = dict(env)
+        self._size_policy = size_policy
+        self._pinned = pinned_size
+        if pinned_size is not None:
+            cols, rows = pinned_size
         self._cwd = cwd
         self._size = (cols, rows)
         self._proc: PtyProcess | None = None
@@ -113,6 +119,16 @@ class Session:
     def started(self) -> bool:
         """Whether the command has been started."""
         return self._proc is not None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The command's environment (forced commands start from it too)."""
+        return dict(self._env)
+
+    @property
+    def cwd(self) -> str:
+        """The command's working directory."""
+        return self._cwd
 
     @property
     def pid(self) -> int | None:
@@ -162,7 +178,12 @@ class Session:
             replay = replay[cut + 1 :] if cut >= 0 else b""
         if replay:
             viewer.send(replay)
+        before = self._size
         self.resize(viewer.viewer_id, cols, rows)
+        if self._size == before and self._proc is not None:
+            # No size change means no SIGWINCH from the kernel: nudge the program so a
+            # full-screen one repaints for the newcomer.
+            self._proc.redraw()
 
     def detach(self, viewer_id: str) -> None:
         """Remove a viewer; the PTY size is recomputed without it."""
@@ -180,12 +201,16 @@ class Session:
         self._apply_size()
 
     def _apply_size(self) -> None:
-        if not self._sizes:
+        if self._pinned is not None or not self._sizes:
             return
-        size = (
-            min(c for c, _ in self._sizes.values()),
-            min(r for _, r in self._sizes.values()),
-        )
+        sizes = list(self._sizes.values())
+        pick = min
+        if self._size_policy == "largest":
+            pick = max
+        elif self._size_policy == "host":
+            local = [self._sizes[v] for v in self._sizes if self._viewers[v].paces]
+            sizes = local or sizes
+        size = (pick(c for c, _ in sizes), pick(r for _, r in sizes))
         if size != self._size:
             self._size = size
             if self._proc is not None:

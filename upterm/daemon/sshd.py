@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +22,23 @@ from typing import Any
 import asyncssh
 
 from upterm import sshcompat, wire
+from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import ClientInfo, Session
-from upterm.errors import RemoteProtocolError
+from upterm.errors import RemoteProtocolError, UptermError
 
 log = logging.getLogger(__name__)
 
 PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
+READ_ONLY_BANNER = b"\r\n=== Attached to read-only session ===\r\n\r\n"
+#: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
+MAX_DIM = 10_000
+#: Steps of the hang-up sequence for a forced command whose joiner left.
+HANGUP_STEP_S = 1.0
 #: Joiners arriving before the host accepted connections wait this long, then are refused.
 ACCEPT_WAIT_S = 60
 _client_counter = itertools.count(1)
+#: Hang-up sequences still running (kept referenced until they finish).
+_background: set[asyncio.Task[None]] = set()
 
 
 @dataclass
@@ -45,6 +54,8 @@ class GuestPolicy:
     on_join: Callable[[ClientInfo], None]
     on_leave: Callable[[str], None]
     hide_client_ip: bool = False
+    read_only: bool = False
+    force_command: tuple[str, ...] = ()
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,19 +132,22 @@ class InnerServer(asyncssh.SSHServer):
 
 
 class GuestSession(asyncssh.SSHServerSession[bytes]):
-    """A joiner's session channel: a viewer (and typist) of the shared terminal."""
+    """A joiner's session channel: a viewer (and typist) of the shared terminal, or, with a
+    forced command, the joiner's own process on its own PTY."""
 
     def __init__(self, policy: GuestPolicy, client: ClientInfo) -> None:
         self._policy = policy
         self._client = client
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._pty: tuple[int, int] | None = None
+        self._term = "xterm-256color"
         self._attached = False
+        self._forced: PtyProcess | None = None
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
     def paces(self) -> bool:
-        """Joiners never hold the PTY back."""
+        """Joiners never hold the shared PTY back."""
         return False
 
     # asyncssh callbacks
@@ -144,7 +158,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _m: Any) -> bool:
         cols, rows = term_size[0] or 80, term_size[1] or 24
-        self._pty = (min(cols, 10_000), min(rows, 10_000))
+        self._pty = (min(cols, MAX_DIM), min(rows, MAX_DIM))
+        if term_type and term_type.isprintable() and len(term_type) <= 64:
+            self._term = term_type
         return True
 
     def shell_requested(self) -> bool:
@@ -162,24 +178,72 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(PTY_REQUIRED_MESSAGE)
             self._chan.exit(1)
             return
-        self._attached = True
         self._policy.on_join(self._client)
+        if self._policy.force_command:
+            self._start_forced(*self._pty)
+            return
+        self._attached = True
+        if self._policy.read_only:
+            self._chan.write(READ_ONLY_BANNER)
         self._policy.session.attach(self, *self._pty)
 
+    def _start_forced(self, cols: int, rows: int) -> None:
+        assert self._chan is not None
+        env = self._policy.session.env
+        env.pop(wire.ADMIN_SOCKET_ENV, None)
+        env["TERM"] = self._term
+        chan = self._chan
+        try:
+            self._forced = PtyProcess(
+                self._policy.force_command,
+                env=env,
+                cwd=self._policy.session.cwd,
+                cols=cols,
+                rows=rows,
+                on_output=self.send,
+                on_exit=self._forced_exited,
+            )
+        except UptermError as exc:
+            chan.write_stderr(f"upterm: {exc}\r\n".encode())
+            chan.exit(1)
+
+    def _forced_exited(self, status: int) -> None:
+        if self._forced is not None:
+            self._forced.close()
+        self._policy.on_leave(self._client.client_id)
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.exit(status)
+
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if self._attached and datatype is None:
+        if datatype is not None or self._policy.read_only:
+            return  # read-only: keystrokes are read and dropped, whatever the relay does
+        if self._forced is not None:
+            self._forced.write(data)
+        elif self._attached:
             self._policy.session.input(data)
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
-        if width and height:
-            self._policy.session.resize(self.viewer_id, min(width, 10_000), min(height, 10_000))
+        if not (width and height):
+            return
+        size = (min(width, MAX_DIM), min(height, MAX_DIM))
+        if self._forced is not None:
+            self._forced.resize(*size)
+        else:
+            self._policy.session.resize(self.viewer_id, *size)
+
+    def pause_writing(self) -> None:
+        # A forced command is the joiner's own: it may wait for its joiner.
+        if self._forced is not None:
+            self._forced.pause_output()
+
+    def resume_writing(self) -> None:
+        if self._forced is not None:
+            self._forced.resume_output()
 
     def eof_received(self) -> bool:
         # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.
-        if self._attached:
-            self._attached = False
-            self._policy.session.detach(self.viewer_id)
-            self._policy.on_leave(self._client.client_id)
+        self._leave()
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.exit(0)
@@ -187,10 +251,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)
+        self._leave()
+
+    def _leave(self) -> None:
         if self._attached:
             self._attached = False
             self._policy.session.detach(self.viewer_id)
             self._policy.on_leave(self._client.client_id)
+        forced, self._forced = self._forced, None
+        if forced is not None and forced.returncode is None:
+            self._policy.on_leave(self._client.client_id)
+            task = asyncio.ensure_future(hang_up(forced))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     # Viewer protocol
 
@@ -220,3 +293,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(message)
                 self._chan.exit(1)
+
+
+async def hang_up(proc: PtyProcess) -> None:
+    """End a joiner's forced command as a closed terminal would, then insist.
+
+    SIGHUP first (as a terminal hang-up), SIGTERM a second later, SIGKILL a second after.
+    """
+    proc.hangup()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for _ in range(int(HANGUP_STEP_S / 0.05)):
+            if proc.returncode is not None:
+                return
+            await asyncio.sleep(0.05)
+        proc.send_signal(sig)

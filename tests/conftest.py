@@ -221,6 +221,106 @@ def tmux(user_env: UserEnv) -> Iterator[Tmux]:
     t.kill()
 
 
+class PtyClient:
+    """A program (``upterm host``, ``ssh``) on a real PTY of a given size, with a screen model.
+
+    What it prints is fed to pyte, so tests can assert what a person would see.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 80, rows: int = 24):
+        import fcntl
+        import struct
+        import termios
+
+        import pyte
+
+        master, slave = os.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        def controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            preexec_fn=controlling_tty,
+        )
+        os.close(slave)
+        self.master = master
+        self.seen = b""
+        self.screen = pyte.Screen(cols, rows)
+        self._stream = pyte.ByteStream(self.screen)
+
+    def pump(self, timeout: float = 0.1) -> bool:
+        """Read what is there (waiting up to ``timeout``); False once the program is gone."""
+        import select
+
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        self.seen += chunk
+        self._stream.feed(chunk)
+        return True
+
+    def expect(self, marker: bytes, timeout: float = 15) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{marker!r} not seen; last output {self.seen[-400:]!r}")
+            if not self.pump(0.2) and marker not in self.seen:
+                pytest.fail(f"program ended before {marker!r}: {self.seen[-400:]!r}")
+        return self.seen
+
+    def type(self, text: str | bytes) -> None:
+        os.write(self.master, text.encode() if isinstance(text, str) else text)
+
+    def resize(self, cols: int, rows: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        # The kernel sends SIGWINCH to the program, as a terminal window resize would.
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.screen.resize(rows, cols)
+
+    def settle(self, quiet_s: float = 0.5, timeout: float = 10) -> None:
+        """Read until nothing new arrives for ``quiet_s``."""
+        deadline = time.monotonic() + timeout
+        last = len(self.seen)
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            self.pump(0.05)
+            if len(self.seen) != last:
+                last, quiet_since = len(self.seen), time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+
+    def display(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def wait(self, timeout: float = 15) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.pump(0.1)
+        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.master)
+
+
 def start_shell(cwd: Path):
     """A bare ``bash`` on a PTY as the shared command (call inside a running event loop)."""
     from upterm.daemon.session import Session

@@ -61,7 +61,7 @@ class Joiner:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self.seen = b""
+        self.seen = bytearray()
 
     def type(self, text: str) -> None:
         assert self.proc.stdin
@@ -71,16 +71,19 @@ class Joiner:
     def expect(self, marker: bytes, timeout: float = 15) -> bytes:
         assert self.proc.stdout
         deadline = time.monotonic() + timeout
-        while marker not in self.seen:
+        start = 0
+        while marker not in self.seen[start:]:
+            start = max(0, len(self.seen) - len(marker))  # search only what is new
             left = deadline - time.monotonic()
-            assert left > 0, f"{marker!r} not seen; got {self.seen[-500:]!r}"
+            assert left > 0, f"{marker!r} not seen; got {bytes(self.seen[-300:])!r}"
             ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 0.5))
             if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
                 if not chunk:
-                    assert marker in self.seen, f"ssh ended before {marker!r}: {self.seen!r}"
+                    tail = bytes(self.seen[-300:])
+                    assert marker in self.seen, f"ssh ended before {marker!r}: {tail!r}"
                 self.seen += chunk
-        return self.seen
+        return bytes(self.seen)
 
     def close(self) -> None:
         self.proc.kill()
@@ -247,7 +250,7 @@ def test_ssh_config_stanza_joins(user_env: UserEnv, joiner_key: Path, tmp_path: 
         stderr=subprocess.PIPE,
     )
     joiner = Joiner.__new__(Joiner)
-    joiner.proc, joiner.seen = proc, b""
+    joiner.proc, joiner.seen = proc, bytearray()
     joiner.expect(b"$ ")
     joiner.type("echo cfg-$((3*3))\r")
     joiner.expect(b"cfg-9")

@@ -21,8 +21,9 @@ from upterm.daemon.pty import PtyProcess
 
 log = logging.getLogger(__name__)
 
-#: A joiner with more unsent output than this is cut off.
-VIEWER_BACKLOG_LIMIT_BYTES = 1 << 20
+#: A joiner with more unsent output than this is cut off. Joiners skip ahead well before
+#: (see sshd.SKIP_AHEAD_BYTES): this is the safety net for a viewer that does not.
+VIEWER_BACKLOG_LIMIT_BYTES = 4 << 20
 #: A pacing viewer above this pauses the PTY until it drains.
 PACE_HIGH_WATER_BYTES = 256 * 1024
 #: Recent output replayed to a new viewer so it does not start on a blank screen.
@@ -171,11 +172,7 @@ class Session:
             viewer.finish(self.exited.result())
             return
         self._viewers[viewer.viewer_id] = viewer
-        replay = bytes(self._replay)
-        if len(self._replay) >= REPLAY_BYTES:
-            # The ring starts mid-stream: begin at a line boundary, not inside a sequence.
-            cut = replay.find(b"\n")
-            replay = replay[cut + 1 :] if cut >= 0 else b""
+        replay = self.recent_output(REPLAY_BYTES)
         if replay:
             viewer.send(replay)
         before = self._size
@@ -220,6 +217,22 @@ class Session:
     def size(self) -> tuple[int, int]:
         """Current PTY size (cols, rows)."""
         return self._size
+
+    def recent_output(self, limit: int) -> bytes:
+        """The last ``limit`` bytes of output or fewer, starting at a line boundary.
+
+        Starting mid-stream could mean starting inside an escape sequence.
+        """
+        tail = bytes(self._replay[-limit:])
+        if len(self._replay) > len(tail) or len(self._replay) >= REPLAY_BYTES:
+            cut = tail.find(b"\n")
+            tail = tail[cut + 1 :] if cut >= 0 else b""
+        return tail
+
+    def redraw(self) -> None:
+        """Ask the foreground program to repaint (SIGWINCH)."""
+        if self._proc is not None:
+            self._proc.redraw()
 
     # -- data --
 

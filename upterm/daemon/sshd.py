@@ -32,6 +32,11 @@ PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
 READ_ONLY_BANNER = b"\r\n=== Attached to read-only session ===\r\n\r\n"
 #: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
 MAX_DIM = 10_000
+#: A joiner with this much output unsent skips ahead (output dropped until it catches up).
+SKIP_AHEAD_BYTES = 512 * 1024
+#: After skipping, the joiner gets this much recent output (the end of what it missed).
+CATCH_UP_BYTES = 16 * 1024
+SKIPPED_NOTICE = b"\r\n[upterm: your connection fell behind; output skipped to catch up]\r\n"
 #: Steps of the hang-up sequence for a forced command whose joiner left.
 HANGUP_STEP_S = 1.0
 #: Joiners arriving before the host accepted connections wait this long, then are refused.
@@ -143,6 +148,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._term = "xterm-256color"
         self._attached = False
         self._forced: PtyProcess | None = None
+        self._skipping = False
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
@@ -240,6 +246,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def resume_writing(self) -> None:
         if self._forced is not None:
             self._forced.resume_output()
+        elif self._skipping and self._attached:
+            # Caught up: carry on live, and have full-screen programs repaint.
+            self._skipping = False
+            self.send(SKIPPED_NOTICE + self._policy.session.recent_output(CATCH_UP_BYTES))
+            self._policy.session.redraw()
 
     def eof_received(self) -> bool:
         # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.
@@ -268,10 +279,18 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     # Viewer protocol
 
     def send(self, data: bytes) -> None:
-        """Queue output to the joiner."""
-        if self._chan is not None:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.write(data)
+        """Queue output to the joiner; while it is too far behind, skip ahead instead.
+
+        A joiner on a slow link must neither hold the command back nor make the daemon
+        buffer without bound: past ``SKIP_AHEAD_BYTES`` unsent, output to it is dropped
+        until asyncssh reports its buffer drained (``resume_writing``).
+        """
+        if self._chan is None or self._skipping:
+            return
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self._chan.write(data)
+            if self._forced is None and self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
+                self._skipping = True
 
     def backlog(self) -> int:
         """Output asyncssh holds for this joiner."""

@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,11 +21,10 @@ import click
 from click.shell_completion import get_completion_class
 
 from upterm import __version__, adminproto, config, wire
-from upterm.ctl import render
+from upterm.ctl import keysources, render
 from upterm.ctl.client import AdminClient, connect_daemon
 from upterm.ctl.terminal import DETACH_HELP, relay_attached, terminal_size
 from upterm.errors import (
-    AuthorizedKeysError,
     ConfigError,
     DaemonUnavailable,
     NotInSession,
@@ -54,29 +53,17 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
     sys.exit(status)
 
 
-def read_authorized_keys(files: tuple[str, ...]) -> list[str]:
-    """Read every ``--authorized-keys`` file; fail closed on anything unreadable or empty."""
-    lines: list[str] = []
-    for name in files:
-        path = Path(name).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise AuthorizedKeysError(
-                f"cannot read authorized keys file {path}: {exc.strerror}; fix the path or "
-                "its permissions (refusing to share without it)"
-            ) from exc
-        try:
-            keys = wire.parse_public_keys(text)
-        except ValueError as exc:
-            raise AuthorizedKeysError(f"{path}: {exc}") from exc
-        if not keys:
-            raise AuthorizedKeysError(
-                f"authorized keys file {path} holds no key; refusing to open the session to "
-                "everyone"
-            )
-        lines.extend(k.authorized_key_line().decode().strip() + " " + k.comment for k in keys)
-    return [line.strip() for line in lines]
+def collect_key_sources(
+    files: tuple[str, ...], forge_users: dict[str, tuple[str, ...]], generic: tuple[str, ...]
+) -> list[keysources.KeySource]:
+    """Every authorized-keys source the user named, read or fetched now (fails closed)."""
+    wanted: list[tuple[keysources.Forge, str]] = [
+        (keysources.FORGES[forge], user) for forge, users in forge_users.items() for user in users
+    ]
+    wanted += [keysources.parse_authorized_user(spec) for spec in generic]
+    sources = [keysources.from_file(name) for name in files]
+    sources += [keysources.from_forge(forge, user) for forge, user in wanted]
+    return sources
 
 
 def parse_duration(text: str) -> float:
@@ -196,6 +183,21 @@ def cli(ctx: click.Context) -> None:
     help="Only keys in FILE may join (repeatable). Unreadable or empty: refused.",
 )
 @click.option(
+    "--github-user",
+    multiple=True,
+    metavar="USER",
+    help="Only USER's GitHub keys may join (repeatable; fetched now, none: refused).",
+)
+@click.option("--gitlab-user", multiple=True, metavar="USER", help="Same, for GitLab.")
+@click.option("--srht-user", multiple=True, metavar="USER", help="Same, for SourceHut.")
+@click.option("--codeberg-user", multiple=True, metavar="USER", help="Same, for Codeberg.")
+@click.option(
+    "--authorized-user",
+    multiple=True,
+    metavar="FORGE:USER",
+    help="Same, generic form: github:, gitlab:, srht: or codeberg:.",
+)
+@click.option(
     "--known-hosts",
     envvar=f"{ENV_PREFIX}_KNOWN_HOSTS",
     default=None,
@@ -256,6 +258,11 @@ def host(
     server: str | None,
     accept: bool,
     authorized_keys: tuple[str, ...],
+    github_user: tuple[str, ...],
+    gitlab_user: tuple[str, ...],
+    srht_user: tuple[str, ...],
+    codeberg_user: tuple[str, ...],
+    authorized_user: tuple[str, ...],
     known_hosts: str | None,
     name: str | None,
     detach: bool,
@@ -279,6 +286,7 @@ def host(
       upterm host --accept -- bash --norc          # no confirmation prompt
       upterm host --server ssh://relay.example.com:22 -- htop
       upterm host --authorized-keys ~/.ssh/team.pub -- bash
+      upterm host --github-user octocat --gitlab-user alice -- bash
       upterm host --detach --accept --name ci -- bash   # headless, e.g. in CI
       upterm host --read-only -- htop              # joiners can only watch
       upterm host --force-command 'tmux attach -t pair' -- tmux new -s pair
@@ -305,7 +313,16 @@ def host(
             pty_size=parse_size(pty_size) if pty_size else None,
             quiet=quiet,
             hide_client_ip=in_ci() if hide_client_ip is None else hide_client_ip,
+            forge_users={
+                "github": github_user,
+                "gitlab": gitlab_user,
+                "srht": srht_user,
+                "codeberg": codeberg_user,
+            },
+            authorized_users=authorized_user,
         )
+        for spec in authorized_user:
+            keysources.parse_authorized_user(spec)
     except (UsageError, ValueError) as exc:
         _fail(exc if isinstance(exc, UsageError) else UsageError(f"--force-command: {exc}"))
     _run(_host(opts, command))
@@ -356,6 +373,8 @@ class HostOptions:
     pty_size: tuple[int, int] | None = None
     quiet: bool = False
     hide_client_ip: bool = False
+    forge_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    authorized_users: tuple[str, ...] = ()
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -364,7 +383,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         raise UsageError(
             "interactive confirmation requires a terminal; pass --accept to share without asking"
         )
-    authorized = read_authorized_keys(opts.authorized_files)
+    sources = collect_key_sources(opts.authorized_files, opts.forge_users, opts.authorized_users)
+    authorized = keysources.as_lines(sources)
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
     client = await connect_daemon()
     try:

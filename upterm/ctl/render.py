@@ -28,7 +28,14 @@ def session_detail(info: dict[str, Any]) -> str:
     keys = info.get("authorizedKeys") or []
     if keys:
         lines.append(_row("Authorized Keys", ""))
-        lines.extend(f"  - {k['fingerprint']} {k.get('comment', '')}".rstrip() for k in keys)
+        by_source: dict[str, list[str]] = {}
+        for k in keys:
+            by_source.setdefault(str(k.get("comment") or "(no source)"), []).append(
+                str(k["fingerprint"])
+            )
+        for source, fingerprints in by_source.items():
+            lines.append(f"  {source}:")
+            lines.extend(f"    - {fp}" for fp in fingerprints)
     else:
         lines.append(_row("Authorized Keys", "any key (no --authorized-keys given)"))
     lines.append(_row("SSH", str(info.get("sshCommand", ""))))

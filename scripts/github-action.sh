@@ -28,7 +28,7 @@ PY
   fi
 done
 
-args=(--detach --accept --name "$name")
+args=(--detach --accept --name "$name" --skip-host-key-check)
 if [ -n "$users" ]; then args+=(--authorized-keys "$keys_file"); fi
 if [ -n "$extra_keys" ]; then args+=(--authorized-keys "$extra_keys"); fi
 if [ -n "$server" ]; then args+=(--server "$server"); fi

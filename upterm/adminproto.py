@@ -181,6 +181,18 @@ def _pty_size(obj: dict[str, Any]) -> tuple[int, int] | None:
     return int(value[0]), int(value[1])
 
 
+def _identities(obj: dict[str, Any]) -> tuple[tuple[str, str | None], ...]:
+    value = _field(obj, "identities", list, required=False) or []
+    out: list[tuple[str, str | None]] = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise RemoteProtocolError("field 'identities' must be a list of maps")
+        path = _str(item, "path")
+        assert path is not None
+        out.append((path, _str(item, "passphrase", required=False)))
+    return tuple(out)
+
+
 def _keepalive(obj: dict[str, Any]) -> float:
     value = _field(obj, "keepalive_s", (int, float), required=False)
     if value is None:
@@ -231,6 +243,9 @@ class CreateSession:
     pty_size: tuple[int, int] | None = None
     quiet: bool = False
     hide_client_ip: bool = False
+    identities: tuple[tuple[str, str | None], ...] = ()
+    accept_new_host_key: bool = True
+    confirmed_host_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -378,6 +393,10 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             pty_size=_pty_size(obj),
             quiet=bool(_field(obj, "quiet", bool, required=False)),
             hide_client_ip=bool(_field(obj, "hide_client_ip", bool, required=False)),
+            identities=_identities(obj),
+            accept_new_host_key=_field(obj, "accept_new_host_key", bool, required=False)
+            is not False,
+            confirmed_host_key=_str(obj, "confirmed_host_key", required=False),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")
@@ -429,9 +448,14 @@ def ok(req_id: int, **fields: Any) -> dict[str, Any]:
     return {"type": "ok", "id": req_id, **fields}
 
 
-def error(req_id: int | None, code: str, message: str) -> dict[str, Any]:
+def error(
+    req_id: int | None, code: str, message: str, details: dict[str, str] | None = None
+) -> dict[str, Any]:
     """An error reply; ``req_id`` is None when the request had no usable id."""
-    return {"type": "error", "id": req_id, "code": code, "message": message}
+    reply: dict[str, Any] = {"type": "error", "id": req_id, "code": code, "message": message}
+    if details:
+        reply["details"] = details
+    return reply
 
 
 def output(stream: int, data: bytes) -> dict[str, Any]:

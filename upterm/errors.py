@@ -15,9 +15,11 @@ class UptermError(Exception):
     #: Stable machine-readable name, used as the admin protocol error code.
     code: str = "error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: str) -> None:
         super().__init__(message)
         self.message = message
+        #: Structured facts a client may use (e.g. to ask the user), sent with the error.
+        self.details = details
 
     def __str__(self) -> str:
         return self.message
@@ -70,6 +72,12 @@ class HostKeyChanged(UptermError):
     """The relay presented a host key different from the one we trust."""
 
     code = "host_key_changed"
+
+
+class HostKeyUnknown(UptermError):
+    """The relay's host key is not in known_hosts and nobody has confirmed it yet."""
+
+    code = "host_key_unknown"
 
 
 class SessionNotFound(UptermError):

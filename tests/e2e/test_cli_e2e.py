@@ -280,7 +280,16 @@ def test_config_file_env_and_flag_precedence(user_env: UserEnv, relay: RelayProc
     env = {**user_env.env, "UPTERM_SERVER": relay.url}
     known = Path(user_env.env["HOME"]) / "kh"
     out = subprocess.run(
-        ["upterm", "host", "--detach", "--known-hosts", str(known), "--", "true"],
+        [
+            "upterm",
+            "host",
+            "--detach",
+            "--skip-host-key-check",
+            "--known-hosts",
+            str(known),
+            "--",
+            "true",
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -417,6 +426,7 @@ def test_relay_refusing_the_host_is_one_line(user_env: UserEnv, tmp_path: Path) 
             f"ssh://127.0.0.1:{port}",
             "--known-hosts",
             str(tmp_path / "kh"),
+            "--skip-host-key-check",
             "--",
             "true",
         )

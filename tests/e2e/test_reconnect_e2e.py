@@ -34,6 +34,7 @@ def host(user_env: UserEnv, server: str, name: str) -> dict:
         server,
         "--keepalive",
         "1",
+        "--skip-host-key-check",
         "--known-hosts",
         str(Path(user_env.env["HOME"]) / "known_hosts"),
         "--",

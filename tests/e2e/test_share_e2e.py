@@ -76,12 +76,25 @@ def test_authorized_keys_refuse_wrong_key(
     good = make_key(tmp_path / "good")
     bad = make_key(tmp_path / "bad")
     known = tmp_path / "known_hosts"
-    join_line = start_host(
-        tmux,
-        f"--server {relay.url} --accept --known-hosts {shlex.quote(str(known))} "
-        f"--authorized-keys {shlex.quote(str(good))}.pub -- bash --norc --noprofile",
-    )
     host_pane = tmux.panes[0]
+    tmux.send(
+        host_pane,
+        f"upterm host --server {relay.url} --accept --known-hosts {shlex.quote(str(known))} "
+        f"--authorized-keys {shlex.quote(str(good))}.pub -- bash --norc --noprofile; "
+        "echo host-rc=$?",
+    )
+    # A relay seen for the first time: OpenSSH's question, answered in the terminal.
+    screen = tmux.wait_text(host_pane, "(yes/no/[fingerprint])? ")
+    assert f"The authenticity of host '[127.0.0.1]:{relay.port} (127.0.0.1)'" in screen
+    assert "ED25519 key fingerprint is SHA256:" in screen
+    tmux.send(host_pane, "maybe")
+    tmux.wait_text(host_pane, "Please type 'yes', 'no' or the fingerprint: ")
+    tmux.send(host_pane, "yes")
+    screen = tmux.wait_text(host_pane, "SSH:", timeout=30)
+    assert "Permanently added" in screen
+    match = JOIN_RE.search(screen)
+    assert match, screen
+    join_line = match.group(1)
     assert known.read_text().startswith(f"[127.0.0.1]:{relay.port} ssh-ed25519 ")
 
     joiner_pane = tmux.split()
@@ -120,7 +133,18 @@ def test_two_users_share_one_builtin_relay_address(tmp_path, joiner_key) -> None
         lines = []
         for env in users:
             proc = subprocess.Popen(
-                ["upterm", "host", "--accept", "--", "bash", "--norc", "--noprofile"],
+                # Bob's daemon finds Alice's relay on the address: a relay like any other,
+                # whose key it accepts on first use.
+                [
+                    "upterm",
+                    "host",
+                    "--accept",
+                    "--skip-host-key-check",
+                    "--",
+                    "bash",
+                    "--norc",
+                    "--noprofile",
+                ],
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

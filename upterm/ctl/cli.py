@@ -7,6 +7,7 @@ admin socket, prints what the daemon says, and relays the local terminal while a
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shlex
@@ -21,12 +22,13 @@ import click
 from click.shell_completion import get_completion_class
 
 from upterm import __version__, adminproto, config, wire
-from upterm.ctl import keysources, render
+from upterm.ctl import identities, keysources, render
 from upterm.ctl.client import AdminClient, connect_daemon
 from upterm.ctl.terminal import DETACH_HELP, relay_attached, terminal_size
 from upterm.errors import (
     ConfigError,
     DaemonUnavailable,
+    HostKeyUnknown,
     NotInSession,
     UptermError,
     UsageError,
@@ -198,6 +200,20 @@ def cli(ctx: click.Context) -> None:
     help="Same, generic form: github:, gitlab:, srht: or codeberg:.",
 )
 @click.option(
+    "-i",
+    "--private-key",
+    multiple=True,
+    metavar="FILE",
+    help="Key to log in to the relay with (repeatable). Default: ssh-agent keys and "
+    "~/.ssh/id_*; none: an ephemeral key.",
+)
+@click.option(
+    "--skip-host-key-check",
+    is_flag=True,
+    envvar=f"{ENV_PREFIX}_SKIP_HOST_KEY_CHECK",
+    help="Accept an unknown relay key on first use (a changed key is still refused).",
+)
+@click.option(
     "--known-hosts",
     envvar=f"{ENV_PREFIX}_KNOWN_HOSTS",
     default=None,
@@ -263,6 +279,8 @@ def host(
     srht_user: tuple[str, ...],
     codeberg_user: tuple[str, ...],
     authorized_user: tuple[str, ...],
+    private_key: tuple[str, ...],
+    skip_host_key_check: bool,
     known_hosts: str | None,
     name: str | None,
     detach: bool,
@@ -320,6 +338,8 @@ def host(
                 "codeberg": codeberg_user,
             },
             authorized_users=authorized_user,
+            private_keys=private_key,
+            skip_host_key_check=skip_host_key_check,
         )
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
@@ -375,6 +395,8 @@ class HostOptions:
     hide_client_ip: bool = False
     forge_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
     authorized_users: tuple[str, ...] = ()
+    private_keys: tuple[str, ...] = ()
+    skip_host_key_check: bool = False
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -385,12 +407,14 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         )
     sources = collect_key_sources(opts.authorized_files, opts.forge_users, opts.authorized_users)
     authorized = keysources.as_lines(sources)
+    keys = identities.resolve(opts.private_keys, can_prompt=sys.stdin.isatty())
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
     client = await connect_daemon()
     try:
         await _handshake(client)
         cols, rows = terminal_size()
-        reply = await client.request(
+        create = functools.partial(
+            client.request,
             "create",
             argv=argv,
             env=dict(os.environ),
@@ -410,7 +434,15 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             pty_size=list(opts.pty_size) if opts.pty_size else None,
             quiet=opts.quiet,
             hide_client_ip=opts.hide_client_ip,
+            identities=keys,
+            accept_new_host_key=opts.skip_host_key_check,
         )
+        try:
+            reply = await create()
+        except HostKeyUnknown as exc:
+            if not sys.stdin.isatty():
+                raise
+            reply = await create(confirmed_host_key=confirm_host_key(exc.details))
         for warning in reply.get("warnings", []):
             click.echo(warning, err=True)
         info = reply["session"]
@@ -435,6 +467,29 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         return await _attached(client, sid, handle)
     finally:
         await client.aclose()
+
+
+def confirm_host_key(details: dict[str, str]) -> str:
+    """Ask, as OpenSSH does, whether to trust an unknown relay key; return the key line."""
+    click.echo(
+        f"The authenticity of host '{details.get('name')} ({details.get('addr')})' can't be "
+        "established.",
+        err=True,
+    )
+    fingerprint = details.get("fingerprint", "")
+    click.echo(f"{details.get('type')} key fingerprint is {fingerprint}.", err=True)
+    prompt = "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
+    while True:
+        click.echo(prompt, nl=False, err=True)
+        answer = sys.stdin.readline()
+        if not answer:
+            raise UptermError("host key verification failed: no answer")
+        answer = answer.strip()
+        if answer == "yes" or (fingerprint and answer == fingerprint):
+            return details.get("key", "")
+        if answer == "no":
+            raise UptermError("host key verification failed: you declined the relay's key")
+        prompt = "Please type 'yes', 'no' or the fingerprint: "
 
 
 async def _handshake(client: AdminClient) -> None:

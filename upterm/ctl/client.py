@@ -44,7 +44,9 @@ def error_from_reply(reply: dict[str, Any]) -> UptermError:
     """Turn an ``error`` reply into the matching :class:`UptermError`."""
     code = str(reply.get("code", "error"))
     message = str(reply.get("message", "the daemon reported an error"))
-    return _ERRORS.get(code, UptermError)(message)
+    raw = reply.get("details")
+    details = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    return _ERRORS.get(code, UptermError)(message, **details)
 
 
 class AdminClient:

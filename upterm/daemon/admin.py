@@ -188,7 +188,7 @@ class AdminServer:
         try:
             reply = await self._dispatch(req, conn)
         except UptermError as exc:
-            reply = adminproto.error(req_id, exc.code, str(exc))
+            reply = adminproto.error(req_id, exc.code, str(exc), exc.details)
         except Exception as exc:
             log.exception("admin request %s failed", type(req).__name__)
             reply = adminproto.error(req_id, "internal", f"internal error: {type(exc).__name__}")

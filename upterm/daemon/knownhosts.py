@@ -7,6 +7,7 @@ relay whose key differs from the recorded one is refused, never silently re-trus
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -57,13 +58,52 @@ def _host_field_matches(hosts: str, name: str) -> bool:
 
 @dataclass
 class RelayTrust:
-    """Decides whether the relay's host key is trusted; remembers what it accepted."""
+    """Decides whether the relay's host key is trusted; remembers what it accepted.
+
+    With a known_hosts file: a recorded key must match (a different one is refused as
+    changed); an unknown key is accepted only when ``accept_new`` is set (and recorded, with
+    OpenSSH's warning) or when it equals ``confirmed``, the key the user said yes to.
+    Otherwise :attr:`unknown` keeps it so the caller can ask the user.
+    """
 
     name: str
     known_hosts: Path | None = None
     pinned: bytes | None = None
+    accept_new: bool = True
+    confirmed: bytes | None = None
     warnings: list[str] = field(default_factory=list)
     accepted: bytes | None = None
+    unknown: bytes | None = None
+
+    def ca_keys(self) -> list[bytes]:
+        """Blobs of ``@cert-authority`` keys whose patterns match the relay's name.
+
+        A pinned key also counts as an authority: a redial accepts the exact key or a host
+        certificate it signed.
+        """
+        if self.pinned is not None:
+            return [self.pinned]
+        found: list[bytes] = []
+        for fields in self._lines():
+            if (
+                fields[0] == "@cert-authority"
+                and len(fields) >= 4
+                and _host_field_matches(fields[1], self.name)
+            ):
+                with contextlib.suppress(RemoteProtocolError):
+                    key = parse_public_key_line(" ".join(fields[2:]))
+                    if key is not None:
+                        found.append(key.blob)
+        return found
+
+    def _lines(self) -> list[list[str]]:
+        if self.known_hosts is None or self.pinned is not None:
+            return []
+        try:
+            text = self.known_hosts.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [line.split() for line in text.splitlines() if line.split()]
 
     def check(self, key_blob: bytes) -> bool:
         """True if ``key_blob`` may be the relay's key; raises :class:`HostKeyChanged`."""
@@ -103,6 +143,9 @@ class RelayTrust:
                 f"{fingerprint_sha256(key_blob)}, {self.known_hosts}:{lineno} has "
                 f"{known.fingerprint}; if the relay's key really changed, remove that line"
             )
+        if not self.accept_new and key_blob != self.confirmed:
+            self.unknown = key_blob
+            return False
         self._record(key)
         return True
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 from upterm import __version__, adminproto, paths, wire
 from upterm.daemon.admin import AdminConnection, AdminServer
 from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
@@ -261,10 +263,20 @@ class Manager:
                 f"a session named {req.name!r} is already running; pick another --name or "
                 f"stop it with 'upterm session stop {req.name}'"
             )
+        identities = _load_identities(req.identities)
+        confirmed = None
+        if req.confirmed_host_key:
+            confirmed_key = wire.parse_public_key_line(req.confirmed_host_key)
+            confirmed = confirmed_key.blob if confirmed_key else None
         if req.server:
             url = RelayURL.parse(req.server)
             known = Path(req.known_hosts) if req.known_hosts else _default_known_hosts()
-            trust = RelayTrust(name=known_hosts_name(url.host, url.port), known_hosts=known)
+            trust = RelayTrust(
+                name=known_hosts_name(url.host, url.port),
+                known_hosts=known,
+                accept_new=req.accept_new_host_key,
+                confirmed=confirmed,
+            )
         else:
             local = await self._local_relay.ensure()
             url = RelayURL("ssh", local.host, local.port)
@@ -272,6 +284,8 @@ class Manager:
                 name=known_hosts_name(url.host, url.port),
                 known_hosts=_default_known_hosts() if local.pinned_key is None else None,
                 pinned=local.pinned_key,
+                accept_new=req.accept_new_host_key,
+                confirmed=confirmed,
             )
         key = Ed25519Key.generate()
         hosted_box: list[HostedSession] = []
@@ -287,6 +301,8 @@ class Manager:
             wire.new_session_secret(),
             on_state=on_state,
             keepalive_s=req.keepalive_s,
+            identities=identities,
+            agent_path=req.env.get("SSH_AUTH_SOCK") or None,
         )
         reg = await tunnel.connect(authorized)
         sid = reg.session_id
@@ -447,6 +463,17 @@ class Manager:
 
 def _streams(conn: AdminConnection) -> dict[int, AttachedTerminal]:
     return conn.streams
+
+
+def _load_identities(specs: tuple[tuple[str, str | None], ...]) -> list[asyncssh.SSHKey]:
+    """Load the host's own keys (the client already asked for passphrases)."""
+    keys: list[asyncssh.SSHKey] = []
+    for path, passphrase in specs:
+        try:
+            keys.append(asyncssh.read_private_key(path, passphrase))
+        except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+            raise UsageError(f"cannot use private key {path}: {exc}") from exc
+    return keys
 
 
 def _default_known_hosts() -> Path:

@@ -14,7 +14,7 @@ import getpass
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from upterm.daemon.sshd import GuestPolicy, InnerServer
 from upterm.errors import (
     ConfigError,
     HostKeyChanged,
+    HostKeyUnknown,
     RelayPermissionDenied,
     RelayUnreachable,
     RemoteProtocolError,
@@ -45,6 +46,17 @@ RECONNECT_RESET_AFTER_S = 60.0
 #: Upstream's keepalive period ("nlb is 350 sec & heroku router is 55 sec").
 KEEPALIVE_INTERVAL_S = 50
 KEEPALIVE_COUNT_MAX = 3
+#: Relay host key algorithms we accept, in order (upstream's list plus ECDSA).
+HOST_KEY_ALGORITHMS = (
+    "ssh-ed25519-cert-v01@openssh.com",
+    "rsa-sha2-512-cert-v01@openssh.com",
+    "rsa-sha2-256-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    "ssh-ed25519",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+    "ecdsa-sha2-nistp256",
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,8 @@ class Tunnel:
         secret: bytes,
         on_state: Callable[[str], None],
         keepalive_s: float = KEEPALIVE_INTERVAL_S,
+        identities: Sequence[asyncssh.SSHKey] = (),
+        agent_path: str | None = None,
     ) -> None:
         self.url = url
         self.trust = trust
@@ -150,6 +164,12 @@ class Tunnel:
         self._generation = 0
         self._on_state = on_state
         self._keepalive_s = keepalive_s
+        # The keys this host logs in to the relay with. Without any (no -i, no default key
+        # file, no agent), an ephemeral key: our relay and upstream's accept any host key.
+        self._identities = list(identities)
+        if not self._identities and not agent_path:
+            self._identities = [asyncssh.generate_private_key("ssh-ed25519")]
+        self._agent_path = agent_path
         self._conn: asyncssh.SSHClientConnection | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._authorized: list[wire.PublicKey] = []
@@ -175,7 +195,7 @@ class Tunnel:
     async def connect(self, authorized: list[wire.PublicKey]) -> Registered:
         """Connect for the first time and register the session; return its identity."""
         self._authorized = authorized
-        conn = await self._dial(self.trust)
+        conn = await self._dial(self.trust, redial=False)
         try:
             self.registered = await self._register(conn)
         except BaseException:
@@ -184,19 +204,29 @@ class Tunnel:
         self._conn = conn
         return self.registered
 
-    async def _dial(self, trust: RelayTrust) -> asyncssh.SSHClientConnection:
+    async def _dial(self, trust: RelayTrust, redial: bool) -> asyncssh.SSHClientConnection:
         client = _RelayClient(trust)
+        ca_keys = [
+            asyncssh.import_public_key(wire.PublicKey(b).authorized_key_line())
+            for b in trust.ca_keys()
+        ]
+        # On a redial the session key goes first, so an unattended reconnect need not reach
+        # an agent that may have gone with the terminal that started the session.
+        keys = [self._ssh_key, *self._identities] if redial else self._identities
         try:
-            return await asyncio.wait_for(
+            conn = await asyncio.wait_for(
                 asyncssh.connect(
                     self.url.host,
                     self.url.port,
                     client_factory=lambda: client,
                     client_version=wire.HOST_CLIENT_VERSION[len("SSH-2.0-") :],
                     username=getpass.getuser(),
-                    client_keys=[self._ssh_key],
-                    known_hosts=([], [], []),
-                    agent_path=None,
+                    client_keys=keys,
+                    known_hosts=([], ca_keys, []),
+                    # Certificates first (checked against @cert-authority lines), then plain
+                    # keys: asyncssh would offer only certificates once CA keys are given.
+                    server_host_key_algs=HOST_KEY_ALGORITHMS,
+                    agent_path=self._agent_path,
                     config=None,
                     preferred_auth="publickey",
                     keepalive_interval=self._keepalive_s,
@@ -208,6 +238,18 @@ class Tunnel:
         except asyncssh.HostKeyNotVerifiable as exc:
             if client.changed is not None:
                 raise client.changed from exc
+            if trust.unknown is not None:
+                key = wire.PublicKey(trust.unknown)
+                raise HostKeyUnknown(
+                    f"the relay's host key for {trust.name} is not known; confirm it in a "
+                    "terminal, pass --skip-host-key-check to accept it on first use, or add "
+                    f"it to {trust.known_hosts}",
+                    name=trust.name,
+                    addr=self.url.host,
+                    key=key.authorized_key_line().decode().strip(),
+                    fingerprint=key.fingerprint,
+                    type=key.algorithm.removeprefix("ssh-").upper(),
+                ) from exc
             raise HostKeyChanged(
                 f"the relay at {self.url} presented a host key that is not trusted"
             ) from exc
@@ -221,6 +263,13 @@ class Tunnel:
                 f"cannot reach the relay at {self.url}: {reason}; check --server and that "
                 "uptermd is running there"
             ) from exc
+        if trust.accepted is None:
+            # A host certificate checked against an @cert-authority line: the relay's
+            # authority (the signer of guest certificates) is the CA key.
+            signing = getattr(conn.get_server_host_key(), "signing_key", None)
+            if signing is not None:
+                trust.accepted = bytes(signing.public_data)
+        return conn
 
     async def _register(self, conn: asyncssh.SSHClientConnection) -> Registered:
         self._generation += 1
@@ -318,7 +367,7 @@ class Tunnel:
         pinned = RelayTrust(name=self.trust.name, pinned=self.relay_key_blob)
         conn: asyncssh.SSHClientConnection | None = None
         try:
-            conn = await self._dial(pinned)
+            conn = await self._dial(pinned, redial=True)
             reg = await self._register(conn)
             if reg.session_id != self.registered.session_id:
                 raise RelayPermissionDenied(

@@ -11,6 +11,7 @@ import getpass
 import sys
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     load_ssh_private_key,
@@ -53,7 +54,7 @@ def resolve(explicit: tuple[str, ...], can_prompt: bool) -> list[dict[str, str |
             if required:
                 raise UsageError(f"cannot read private key {path}: {exc.strerror}") from exc
             continue
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             if required:
                 raise UsageError(f"{path} is not a private key this upterm can use") from exc
             continue
@@ -76,7 +77,7 @@ def _ask(path: Path, data: bytes) -> str:
         text = getpass.getpass(f"Enter passphrase for key '{path}': ", stream=sys.stderr)
         try:
             _load(data, text.encode())
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
         return text
     raise UsageError(f"error decrypting private key {path}: wrong passphrase")

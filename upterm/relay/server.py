@@ -163,7 +163,7 @@ class RelayConnection(asyncssh.SSHServer):
         self.is_host = False
         self._token: wire.Token | None = None
         self._reg: Registration | None = None
-        self._joiner_key: bytes | None = None
+        self._auth_key: bytes | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._owned: set[str] = set()
 
@@ -243,7 +243,7 @@ class RelayConnection(asyncssh.SSHServer):
         return False
 
     def _key_proven(self, key_blob: bytes) -> None:
-        self._joiner_key = key_blob
+        self._auth_key = key_blob
 
     def peer(self) -> str:
         """The peer's address as ``host:port``."""
@@ -285,10 +285,11 @@ class RelayConnection(asyncssh.SSHServer):
             return sshcompat.GlobalReply(False, str(exc).encode())
         self._owned.add(sid)
         log.info(
-            "session %s registered by %s (user %r, generation %d, %d authorized keys)",
+            "session %s registered by %s (user %r, key %s, generation %d, %d authorized keys)",
             sid,
             self.peer(),
             req.host_user,
+            wire.fingerprint_sha256(self._auth_key) if self._auth_key else "?",
             generation,
             len(reg.client_key_blobs),
         )
@@ -339,7 +340,7 @@ class RelayConnection(asyncssh.SSHServer):
         return self._upstream
 
     async def _open_upstream(self) -> asyncssh.SSHClientConnection:
-        assert self.conn is not None and self._reg is not None and self._joiner_key is not None
+        assert self.conn is not None and self._reg is not None and self._auth_key is not None
         reg = self._reg
         host_conn = reg.owner
         if self.relay.table.get(reg.session_id) is not reg or not isinstance(
@@ -348,7 +349,7 @@ class RelayConnection(asyncssh.SSHServer):
             raise ConnectionError(wire.UPSTREAM_UNAVAILABLE)
         assert host_conn.conn is not None
         username = self.conn.get_extra_info("username") or ""
-        joiner_key = wire.PublicKey(self._joiner_key)
+        joiner_key = wire.PublicKey(self._auth_key)
         auth = wire.AuthRequest(
             client_version=self.conn.get_extra_info("client_version") or "",
             remote_addr=self.peer(),

@@ -113,7 +113,7 @@ class RelayProc:
         return f"ssh://{self.host}:{self.port}"
 
 
-def start_relay(user_env: UserEnv, state_dir: Path | None = None) -> RelayProc:
+def start_relay(user_env: UserEnv, state_dir: Path | None = None, *extra: str) -> RelayProc:
     state = state_dir or (user_env.root / "relay-state")
     addr_file = user_env.root / f"relay-{uuid.uuid4().hex[:6]}.addr"
     proc = subprocess.Popen(
@@ -125,6 +125,7 @@ def start_relay(user_env: UserEnv, state_dir: Path | None = None) -> RelayProc:
             str(state),
             "--addr-file",
             str(addr_file),
+            *extra,
         ],
         env=user_env.env,
         stdout=subprocess.DEVNULL,

@@ -515,3 +515,23 @@ def verify_guest_certificate(
 def sign_proof(session_key: ed25519.Ed25519PrivateKey, payload: bytes) -> bytes:
     """SSH-encoded ed25519 signature (``string "ssh-ed25519", string sig``) of a proof payload."""
     return ssh_string(b"ssh-ed25519") + ssh_string(session_key.sign(payload))
+
+
+def build_host_certificate(relay_key: ed25519.Ed25519PrivateKey, principals: list[str]) -> bytes:
+    """A relay host certificate signed by the relay's own key (upstream: KeyId ``uptermd``).
+
+    Valid forever and for ``principals``; hosts that list the relay key as an
+    ``@cert-authority`` for those names accept it without a per-address known_hosts line.
+    """
+    cert = (
+        SSHCertificateBuilder()
+        .public_key(relay_key.public_key())
+        .serial(secrets.randbits(64))
+        .type(SSHCertificateType.HOST)
+        .key_id(b"uptermd")
+        .valid_principals([p.encode() for p in principals])
+        .valid_after(0)
+        .valid_before(2**64 - 1)
+        .sign(relay_key)
+    )
+    return cert.public_bytes()

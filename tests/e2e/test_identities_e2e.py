@@ -120,3 +120,60 @@ def test_agent_keys_then_default_files_then_ephemeral(
     )
     assert used[1] == fingerprint(ssh_dir / "id_ed25519.pub")
     assert used[2] == fingerprint(agent_key.with_suffix(".pub"))  # the agent's key goes first
+
+
+def test_cert_authority_line_trusts_the_relay_without_a_prompt(
+    user_env: UserEnv, joiner_key: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import start_relay
+    from tests.e2e.test_cli_e2e import Joiner
+
+    relay = start_relay(user_env, None, "--hostname", "127.0.0.1")
+    try:
+        relay_pub = (relay.state_dir / "ssh_host_ed25519_key.pub").read_text().strip()
+        known = tmp_path / "known_hosts"
+        known.write_text(f"@cert-authority 127.0.0.1,[127.0.0.1]:* {relay_pub}\n")
+        # Headless and without --skip-host-key-check: only the CA line can make this work.
+        out = headless(
+            user_env,
+            "host",
+            "--detach",
+            "--accept",
+            "--name",
+            "ca",
+            "--server",
+            relay.url,
+            "--known-hosts",
+            str(known),
+            "--",
+            "bash",
+            "--norc",
+            "--noprofile",
+        )
+        assert out.returncode == 0, out.stderr
+        assert known.read_text().count("\n") == 1  # nothing was added
+        info = __import__("json").loads(
+            headless(user_env, "session", "info", "ca", "-o", "json").stdout
+        )
+        joiner = Joiner(info, joiner_key)  # guest certificates signed by the CA key pass
+        joiner.expect(b"$ ")
+        joiner.close()
+        # With the CA line gone and no terminal, the unknown relay is refused, not trusted.
+        known.write_text("")
+        out = headless(
+            user_env,
+            "host",
+            "--accept",
+            "--server",
+            relay.url,
+            "--known-hosts",
+            str(known),
+            "--",
+            "true",
+        )
+        assert out.returncode == 1
+        assert "host key for [127.0.0.1]:" in out.stderr
+        assert "is not known" in out.stderr
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(10)

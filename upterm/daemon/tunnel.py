@@ -47,15 +47,13 @@ RECONNECT_RESET_AFTER_S = 60.0
 KEEPALIVE_INTERVAL_S = 50
 KEEPALIVE_COUNT_MAX = 3
 #: Relay host key algorithms we accept, in order (upstream's list plus ECDSA).
+PLAIN_HOST_KEY_ALGORITHMS = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256", "ecdsa-sha2-nistp256")
 HOST_KEY_ALGORITHMS = (
     "ssh-ed25519-cert-v01@openssh.com",
     "rsa-sha2-512-cert-v01@openssh.com",
     "rsa-sha2-256-cert-v01@openssh.com",
     "ecdsa-sha2-nistp256-cert-v01@openssh.com",
-    "ssh-ed25519",
-    "rsa-sha2-512",
-    "rsa-sha2-256",
-    "ecdsa-sha2-nistp256",
+    *PLAIN_HOST_KEY_ALGORITHMS,
 )
 
 
@@ -95,6 +93,16 @@ class _RelayClient(asyncssh.SSHClient):
     def __init__(self, trust: RelayTrust) -> None:
         self.trust = trust
         self.changed: HostKeyChanged | None = None
+
+    def validate_host_ca_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        # A host certificate: trusted if its CA is an @cert-authority key for this relay
+        # (or the pinned authority on a redial). That CA is then the relay's authority: the
+        # only signer of guest certificates this host accepts.
+        blob = bytes(key.public_data)
+        if blob in self.trust.ca_keys():
+            self.trust.accepted = blob
+            return True
+        return False
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
@@ -206,10 +214,9 @@ class Tunnel:
 
     async def _dial(self, trust: RelayTrust, redial: bool) -> asyncssh.SSHClientConnection:
         client = _RelayClient(trust)
-        ca_keys = [
-            asyncssh.import_public_key(wire.PublicKey(b).authorized_key_line())
-            for b in trust.ca_keys()
-        ]
+        # As OpenSSH: ask for a host certificate only when an @cert-authority line (or a
+        # pinned authority) could vouch for it; otherwise plain keys only.
+        algorithms = HOST_KEY_ALGORITHMS if trust.ca_keys() else PLAIN_HOST_KEY_ALGORITHMS
         # On a redial the session key goes first, so an unattended reconnect need not reach
         # an agent that may have gone with the terminal that started the session.
         keys = [self._ssh_key, *self._identities] if redial else self._identities
@@ -222,10 +229,8 @@ class Tunnel:
                     client_version=wire.HOST_CLIENT_VERSION[len("SSH-2.0-") :],
                     username=getpass.getuser(),
                     client_keys=keys,
-                    known_hosts=([], ca_keys, []),
-                    # Certificates first (checked against @cert-authority lines), then plain
-                    # keys: asyncssh would offer only certificates once CA keys are given.
-                    server_host_key_algs=HOST_KEY_ALGORITHMS,
+                    known_hosts=([], [], []),
+                    server_host_key_algs=algorithms,
                     agent_path=self._agent_path,
                     config=None,
                     preferred_auth="publickey",
@@ -263,12 +268,6 @@ class Tunnel:
                 f"cannot reach the relay at {self.url}: {reason}; check --server and that "
                 "uptermd is running there"
             ) from exc
-        if trust.accepted is None:
-            # A host certificate checked against an @cert-authority line: the relay's
-            # authority (the signer of guest certificates) is the CA key.
-            signing = getattr(conn.get_server_host_key(), "signing_key", None)
-            if signing is not None:
-                trust.accepted = bytes(signing.public_data)
         return conn
 
     async def _register(self, conn: asyncssh.SSHClientConnection) -> Registered:

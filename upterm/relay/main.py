@@ -86,6 +86,11 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
     help="Host key file (ed25519); default: created in the state dir.",
 )
 @click.option(
+    "--hostname",
+    multiple=True,
+    help="Also offer a host certificate (self-signed) for this name (repeatable).",
+)
+@click.option(
     "--addr-file",
     type=click.Path(path_type=Path),
     default=None,
@@ -98,6 +103,7 @@ def main(
     node_addr: str,
     state_dir: Path | None,
     private_key: tuple[str, ...],
+    hostname: tuple[str, ...],
     addr_file: Path | None,
     debug: bool,
 ) -> None:
@@ -113,7 +119,12 @@ def main(
         host, port = split_addr(ssh_addr)
         identity = load_identity(state_dir or default_state_dir(), private_key)
         relay = Relay(
-            identity, host=host, port=port, node_addr=node_addr or None, version=__version__
+            identity,
+            host=host,
+            port=port,
+            node_addr=node_addr or None,
+            version=__version__,
+            hostnames=hostname,
         )
         asyncio.run(serve(relay, addr_file))
     except UptermError as exc:

@@ -81,8 +81,10 @@ class Relay:
         port: int,
         node_addr: str | None,
         version: str,
+        hostnames: tuple[str, ...] = (),
     ) -> None:
         self.identity = identity
+        self._hostnames = hostnames
         self.table = SessionTable()
         self.version = version
         self._host = host
@@ -111,11 +113,16 @@ class Relay:
 
     async def start(self) -> None:
         """Bind the listener."""
+        host_keys: list[Any] = [self.identity.ssh_key]
+        if self._hostnames:
+            cert = wire.build_host_certificate(self.identity.key.private, list(self._hostnames))
+            # The pair offers both the certificate and the plain key algorithm.
+            host_keys = [(self.identity.ssh_key, asyncssh.import_certificate(cert))]
         self._server = await asyncssh.listen(
             self._host,
             self._port,
             server_factory=lambda: RelayConnection(self),
-            server_host_keys=[self.identity.ssh_key],
+            server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
             encoding=None,
             login_timeout=LOGIN_TIMEOUT_S,

@@ -251,3 +251,25 @@ def test_stalled_joiner_never_holds_back_the_others(user_env: UserEnv, joiner_ke
     )
     reader.close()
     stalled.close()
+
+
+def test_startup_confirmation(user_env: UserEnv, joiner_key) -> None:
+    host = PtyClient(["upterm", "host", "--", *SHELL], user_env.env)
+    host.expect(b"Accept connections? [y/n]: ")
+    host.type("n\r")
+    host.expect(b"Session discarded.")
+    assert host.wait() == 0
+    assert headless(user_env, "session", "list", "-o", "json").stdout.strip() == "[]"
+
+    host = PtyClient(["upterm", "host", "--", *SHELL], user_env.env)
+    host.expect(b"Accept connections? [y/n]: ")
+    # A joiner arriving before the answer waits; it gets in once the host says yes.
+    joiner = join(user_env, session_info(user_env), joiner_key)
+    time.sleep(1)
+    assert b"$ " not in joiner.seen
+    host.type("y\r")
+    host.expect(b"sends a ~).")
+    joiner.expect(b"$ ")
+    joiner.close()
+    host.type("exit\r")
+    assert host.wait() == 0

@@ -246,6 +246,7 @@ class CreateSession:
     identities: tuple[tuple[str, str | None], ...] = ()
     accept_new_host_key: bool = True
     confirmed_host_key: str | None = None
+    e2e_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,7 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             accept_new_host_key=_field(obj, "accept_new_host_key", bool, required=False)
             is not False,
             confirmed_host_key=_str(obj, "confirmed_host_key", required=False),
+            e2e_only=bool(_field(obj, "e2e_only", bool, required=False)),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")

@@ -110,9 +110,27 @@ async def test_pinned_relay_certificate_gets_a_shared_pty(host: Host) -> None:
 
 
 async def test_self_signed_or_foreign_certificates_are_refused(host: Host) -> None:
-    # A forged certificate: valid in itself, signed by a key the host never pinned.
+    # A forged certificate: valid in itself, signed by a key the host never pinned, claiming
+    # to vouch for the one key the host authorized (known to all from a forge's .keys).
+    victim = Ed25519Key.generate()
+    host.policy.authorized = frozenset({victim.public.blob})
+    forger = Ed25519Key.generate()
+    line = cert_line(forger, "tok", victim, None, b"forged")
     with pytest.raises(asyncssh.PermissionDenied):
-        await connect_as(host, Ed25519Key.generate())
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.port,
+            username="tok",
+            client_keys=[
+                (
+                    asyncssh.import_private_key(forger.private_openssh()),
+                    asyncssh.import_certificate(line),
+                )
+            ],
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        )
     assert host.joined == []
 
 
@@ -213,3 +231,25 @@ async def test_joiner_closing_its_input_leaves_with_status_0(host: Host) -> None
     assert result.exit_status == 0
     # The shared command is unaffected.
     assert not host.policy.session.exited.done()
+
+
+async def test_bare_key_is_an_end_to_end_joiner_unless_it_is_the_relays(host: Host) -> None:
+    joiner_key = asyncssh.generate_private_key("ssh-ed25519")
+    async with asyncssh.connect(
+        "127.0.0.1",
+        host.port,
+        username="tok",
+        client_keys=[joiner_key],
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    ) as conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        await asyncio.wait_for(proc.stdout.read(2), 10)
+        proc.close()
+    assert host.joined[-1].mode == "e2e"
+    assert host.joined[-1].addr == "[end-to-end]"
+    # With e2e-only, relay certificates are refused.
+    host.policy.e2e_only = True
+    with pytest.raises(asyncssh.PermissionDenied):
+        await connect_as(host, host.relay_key)  # type: ignore[attr-defined]

@@ -105,10 +105,11 @@ def test_forced_command_is_hung_up_when_its_joiner_leaves(
 
 def _stty(host: PtyClient, marker: str) -> str:
     """The shared PTY's size as the shell sees it, e.g. "24x80"."""
+    start = len(host.seen)  # a retry with the same marker must not find an old answer
     host.type(f"echo {marker}-$(stty size | tr ' ' x)-end\r")
     pattern = re.compile(rf"{marker}-(\d+x\d+)-end".encode())
     deadline = time.monotonic() + 10
-    while not (match := pattern.search(host.seen)):
+    while not (match := pattern.search(host.seen, start)):
         assert time.monotonic() < deadline, host.seen[-300:]
         host.pump(0.1)
     return match.group(1).decode()

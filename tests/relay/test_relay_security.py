@@ -45,7 +45,10 @@ class Hosted:
 
 
 async def host_session(
-    relay: Relay, tmp_path: Path, authorized: list[wire.PublicKey] | None = None
+    relay: Relay,
+    tmp_path: Path,
+    authorized: list[wire.PublicKey] | None = None,
+    e2e_only: bool = False,
 ):
     trust = RelayTrust(name=f"[127.0.0.1]:{relay.port}", known_hosts=tmp_path / "kh")
     tunnel = Tunnel(
@@ -66,6 +69,7 @@ async def host_session(
         accepting,
         on_join=lambda c: None,
         on_leave=lambda c: None,
+        e2e_only=e2e_only,
     )
     await tunnel.serve(policy)
     return tunnel, session, reg

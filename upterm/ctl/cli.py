@@ -264,6 +264,11 @@ def cli(ctx: click.Context) -> None:
 )
 @click.option("--quiet", is_flag=True, help="No join/leave notices in your terminal.")
 @click.option(
+    "--e2e-only",
+    is_flag=True,
+    help="Only end-to-end joins (ssh -J): the relay then carries nothing it can read.",
+)
+@click.option(
     "--hide-client-ip/--show-client-ip",
     default=None,
     envvar=f"{ENV_PREFIX}_HIDE_CLIENT_IP",
@@ -290,6 +295,7 @@ def host(
     size_policy: str,
     pty_size: str | None,
     quiet: bool,
+    e2e_only: bool,
     hide_client_ip: bool | None,
     command: tuple[str, ...],
 ) -> None:
@@ -340,6 +346,7 @@ def host(
             authorized_users=authorized_user,
             private_keys=private_key,
             skip_host_key_check=skip_host_key_check,
+            e2e_only=e2e_only,
         )
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
@@ -397,6 +404,7 @@ class HostOptions:
     authorized_users: tuple[str, ...] = ()
     private_keys: tuple[str, ...] = ()
     skip_host_key_check: bool = False
+    e2e_only: bool = False
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -407,6 +415,11 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         )
     sources = collect_key_sources(opts.authorized_files, opts.forge_users, opts.authorized_users)
     authorized = keysources.as_lines(sources)
+    if opts.e2e_only and not authorized:
+        raise UsageError(
+            "--e2e-only needs --authorized-keys or a --*-user: if any key may join, so may "
+            "the relay's operator"
+        )
     keys = identities.resolve(opts.private_keys, can_prompt=sys.stdin.isatty())
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
     client = await connect_daemon()
@@ -436,6 +449,7 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             hide_client_ip=opts.hide_client_ip,
             identities=keys,
             accept_new_host_key=opts.skip_host_key_check,
+            e2e_only=opts.e2e_only,
         )
         try:
             reply = await create()

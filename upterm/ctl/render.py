@@ -38,12 +38,19 @@ def session_detail(info: dict[str, Any]) -> str:
             lines.extend(f"    - {fp}" for fp in fingerprints)
     else:
         lines.append(_row("Authorized Keys", "any key (no --authorized-keys given)"))
-    lines.append(_row("SSH", str(info.get("sshCommand", ""))))
+    if not info.get("e2eOnly"):
+        lines.append(_row("SSH", str(info.get("sshCommand", ""))))
+    if info.get("e2eCommand"):
+        lines.append(_row("SSH (end-to-end)", str(info["e2eCommand"])))
+        lines.append(_row("Host Key", str(info.get("hostKeyFingerprint", ""))))
     if not info.get("relayConnected", True):
         lines.append(_row("Relay", "disconnected (the command keeps running)"))
     clients = info.get("clients") or []
     lines.append(_row("Connected Clients", "" if clients else "none"))
-    lines.extend(f"  - {c['addr']} {c['version']} {c['fingerprint']}" for c in clients)
+    for c in clients:
+        extra = f" ({c['source']})" if c.get("source") else ""
+        mode = " end-to-end" if c.get("mode") == "e2e" else ""
+        lines.append(f"  - {c['addr']} {c['version']} {c['fingerprint']}{extra}{mode}")
     return "\n".join(lines)
 
 

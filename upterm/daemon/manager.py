@@ -122,6 +122,7 @@ class HostedSession:
         """The session as the admin protocol describes it (camelCase, as upstream's JSON)."""
         reg = self.tunnel.registered
         assert reg is not None
+        host_key = self.tunnel.session_key.authorized_key_line().decode().strip()
         return {
             "sessionId": self.session_id,
             "name": self.name,
@@ -141,6 +142,10 @@ class HostedSession:
             "nodeAddr": reg.node_addr,
             "sshUser": reg.token,
             "sshCommand": self.tunnel.url.join_command(reg.token),
+            "e2eCommand": self.tunnel.url.e2e_join_command(reg.token, host_key),
+            "hostKey": host_key,
+            "hostKeyFingerprint": self.tunnel.session_key.fingerprint,
+            "e2eOnly": self.policy.e2e_only,
             "adminSocket": str(paths.session_socket_path(self.session_id)),
             "pid": self.session.pid,
             "accepting": self.accepting.is_set(),
@@ -159,6 +164,8 @@ class HostedSession:
                     "version": c.version,
                     "addr": c.addr,
                     "fingerprint": c.fingerprint,
+                    "mode": c.mode,
+                    "source": c.source,
                     "joinedAt": c.joined_at,
                 }
                 for c in self.clients.values()
@@ -337,6 +344,8 @@ class Manager:
                 hide_client_ip=req.hide_client_ip,
                 read_only=req.read_only,
                 force_command=req.force_command,
+                e2e_only=req.e2e_only,
+                sources={k.blob: k.comment for k in authorized},
             )
             policy.all_closed.set()
             hosted = HostedSession(

@@ -69,6 +69,10 @@ class ClientInfo:
     version: str
     addr: str
     fingerprint: str
+    #: "relay" (the relay vouched with a certificate; it sees the session) or "e2e".
+    mode: str = "relay"
+    #: The authorized-keys source the joiner's key came from, if any.
+    source: str = ""
     joined_at: float = field(default_factory=time.time)
 
 

@@ -61,6 +61,10 @@ class GuestPolicy:
     hide_client_ip: bool = False
     read_only: bool = False
     force_command: tuple[str, ...] = ()
+    #: Refuse relay-certificate joins: only joiners whose own key reaches us end to end.
+    e2e_only: bool = False
+    #: Where each authorized key came from ("github:octocat", a file path).
+    sources: dict[bytes, str] = field(default_factory=dict)
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -101,11 +105,43 @@ class InnerServer(asyncssh.SSHServer):
     def kbdint_auth_supported(self) -> bool:
         return False
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        # Only relay-signed certificates get in: a bare key proves nothing about the joiner.
-        return False
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # A bare key here means an end-to-end join (ssh -J TOKEN@relay TOKEN@upterm): the
+        # relay only spliced bytes and the joiner proved its own key to us directly.
+        blob = bytes(key.public_data)
+        if blob == self._policy.relay_key_blob:
+            return False  # the relay itself must never pass for an end-to-end joiner
+        if self._policy.authorized and blob not in self._policy.authorized:
+            log.info(
+                "refused end-to-end joiner key %s: not authorized", wire.fingerprint_sha256(blob)
+            )
+            return False
+        if not await self._wait_accepting():
+            return False
+        assert self._conn is not None
+        self._client = ClientInfo(
+            client_id=f"{next(_client_counter)}",
+            version=self._conn.get_extra_info("client_version") or "",
+            addr="[end-to-end]",
+            fingerprint=wire.fingerprint_sha256(blob),
+            mode="e2e",
+            source=self._policy.sources.get(blob, ""),
+        )
+        return True
+
+    async def _wait_accepting(self) -> bool:
+        if self._policy.accepting.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._policy.accepting.wait(), ACCEPT_WAIT_S)
+        except TimeoutError:
+            return False
+        return True
 
     async def _check_certificate(self, username: str, blob: bytes) -> bytes | None:
+        if self._policy.e2e_only:
+            log.info("refused a relay-certificate join: the host requires end-to-end joins")
+            return None
         try:
             cert = wire.verify_guest_certificate(
                 blob, self._policy.relay_key_blob, username, int(time.time())
@@ -117,16 +153,15 @@ class InnerServer(asyncssh.SSHServer):
         if self._policy.authorized and joiner_key.blob not in self._policy.authorized:
             log.info("refused joiner key %s: not authorized", joiner_key.fingerprint)
             return None
-        if not self._policy.accepting.is_set():
-            try:
-                await asyncio.wait_for(self._policy.accepting.wait(), ACCEPT_WAIT_S)
-            except TimeoutError:
-                return None
+        if not await self._wait_accepting():
+            return None
         self._client = ClientInfo(
             client_id=f"{next(_client_counter)}",
             version=cert.auth.client_version,
             addr="[redacted]" if self._policy.hide_client_ip else cert.auth.remote_addr,
             fingerprint=joiner_key.fingerprint,
+            mode="relay",
+            source=self._policy.sources.get(joiner_key.blob, ""),
         )
         return cert.certified_blob
 

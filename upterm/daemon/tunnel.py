@@ -13,6 +13,7 @@ import asyncio
 import getpass
 import logging
 import random
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from upterm.keys import Ed25519Key
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 15
+#: The name an end-to-end joiner connects to through the relay (the relay splices it).
+E2E_HOST_NAME = "upterm"
 RECONNECT_BASE_DELAY_S = 1.0
 RECONNECT_MAX_DELAY_S = 30.0
 RECONNECT_MIN_DELAY_S = 0.1
@@ -87,6 +90,12 @@ class RelayURL:
         """The line a joiner types."""
         port = "" if self.port == 22 else f" -p {self.port}"
         return f"ssh {token}@{self.host}{port}"
+
+    def e2e_join_command(self, token: str, host_key_line: str) -> str:
+        """The end-to-end join: the relay as a jump host, the host's key pinned inline."""
+        jump = f"{token}@{self.host}" + ("" if self.port == 22 else f":{self.port}")
+        pin = shlex.quote(f"/bin/echo {E2E_HOST_NAME} {host_key_line}")
+        return f"ssh -J {jump} -o KnownHostsCommand={pin} {token}@{E2E_HOST_NAME}"
 
 
 class _RelayClient(asyncssh.SSHClient):
@@ -188,6 +197,11 @@ class Tunnel:
         self.registered: Registered | None = None
         self.state = "connecting"
         self.reconnects = 0
+
+    @property
+    def session_key(self) -> wire.PublicKey:
+        """The session's public key: the inner server's host key, which joiners pin."""
+        return self._key.public
 
     @property
     def relay_key_blob(self) -> bytes:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 LOGIN_TIMEOUT_S = 60
 #: Upstream (relay → host) connection must be up within this many seconds.
 UPSTREAM_TIMEOUT_S = 30
+#: The host name a joiner asks the relay to connect to for an end-to-end join.
+E2E_DESTINATION = "upterm"
 #: Pause a reader when the other side has this much unsent data queued.
 PROXY_HIGH_WATER_BYTES = 256 * 1024
 
@@ -85,6 +87,9 @@ class Relay:
     ) -> None:
         self.identity = identity
         self._hostnames = hostnames
+        #: Sees every byte the relay carries for joiners ("relay" mode: terminal data it
+        #: can read; "splice" mode: opaque end-to-end SSH). For byte accounting and tests.
+        self.observer: Callable[[str, bytes], None] | None = None
         self.table = SessionTable()
         self.version = version
         self._host = host
@@ -340,6 +345,27 @@ class RelayConnection(asyncssh.SSHServer):
             return False
         return _JoinerSession(self)
 
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        """``ssh -J TOKEN@relay TOKEN@upterm``: splice to the host's inner server, end to end.
+
+        The relay carries opaque SSH bytes between the joiner and the host's inner server;
+        it authenticated the joiner for this hop only and sees no keystroke or output.
+        Any other destination is refused: the relay is not a TCP proxy.
+        """
+        if self.is_host or self._reg is None or dest_host != E2E_DESTINATION:
+            return False
+        reg = self._reg
+        host_conn = reg.owner
+        if self.relay.table.get(reg.session_id) is not reg or not isinstance(
+            host_conn, RelayConnection
+        ):
+            return False
+        assert host_conn.conn is not None
+        log.info("joiner %s opened an end-to-end channel to %s", self.peer(), reg.session_id)
+        return _open_splice(self.relay, host_conn.conn, reg.session_id)
+
     def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
         """The SSH connection to the host's inner server, opened once per joiner."""
         if self._upstream is None:
@@ -393,6 +419,56 @@ class RelayConnection(asyncssh.SSHServer):
             ),
             UPSTREAM_TIMEOUT_S,
         )
+
+
+async def _open_splice(
+    relay: Relay, host_conn: asyncssh.SSHServerConnection, session_id: str
+) -> _Splice:
+    joiner_side = _Splice(relay)
+    host_factory: Any = lambda: _Splice(relay, peer=joiner_side)  # noqa: E731
+    _, host_side = await host_conn.create_unix_connection(host_factory, session_id)
+    joiner_side.peer = cast(_Splice, host_side)
+    return joiner_side
+
+
+class _Splice(asyncssh.SSHTCPSession[bytes]):
+    """One end of an opaque byte splice between two channels, with flow control."""
+
+    def __init__(self, relay: Relay, peer: _Splice | None = None) -> None:
+        self._relay = relay
+        self.peer = peer
+        self.chan: Any = None  # a TCP channel (joiner side) or a UNIX channel (host side)
+
+    def connection_made(self, chan: Any) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._relay.observer is not None:
+            self._relay.observer("splice", data)
+        peer = self.peer
+        if peer is None or peer.chan is None or self.chan is None:
+            return
+        peer.chan.write(data)
+        if peer.chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES:
+            self.chan.pause_reading()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.chan is not None:
+            self.peer.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.chan is not None:
+            self.peer.chan.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.peer.chan.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.chan is not None:
+            self.peer.chan.close()
 
 
 class _JoinerSession(asyncssh.SSHServerSession[bytes]):
@@ -470,6 +546,8 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     # joiner → host
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._link.relay.observer is not None:
+            self._link.relay.observer("relay", data)
         if self._up is None:
             self._pending.append((data, datatype))
             if sum(len(d) for d, _ in self._pending) > PROXY_HIGH_WATER_BYTES and self._chan:

@@ -247,6 +247,8 @@ class CreateSession:
     accept_new_host_key: bool = True
     confirmed_host_key: str | None = None
     e2e_only: bool = False
+    record: str | None = None
+    record_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,8 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             is not False,
             confirmed_host_key=_str(obj, "confirmed_host_key", required=False),
             e2e_only=bool(_field(obj, "e2e_only", bool, required=False)),
+            record=_str(obj, "record", required=False),
+            record_input=bool(_field(obj, "record_input", bool, required=False)),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")

@@ -264,6 +264,18 @@ def cli(ctx: click.Context) -> None:
 )
 @click.option("--quiet", is_flag=True, help="No join/leave notices in your terminal.")
 @click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.cast",
+    help="Record what the session shows as asciicast v2 (asciinema play FILE.cast).",
+)
+@click.option(
+    "--record-input",
+    is_flag=True,
+    help="With --record: also record keystrokes, marked with who typed them.",
+)
+@click.option(
     "--e2e-only",
     is_flag=True,
     help="Only end-to-end joins (ssh -J): the relay then carries nothing it can read.",
@@ -295,6 +307,8 @@ def host(
     size_policy: str,
     pty_size: str | None,
     quiet: bool,
+    record: Path | None,
+    record_input: bool,
     e2e_only: bool,
     hide_client_ip: bool | None,
     command: tuple[str, ...],
@@ -347,7 +361,11 @@ def host(
             private_keys=private_key,
             skip_host_key_check=skip_host_key_check,
             e2e_only=e2e_only,
+            record=str(record.resolve()) if record else None,
+            record_input=record_input,
         )
+        if record_input and not record:
+            raise UsageError("--record-input needs --record FILE.cast")
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
     except (UsageError, ValueError) as exc:
@@ -405,6 +423,8 @@ class HostOptions:
     private_keys: tuple[str, ...] = ()
     skip_host_key_check: bool = False
     e2e_only: bool = False
+    record: str | None = None
+    record_input: bool = False
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -450,6 +470,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             identities=keys,
             accept_new_host_key=opts.skip_host_key_check,
             e2e_only=opts.e2e_only,
+            record=opts.record,
+            record_input=opts.record_input,
         )
         try:
             reply = await create()

@@ -23,6 +23,7 @@ def session_detail(info: dict[str, Any]) -> str:
         _row("Command", str(info.get("command", ""))),
         *([_row("Force Command", str(info["forceCommand"]))] if info.get("forceCommand") else []),
         *([_row("Access", "read-only for joiners")] if info.get("readOnly") else []),
+        *([_row("Recording", str(info["recording"]))] if info.get("recording") else []),
         _row("Host", str(info.get("host", ""))),
     ]
     keys = info.get("authorizedKeys") or []

@@ -23,6 +23,7 @@ from upterm import __version__, adminproto, paths, wire
 from upterm.daemon.admin import AdminConnection, AdminServer
 from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
 from upterm.daemon.localrelay import LocalRelay
+from upterm.daemon.recording import Recorder
 from upterm.daemon.session import PACE_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.daemon.sshd import GuestPolicy
 from upterm.daemon.tunnel import RelayURL, Tunnel
@@ -146,6 +147,7 @@ class HostedSession:
             "hostKey": host_key,
             "hostKeyFingerprint": self.tunnel.session_key.fingerprint,
             "e2eOnly": self.policy.e2e_only,
+            "recording": self.options.record if self.options else None,
             "adminSocket": str(paths.session_socket_path(self.session_id)),
             "pid": self.session.pid,
             "accepting": self.accepting.is_set(),
@@ -333,6 +335,14 @@ class Manager:
                 size_policy=req.size_policy,
                 pinned_size=req.pty_size,
             )
+            if req.record:
+                session.recorder = Recorder(
+                    Path(req.record),
+                    cols=req.cols,
+                    rows=req.rows,
+                    env=env,
+                    record_input=req.record_input,
+                )
             accepting = asyncio.Event()
             policy = GuestPolicy(
                 session=session,
@@ -346,6 +356,7 @@ class Manager:
                 force_command=req.force_command,
                 e2e_only=req.e2e_only,
                 sources={k.blob: k.comment for k in authorized},
+                recorded=("input" if req.record_input else "output") if req.record else "",
             )
             policy.all_closed.set()
             hosted = HostedSession(

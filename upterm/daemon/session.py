@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from upterm.daemon.pty import PtyProcess
+from upterm.daemon.recording import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class Session:
         self._sizes: dict[str, tuple[int, int]] = {}
         self._pacing_blocked: set[str] = set()
         self._replay = bytearray()
+        #: Set by the manager when the session is recorded.
+        self.recorder: Recorder | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     # -- lifecycle --
@@ -160,6 +163,8 @@ class Session:
         self._sizes.clear()
         if self._proc is not None:
             self._proc.close()
+        if self.recorder is not None:
+            self.recorder.close()
         if not self.exited.done():
             self.exited.set_result(status)
 
@@ -216,6 +221,8 @@ class Session:
             self._size = size
             if self._proc is not None:
                 self._proc.resize(*size)
+            if self.recorder is not None:
+                self.recorder.resize(*size)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -251,12 +258,16 @@ class Session:
         for viewer in list(self._viewers.values()):
             viewer.send(message)
 
-    def input(self, data: bytes) -> None:
-        """Keystrokes from a viewer with the keyboard."""
+    def input(self, data: bytes, who: str = "host") -> None:
+        """Keystrokes from a viewer with the keyboard (``who``: "host" or a key fingerprint)."""
         if self._proc is not None:
+            if self.recorder is not None:
+                self.recorder.input(data, who)
             self._proc.write(data)
 
     def _output(self, data: bytes) -> None:
+        if self.recorder is not None:
+            self.recorder.output(data)
         self._replay += data
         if len(self._replay) > REPLAY_BYTES:
             del self._replay[: len(self._replay) - REPLAY_BYTES]

@@ -29,6 +29,10 @@ from upterm.errors import RemoteProtocolError, UptermError
 log = logging.getLogger(__name__)
 
 PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
+RECORDED_BANNER = b"\r\n=== This session is being recorded ===\r\n\r\n"
+RECORDED_WITH_INPUT_BANNER = (
+    b"\r\n=== This session is being recorded, including what you type ===\r\n\r\n"
+)
 READ_ONLY_BANNER = b"\r\n=== Attached to read-only session ===\r\n\r\n"
 #: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
 MAX_DIM = 10_000
@@ -63,6 +67,8 @@ class GuestPolicy:
     force_command: tuple[str, ...] = ()
     #: Refuse relay-certificate joins: only joiners whose own key reaches us end to end.
     e2e_only: bool = False
+    #: "" (not recorded), "output", or "input" (keystrokes too): joiners are told.
+    recorded: str = ""
     #: Where each authorized key came from ("github:octocat", a file path).
     sources: dict[bytes, str] = field(default_factory=dict)
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
@@ -226,6 +232,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._attached = True
         if self._policy.read_only:
             self._chan.write(READ_ONLY_BANNER)
+        if self._policy.recorded:
+            self._chan.write(
+                RECORDED_WITH_INPUT_BANNER if self._policy.recorded == "input" else RECORDED_BANNER
+            )
         self._policy.session.attach(self, *self._pty)
 
     def _start_forced(self, cols: int, rows: int) -> None:
@@ -262,7 +272,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._forced is not None:
             self._forced.write(data)
         elif self._attached:
-            self._policy.session.input(data)
+            self._policy.session.input(data, self._client.fingerprint)
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         if not (width and height):

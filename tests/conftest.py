@@ -313,13 +313,23 @@ class PtyClient:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.pump(0.1)
-        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+        status = self.proc.wait(max(0.1, deadline - time.monotonic()))
+        while self.pump(0.05) and time.monotonic() < deadline:  # what it printed last
+            if not select_ready(self.master):
+                break
+        return status
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         os.close(self.master)
+
+
+def select_ready(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def start_shell(cwd: Path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
@@ -31,6 +31,8 @@ MAX_TERMINAL_DIM: Final = 10_000
 MAX_ID: Final = 2**53
 #: How the shared PTY's size follows the attached terminals.
 SIZE_POLICIES: Final = ("smallest", "host", "largest")
+#: What a joiner may do: watch, or watch and type.
+ROLES: Final = ("typist", "viewer")
 #: ``wait`` can block at most this long (a week).
 MAX_WAIT_S: Final = 7 * 24 * 3600
 #: Session names: safe in file names, shell prompts and ssh config Host lines.
@@ -193,6 +195,23 @@ def _identities(obj: dict[str, Any]) -> tuple[tuple[str, str | None], ...]:
     return tuple(out)
 
 
+def _approve_timeout(obj: dict[str, Any]) -> float:
+    value = _field(obj, "approve_timeout_s", (int, float), required=False)
+    if value is None:
+        return 60.0
+    if isinstance(value, bool) or not 1 <= value <= 3600:
+        raise RemoteProtocolError("field 'approve_timeout_s' out of range 1..3600")
+    return float(value)
+
+
+def _source_roles(obj: dict[str, Any]) -> dict[str, str]:
+    roles = _str_map(obj, "source_roles")
+    for role in roles.values():
+        if role not in ROLES:
+            raise RemoteProtocolError(f"field 'source_roles' values must be one of {ROLES}")
+    return roles
+
+
 def _keepalive(obj: dict[str, Any]) -> float:
     value = _field(obj, "keepalive_s", (int, float), required=False)
     if value is None:
@@ -249,6 +268,10 @@ class CreateSession:
     e2e_only: bool = False
     record: str | None = None
     record_input: bool = False
+    approve: bool = False
+    approve_timeout_s: float = 60.0
+    default_role: str = "typist"
+    source_roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -304,6 +327,20 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class ClientAction:
+    """The host acts on one joiner: ``approve``, ``deny``, ``kick`` or ``role``.
+
+    ``client`` may be omitted for approve/deny: the oldest waiting joiner.
+    """
+
+    id: int
+    action: str
+    session: str | None
+    client: str | None
+    role: str | None = None
+
+
+@dataclass(frozen=True)
 class Detach:
     """Leave an attached stream on purpose: the session goes on."""
 
@@ -336,6 +373,7 @@ Request = (
     | Attach
     | Stop
     | Wait
+    | ClientAction
     | Detach
     | Input
     | Resize
@@ -403,6 +441,10 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             e2e_only=bool(_field(obj, "e2e_only", bool, required=False)),
             record=_str(obj, "record", required=False),
             record_input=bool(_field(obj, "record_input", bool, required=False)),
+            approve=bool(_field(obj, "approve", bool, required=False)),
+            approve_timeout_s=_approve_timeout(obj),
+            default_role=_choice(obj, "default_role", ROLES, "typist"),
+            source_roles=_source_roles(obj),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")
@@ -426,6 +468,12 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
         if isinstance(timeout, bool) or (timeout is not None and not 0 < timeout <= MAX_WAIT_S):
             raise RemoteProtocolError(f"field 'timeout_s' out of range 0..{MAX_WAIT_S}")
         return Wait(_req_id(obj), _str(obj, "session", required=False), timeout)
+    if kind in ("approve", "deny", "kick", "role"):
+        client = _str(obj, "client", required=kind in ("kick", "role"))
+        role = _choice(obj, "role", ROLES, "typist") if kind == "role" else None
+        if kind == "role" and obj.get("role") is None:
+            raise RemoteProtocolError("missing field 'role'")
+        return ClientAction(_req_id(obj), kind, _str(obj, "session", required=False), client, role)
     if kind == "detach":
         stream = _int(obj, "stream", 0, MAX_ID)
         assert stream is not None

@@ -61,7 +61,9 @@ def test_host_and_join_with_builtin_relay(tmux: Tmux, user_env: UserEnv, joiner_
     # `upterm session current` inside the session lists the joiner.
     tmux.send(host_pane, "clear; upterm session current")
     screen = tmux.wait_text(host_pane, "OpenSSH")
-    assert re.search(r"^  - 127\.0\.0\.1:\d+ SSH-2\.0-OpenSSH.* SHA256:\S+$", screen, re.M), screen
+    assert re.search(
+        r"^  \d+: 127\.0\.0\.1:\d+ SSH-2\.0-OpenSSH.* SHA256:\S+ \[typist\]$", screen, re.M
+    ), screen
 
     # The host ends the shell with status 3: the joiner's ssh ends, upterm host exits 3.
     tmux.send(host_pane, "exit 3")

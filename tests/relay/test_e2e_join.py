@@ -111,7 +111,7 @@ async def test_e2e_only_refuses_relay_joins_and_checks_keys_at_the_host(relay, t
     good_pub = wire.parse_public_key_line((tmp_path / "good.pub").read_text())
     tunnel, session, reg = await host_session(relay, tmp_path, [good_pub], e2e_only=True)
     status, _, err = await join(relay, reg.token, good, e2e=False)
-    assert (status, err.strip()) == (1, b"upterm: upstream unavailable")
+    assert (status, err.strip()) == (1, b"upterm: ssh: unable to authenticate with the upstream")
     status, out, _ = await join(relay, reg.token, good, e2e=True, pin=_host_key_line(tunnel))
     assert SECRET + b"42" in out
     status, _, err = await join(relay, reg.token, bad, e2e=True, pin=_host_key_line(tunnel))

@@ -276,6 +276,32 @@ def cli(ctx: click.Context) -> None:
     help="With --record: also record keystrokes, marked with who typed them.",
 )
 @click.option(
+    "--approve",
+    is_flag=True,
+    help="Ask before letting each joiner in (~y / ~n here, or 'upterm session approve').",
+)
+@click.option(
+    "--approve-timeout",
+    default="60s",
+    show_default=True,
+    metavar="DURATION",
+    help="An unanswered joiner is refused after this long.",
+)
+@click.option(
+    "--default-role",
+    type=click.Choice(adminproto.ROLES),
+    default="typist",
+    show_default=True,
+    help="What joiners may do: type, or only watch.",
+)
+@click.option(
+    "--role",
+    "source_roles",
+    multiple=True,
+    metavar="SOURCE=ROLE",
+    help="Role for the keys of one source, e.g. github:alice=viewer or ~/.ssh/team=typist.",
+)
+@click.option(
     "--e2e-only",
     is_flag=True,
     help="Only end-to-end joins (ssh -J): the relay then carries nothing it can read.",
@@ -309,6 +335,10 @@ def host(
     quiet: bool,
     record: Path | None,
     record_input: bool,
+    approve: bool,
+    approve_timeout: str,
+    default_role: str,
+    source_roles: tuple[str, ...],
     e2e_only: bool,
     hide_client_ip: bool | None,
     command: tuple[str, ...],
@@ -363,6 +393,10 @@ def host(
             e2e_only=e2e_only,
             record=str(record.resolve()) if record else None,
             record_input=record_input,
+            approve=approve,
+            approve_timeout_s=parse_duration(approve_timeout),
+            default_role=default_role,
+            source_roles=parse_source_roles(source_roles),
         )
         if record_input and not record:
             raise UsageError("--record-input needs --record FILE.cast")
@@ -391,6 +425,19 @@ CI_VARIABLES = (
 def in_ci() -> bool:
     """Whether a CI system's variable is set (non-empty)."""
     return any(os.environ.get(name) for name in CI_VARIABLES)
+
+
+def parse_source_roles(specs: tuple[str, ...]) -> dict[str, str]:
+    """``SOURCE=ROLE`` pairs; a file source is named by its path, as ``--authorized-keys``."""
+    roles: dict[str, str] = {}
+    for spec in specs:
+        source, sep, role = spec.rpartition("=")
+        if not sep or not source or role not in adminproto.ROLES:
+            raise UsageError(f"--role {spec!r}: use SOURCE=typist or SOURCE=viewer")
+        if ":" not in source or source.startswith(("/", "~", ".")):
+            source = str(Path(source).expanduser())
+        roles[source] = role
+    return roles
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -425,6 +472,10 @@ class HostOptions:
     e2e_only: bool = False
     record: str | None = None
     record_input: bool = False
+    approve: bool = False
+    approve_timeout_s: float = 60.0
+    default_role: str = "typist"
+    source_roles: dict[str, str] = field(default_factory=dict)
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -472,6 +523,10 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             e2e_only=opts.e2e_only,
             record=opts.record,
             record_input=opts.record_input,
+            approve=opts.approve,
+            approve_timeout_s=opts.approve_timeout_s,
+            default_role=opts.default_role,
+            source_roles=opts.source_roles,
         )
         try:
             reply = await create()
@@ -748,6 +803,32 @@ def session_wait(session_key: str, timeout: str | None) -> None:
         return WAIT_TIMEOUT_EXIT if reason == "timeout" else 0
 
     _run(run())
+
+
+def _client_command(action: str, doc: str) -> None:
+    @session.command(action, help=doc)
+    @click.argument("session_key", metavar="ID|NAME")
+    @click.argument("client", metavar="CLIENT", required=action in ("kick", "role"))
+    @click.argument("role", required=action == "role", type=click.Choice(adminproto.ROLES))
+    def command(session_key: str, client: str | None, role: str | None) -> None:
+        async def run() -> int:
+            await _session_request(action, session_key, client=client, role=role)
+            return 0
+
+        _run(run())
+
+
+for _action, _doc in {
+    "approve": "Let a joiner who is waiting in (--approve); without CLIENT, the oldest.\n\n"
+    "\b\nExamples:\n  upterm session approve ci\n  upterm session approve ci 3",
+    "deny": "Refuse a joiner who is waiting (--approve); without CLIENT, the oldest.\n\n"
+    "\b\nExamples:\n  upterm session deny ci 3",
+    "kick": "Disconnect a joiner (CLIENT as 'upterm session current' lists it).\n\n"
+    "\b\nExamples:\n  upterm session kick ci 3",
+    "role": "Pass the keyboard: make a joiner a typist or a viewer, live.\n\n"
+    "\b\nExamples:\n  upterm session role ci 3 viewer\n  upterm session role ci 3 typist",
+}.items():
+    _client_command(_action, _doc)
 
 
 @session.command("ssh-config")

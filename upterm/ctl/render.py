@@ -51,7 +51,12 @@ def session_detail(info: dict[str, Any]) -> str:
     for c in clients:
         extra = f" ({c['source']})" if c.get("source") else ""
         mode = " end-to-end" if c.get("mode") == "e2e" else ""
-        lines.append(f"  - {c['addr']} {c['version']} {c['fingerprint']}{extra}{mode}")
+        role = f" [{c['role']}]" if c.get("role") else ""
+        lines.append(
+            f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']}{extra}{mode}{role}"
+        )
+    for c in info.get("pending") or []:
+        lines.append(f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']} (waiting)")
     return "\n".join(lines)
 
 

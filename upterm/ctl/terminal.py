@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from upterm.ctl.client import AdminClient
-from upterm.errors import DaemonUnavailable
+from upterm.errors import DaemonUnavailable, UptermError
 
 STDIN_FD = 0
 STDOUT_FD = 1
@@ -60,28 +60,37 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 DETACH_HELP = "~. at the start of a line detaches (~~ sends a ~)"
+#: Escapes after a newline and ``~``: what each one asks for.
+ESCAPES = {b".": "detach", b"y": "approve", b"n": "deny"}
 
 
 class DetachFilter:
-    """Spots the detach key in typed input, the way ssh spots its escapes.
+    """Spots escapes in typed input, the way ssh does.
 
-    ``~.`` typed at the start of a line detaches; ``~~`` sends one ``~``; a ``~`` followed by
-    anything else is sent as typed. Sans-I/O: bytes in, bytes to forward out.
+    At the start of a line, ``~.`` detaches, ``~y`` / ``~n`` answer the oldest joiner waiting
+    for approval, ``~~`` sends one ``~``; a ``~`` followed by anything else is sent as typed.
+    Sans-I/O: bytes in, bytes to forward (and the escapes seen) out.
     """
 
     def __init__(self) -> None:
         self._line_start = True
         self._tilde = False
 
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """Return the bytes to forward and whether the user asked to detach."""
+    def feed(self, data: bytes) -> tuple[bytes, list[str]]:
+        """Return the bytes to forward and the escapes typed ("detach" ends the input)."""
         out = bytearray()
+        actions: list[str] = []
         for byte in data:
             ch = bytes((byte,))
             if self._tilde:
                 self._tilde = False
-                if ch == b".":
-                    return bytes(out), True
+                action = ESCAPES.get(ch)
+                if action == "detach":
+                    return bytes(out), [*actions, action]
+                if action is not None:
+                    actions.append(action)
+                    self._line_start = True
+                    continue
                 out += b"~" if ch == b"~" else b"~" + ch
             elif self._line_start and ch == b"~":
                 self._tilde = True
@@ -89,7 +98,15 @@ class DetachFilter:
             else:
                 out += ch
             self._line_start = ch in (b"\r", b"\n")
-        return bytes(out), False
+        return bytes(out), actions
+
+
+async def _answer(client: AdminClient, action: str, session: str | None) -> None:
+    """Answer the oldest joiner waiting for approval; the daemon's notice confirms it."""
+    try:
+        await client.request(action, session=session)
+    except UptermError as exc:
+        write_all(STDOUT_FD, f"\r\n[upterm: {exc}]\r\n".encode())
 
 
 async def relay_attached(client: AdminClient, session: str | None, primary: bool) -> int | None:
@@ -100,6 +117,7 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int | None] = loop.create_future()
     detach_filter = DetachFilter()
+    background: set[asyncio.Task[None]] = set()
     stream_box: list[int] = []
 
     def on_stream(frame: dict[str, Any]) -> None:
@@ -128,12 +146,17 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
                 # End of input (not a TTY): keep showing output, stop forwarding keys.
                 loop.remove_reader(STDIN_FD)
                 return
-            data, detach = detach_filter.feed(data)
+            data, actions = detach_filter.feed(data)
             if data:
                 client.send({"type": "input", "stream": stream, "data": data})
-            if detach and not done.done():
-                client.send({"type": "detach", "stream": stream})
-                done.set_result(None)
+            for action in actions:
+                if action == "detach" and not done.done():
+                    client.send({"type": "detach", "stream": stream})
+                    done.set_result(None)
+                elif action in ("approve", "deny"):
+                    task = asyncio.ensure_future(_answer(client, action, session))
+                    background.add(task)
+                    task.add_done_callback(background.discard)
 
         def on_winch() -> None:
             c, r = terminal_size()

@@ -160,6 +160,17 @@ class HostedSession:
                 {"fingerprint": k.fingerprint, "comment": k.comment} for k in self.authorized
             ],
             "clientCount": len(self.clients),
+            "approve": self.policy.approve,
+            "pending": [
+                {
+                    "id": c.client_id,
+                    "version": c.version,
+                    "addr": c.addr,
+                    "fingerprint": c.fingerprint,
+                    "source": c.source,
+                }
+                for c, _ in self.policy.pending.values()
+            ],
             "clients": [
                 {
                     "id": c.client_id,
@@ -168,6 +179,7 @@ class HostedSession:
                     "fingerprint": c.fingerprint,
                     "mode": c.mode,
                     "source": c.source,
+                    "role": self.policy.roles.get(c.client_id, ""),
                     "joinedAt": c.joined_at,
                 }
                 for c in self.clients.values()
@@ -217,6 +229,8 @@ class Manager:
             case adminproto.Wait():
                 hosted = self._find(req.session, conn)
                 return adminproto.ok(req.id, reason=await self._wait(hosted, req.timeout_s))
+            case adminproto.ClientAction():
+                return self._client_action(self._find(req.session, conn), req)
             case adminproto.Detach():
                 viewer = _streams(conn).pop(req.stream, None)
                 if viewer is not None:
@@ -245,6 +259,36 @@ class Manager:
         if hosted is None:
             raise SessionNotFound(f"no session {key!r}; 'upterm session list' shows them")
         return hosted
+
+    def _client_action(self, hosted: HostedSession, req: adminproto.ClientAction) -> dict[str, Any]:
+        policy = hosted.policy
+        if req.action in ("approve", "deny"):
+            client = policy.answer(req.client, req.action == "approve")
+            if client is None:
+                raise SessionNotFound(
+                    f"no joiner {req.client} is waiting for approval"
+                    if req.client
+                    else "no joiner is waiting for approval"
+                )
+            verb = "let in" if req.action == "approve" else "refused"
+            self._notice(hosted, f"{client.fingerprint} {verb}")
+            return adminproto.ok(req.id, client=client.client_id)
+        assert req.client is not None
+        if req.client not in hosted.clients:
+            raise SessionNotFound(
+                f"no joiner {req.client!r} in this session; 'upterm session current' lists them"
+            )
+        channels = list(policy.by_client.get(req.client, ()))
+        if req.action == "kick":
+            for guest in channels:
+                guest.remove(b"\r\n[upterm: the host removed you from the session]\r\n")
+            return adminproto.ok(req.id)
+        assert req.role is not None
+        policy.roles[req.client] = req.role
+        text = "you can type now" if req.role == "typist" else "you are a viewer now"
+        for guest in channels:
+            guest.tell(f"\r\n[upterm: {text}]\r\n".encode())
+        return adminproto.ok(req.id)
 
     async def _wait(self, hosted: HostedSession, timeout_s: float | None) -> str:
         """Block until the last joiner left, the session ended, or the timeout."""
@@ -357,6 +401,11 @@ class Manager:
                 e2e_only=req.e2e_only,
                 sources={k.blob: k.comment for k in authorized},
                 recorded=("input" if req.record_input else "output") if req.record else "",
+                default_role=req.default_role,
+                source_roles=dict(req.source_roles),
+                approve=req.approve,
+                approve_timeout_s=req.approve_timeout_s,
+                on_pending=lambda c: self._ask_host(hosted, c),
             )
             policy.all_closed.set()
             hosted = HostedSession(
@@ -431,6 +480,18 @@ class Manager:
             log.info("session %s: client %s left", hosted.session_id, client_id)
             hosted.notify_change()
             self._notice(hosted, f"{client.addr} left ({client.fingerprint})")
+
+    def _ask_host(self, hosted: HostedSession, client: ClientInfo) -> None:
+        source = f", {client.source}" if client.source else ""
+        handle = hosted.name or hosted.session_id
+        log.info("session %s: joiner %s waits for approval", hosted.session_id, client.fingerprint)
+        # Shown even with --quiet: the host has to answer.
+        hosted.session.notify_host(
+            f"\r\n[upterm: {client.addr} ({client.version}, {client.fingerprint}{source}) asks "
+            f"to join: ~y lets in, ~n refuses; or 'upterm session approve {handle} "
+            f"{client.client_id}']\r\n".encode()
+        )
+        hosted.notify_change()
 
     @staticmethod
     def _notice(hosted: HostedSession, text: str) -> None:

@@ -41,6 +41,8 @@ SKIP_AHEAD_BYTES = 512 * 1024
 #: After skipping, the joiner gets this much recent output (the end of what it missed).
 CATCH_UP_BYTES = 16 * 1024
 SKIPPED_NOTICE = b"\r\n[upterm: your connection fell behind; output skipped to catch up]\r\n"
+#: A removed joiner's connection closes this long after it was told.
+KICK_CLOSE_DELAY_S = 1.0
 #: Steps of the hang-up sequence for a forced command whose joiner left.
 HANGUP_STEP_S = 1.0
 #: Joiners arriving before the host accepted connections wait this long, then are refused.
@@ -71,9 +73,56 @@ class GuestPolicy:
     recorded: str = ""
     #: Where each authorized key came from ("github:octocat", a file path).
     sources: dict[bytes, str] = field(default_factory=dict)
+    #: Role of each admitted joiner ("typist" or "viewer"), changed live by the host.
+    roles: dict[str, str] = field(default_factory=dict)
+    default_role: str = "typist"
+    #: Roles by authorized-keys source label, overriding the default.
+    source_roles: dict[str, str] = field(default_factory=dict)
+    #: Ask the host before letting each joiner in (--approve).
+    approve: bool = False
+    approve_timeout_s: float = 60.0
+    #: Joiners waiting for the host's answer, oldest first.
+    pending: dict[str, tuple[ClientInfo, asyncio.Future[bool]]] = field(default_factory=dict)
+    on_pending: Callable[[ClientInfo], None] | None = None
+    #: Open channels of each joiner, to tell or remove them.
+    by_client: dict[str, set[GuestSession]] = field(default_factory=dict)
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def admit(self, client: ClientInfo) -> bool:
+        """Decide on an authenticated joiner: its role, and the host's approval if asked."""
+        if self.approve:
+            answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self.pending[client.client_id] = (client, answer)
+            if self.on_pending is not None:
+                self.on_pending(client)
+            try:
+                approved = await asyncio.wait_for(answer, self.approve_timeout_s)
+            except TimeoutError:
+                approved = False
+            finally:
+                self.pending.pop(client.client_id, None)
+            if not approved:
+                log.info("joiner %s not approved", client.fingerprint)
+                return False
+        self.roles[client.client_id] = self.source_roles.get(client.source, self.default_role)
+        return True
+
+    def answer(self, client_id: str | None, approved: bool) -> ClientInfo | None:
+        """The host's answer for a waiting joiner (the oldest if ``client_id`` is None)."""
+        key = client_id if client_id is not None else next(iter(self.pending), None)
+        entry = self.pending.get(key) if key is not None else None
+        if entry is None:
+            return None
+        client, future = entry
+        if not future.done():
+            future.set_result(approved)
+        return client
+
+    def can_type(self, client_id: str) -> bool:
+        """Whether this joiner's keystrokes reach the terminal."""
+        return not self.read_only and self.roles.get(client_id) == "typist"
 
     def channel_opened(self, chan: object) -> None:
         """Track a joiner channel."""
@@ -94,6 +143,7 @@ class InnerServer(asyncssh.SSHServer):
         self._policy = policy
         self._conn: asyncssh.SSHServerConnection | None = None
         self._client: ClientInfo | None = None
+        self._admitted = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -125,15 +175,28 @@ class InnerServer(asyncssh.SSHServer):
         if not await self._wait_accepting():
             return False
         assert self._conn is not None
-        self._client = ClientInfo(
-            client_id=f"{next(_client_counter)}",
-            version=self._conn.get_extra_info("client_version") or "",
-            addr="[end-to-end]",
-            fingerprint=wire.fingerprint_sha256(blob),
-            mode="e2e",
-            source=self._policy.sources.get(blob, ""),
+        return await self._admit(
+            ClientInfo(
+                client_id=f"{next(_client_counter)}",
+                version=self._conn.get_extra_info("client_version") or "",
+                addr="[end-to-end]",
+                fingerprint=wire.fingerprint_sha256(blob),
+                mode="e2e",
+                source=self._policy.sources.get(blob, ""),
+            )
         )
-        return True
+
+    async def _admit(self, client: ClientInfo) -> bool:
+        """Let ``client`` in (asking the host first with --approve); remember the answer.
+
+        asyncssh asks about a key twice (a query, then the signed request): the host is
+        asked once per connection and key.
+        """
+        if self._client is not None and self._client.fingerprint == client.fingerprint:
+            return self._admitted
+        self._client = client
+        self._admitted = await self._policy.admit(client)
+        return self._admitted
 
     async def _wait_accepting(self) -> bool:
         if self._policy.accepting.is_set():
@@ -161,7 +224,7 @@ class InnerServer(asyncssh.SSHServer):
             return None
         if not await self._wait_accepting():
             return None
-        self._client = ClientInfo(
+        client = ClientInfo(
             client_id=f"{next(_client_counter)}",
             version=cert.auth.client_version,
             addr="[redacted]" if self._policy.hide_client_ip else cert.auth.remote_addr,
@@ -169,10 +232,10 @@ class InnerServer(asyncssh.SSHServer):
             mode="relay",
             source=self._policy.sources.get(joiner_key.blob, ""),
         )
-        return cert.certified_blob
+        return cert.certified_blob if await self._admit(client) else None
 
     def session_requested(self) -> Any:
-        if self._client is None:
+        if self._client is None or not self._admitted:
             return False
         return GuestSession(self._policy, self._client)
 
@@ -202,6 +265,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         self._policy.channel_opened(self)
+        self._policy.by_client.setdefault(self._client.client_id, set()).add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _m: Any) -> bool:
         cols, rows = term_size[0] or 80, term_size[1] or 24
@@ -267,8 +331,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.exit(status)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if datatype is not None or self._policy.read_only:
-            return  # read-only: keystrokes are read and dropped, whatever the relay does
+        if datatype is not None or not self._policy.can_type(self._client.client_id):
+            return  # viewers' keystrokes are read and dropped, whatever the relay does
         if self._forced is not None:
             self._forced.write(data)
         elif self._attached:
@@ -307,7 +371,26 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)
+        channels = self._policy.by_client.get(self._client.client_id)
+        if channels is not None:
+            channels.discard(self)
+            if not channels:
+                del self._policy.by_client[self._client.client_id]
         self._leave()
+
+    def tell(self, message: bytes) -> None:
+        """A notice for this joiner only."""
+        self.send(message)
+
+    def remove(self, message: bytes) -> None:
+        """The host removed this joiner: say so and close its connection."""
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_stderr(message)
+                self._chan.exit(1)
+            # Then the whole connection, once the message and exit status had time to go.
+            conn = self._chan.get_extra_info("connection")
+            asyncio.get_running_loop().call_later(KICK_CLOSE_DELAY_S, conn.close)
 
     def _leave(self) -> None:
         if self._attached:

@@ -533,7 +533,14 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             raise
         except Exception as exc:
             log.info("joiner %s could not reach its host: %s", self._link.peer(), exc)
-            chan.write_stderr(f"upterm: {wire.UPSTREAM_UNAVAILABLE}\r\n".encode())
+            # Fixed texts, as upstream: nothing about the host or its address leaks.
+            if isinstance(exc, asyncssh.PermissionDenied):
+                reason = wire.UPSTREAM_AUTH_FAILED  # the host refused this joiner
+            elif isinstance(exc, asyncssh.HostKeyNotVerifiable):
+                reason = wire.UPSTREAM_HOST_KEY_MISMATCH
+            else:
+                reason = wire.UPSTREAM_UNAVAILABLE
+            chan.write_stderr(f"upterm: {reason}\r\n".encode())
             chan.exit(1)
             return
         self._up = up_chan

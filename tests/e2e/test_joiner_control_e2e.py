@@ -1,0 +1,116 @@
+"""The host decides who gets in and who may type, live: approvals, roles, kicks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PtyClient, UserEnv, make_key, wait_for
+from tests.e2e.test_cli_e2e import headless
+from tests.e2e.test_host_features_e2e import SHELL, detached, join, session_info
+
+pytestmark = pytest.mark.e2e
+
+
+def info_of(user_env: UserEnv, name: str) -> dict:
+    return json.loads(headless(user_env, "session", "info", name, "-o", "json").stdout)
+
+
+def test_approve_and_deny_in_the_host_terminal(user_env: UserEnv, tmp_path: Path) -> None:
+    host = PtyClient(["upterm", "host", "--accept", "--approve", "--", *SHELL], user_env.env)
+    host.expect(b"sends a ~).")
+    first = join(user_env, session_info(user_env), make_key(tmp_path / "a"))
+    host.expect(b"asks to join: ~y lets in, ~n refuses")
+    assert session_info(user_env)["pending"][0]["fingerprint"].startswith("SHA256:")
+    time.sleep(0.5)
+    assert b"$ " not in first.seen  # still waiting
+    host.type("\r~y")
+    first.expect(b"$ ")
+    host.expect(b" let in]")
+    second = join(user_env, session_info(user_env), make_key(tmp_path / "b"))
+    host.seen = b""
+    host.expect(b"asks to join")
+    host.type("\r~n")
+    assert second.wait(20) == 1
+    assert b"upterm: ssh: unable to authenticate with the upstream" in second.seen
+    # Nobody waiting: ~y says so, nothing else happens.
+    host.type("\r~y")
+    host.expect(b"no joiner is waiting for approval")
+    first.close()
+    host.type("exit\r")
+    assert host.wait() == 0
+
+
+def test_approve_from_another_shell_and_timeout(user_env: UserEnv, tmp_path: Path) -> None:
+    detached(user_env, "gate", "--approve", "--approve-timeout", "3s")
+    joiner = join(user_env, info_of(user_env, "gate"), make_key(tmp_path / "a"))
+    wait_for(lambda: info_of(user_env, "gate")["pending"], what="a waiting joiner")
+    waiting = info_of(user_env, "gate")["pending"][0]["id"]
+    out = headless(user_env, "session", "approve", "gate", waiting)
+    assert out.returncode == 0, out.stderr
+    joiner.expect(b"$ ")
+    ignored = join(user_env, info_of(user_env, "gate"), make_key(tmp_path / "b"))
+    started = time.monotonic()
+    assert ignored.wait(20) == 1  # nobody answered: refused
+    assert b"unable to authenticate with the upstream" in ignored.seen
+    assert 2 < time.monotonic() - started < 15
+    bad = headless(user_env, "session", "approve", "gate", "999")
+    assert bad.returncode == 1 and "no joiner 999 is waiting for approval" in bad.stderr
+    joiner.close()
+
+
+def test_roles_change_live_and_kick(user_env: UserEnv, tmp_path: Path) -> None:
+    typist_key, viewer_key = make_key(tmp_path / "t"), make_key(tmp_path / "v")
+    info = detached(
+        user_env,
+        "roles",
+        "--authorized-keys",
+        f"{typist_key}.pub",
+        "--authorized-keys",
+        f"{viewer_key}.pub",
+        "--role",
+        f"{viewer_key}.pub=viewer",
+    )
+    typist = join(user_env, info, typist_key)
+    viewer = join(user_env, info, viewer_key)
+    typist.expect(b"$ ")
+    viewer.expect(b"$ ")
+    made = tmp_path / "made"
+    viewer.type(f"touch {made}-by-viewer\r")
+    typist.type("echo typist-$((3+4))\r")
+    viewer.expect(b"typist-7")  # a viewer sees everything
+    assert not Path(f"{made}-by-viewer").exists()
+    clients = {c["source"]: c for c in info_of(user_env, "roles")["clients"]}
+    viewer_id = clients[f"{viewer_key}.pub"]["id"]
+    assert clients[f"{viewer_key}.pub"]["role"] == "viewer"
+    assert clients[f"{typist_key}.pub"]["role"] == "typist"
+
+    # Pass the keyboard.
+    assert headless(user_env, "session", "role", "roles", viewer_id, "typist").returncode == 0
+    viewer.expect(b"[upterm: you can type now]")
+    viewer.type(f"touch {made}-now\r")
+    wait_for(lambda: Path(f"{made}-now").exists(), what="the new typist's keystrokes")
+    assert headless(user_env, "session", "role", "roles", viewer_id, "viewer").returncode == 0
+    viewer.expect(b"[upterm: you are a viewer now]")
+
+    # Kick.
+    assert headless(user_env, "session", "kick", "roles", viewer_id).returncode == 0
+    assert viewer.wait(15) != 0
+    assert b"the host removed you from the session" in viewer.seen
+    wait_for(lambda: len(info_of(user_env, "roles")["clients"]) == 1, what="one joiner left")
+    gone = headless(user_env, "session", "kick", "roles", viewer_id)
+    assert gone.returncode == 1 and "no joiner" in gone.stderr
+    typist.close()
+
+
+def test_default_role_viewer(user_env: UserEnv, joiner_key: Path, tmp_path: Path) -> None:
+    info = detached(user_env, "watch", "--default-role", "viewer")
+    joiner = join(user_env, info, joiner_key)
+    joiner.expect(b"$ ")
+    joiner.type(f"touch {tmp_path / 'nope'}\r")
+    time.sleep(1)
+    assert not (tmp_path / "nope").exists()
+    joiner.close()

@@ -341,6 +341,27 @@ class ClientAction:
 
 
 @dataclass(frozen=True)
+class CreateInvite:
+    """A join line that works ``uses`` times for ``expires_s`` seconds, maybe one identity."""
+
+    id: int
+    session: str | None
+    keys: tuple[str, ...]
+    label: str
+    expires_s: float
+    uses: int
+
+
+@dataclass(frozen=True)
+class RevokeInvite:
+    """Make an invite's join line stop working."""
+
+    id: int
+    session: str | None
+    code: str
+
+
+@dataclass(frozen=True)
 class Detach:
     """Leave an attached stream on purpose: the session goes on."""
 
@@ -374,6 +395,8 @@ Request = (
     | Stop
     | Wait
     | ClientAction
+    | CreateInvite
+    | RevokeInvite
     | Detach
     | Input
     | Resize
@@ -474,6 +497,24 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
         if kind == "role" and obj.get("role") is None:
             raise RemoteProtocolError("missing field 'role'")
         return ClientAction(_req_id(obj), kind, _str(obj, "session", required=False), client, role)
+    if kind == "invite":
+        expires = _field(obj, "expires_s", (int, float), required=False)
+        if expires is None:
+            expires = 3600
+        if isinstance(expires, bool) or not 1 <= expires <= MAX_WAIT_S:
+            raise RemoteProtocolError(f"field 'expires_s' out of range 1..{MAX_WAIT_S}")
+        uses = _int(obj, "uses", 1, 1000, required=False) or 1
+        return CreateInvite(
+            _req_id(obj),
+            _str(obj, "session", required=False),
+            _str_list(obj, "keys"),
+            _str(obj, "label", required=False) or "",
+            float(expires),
+            uses,
+        )
+    if kind == "revoke":
+        code = _str(obj, "code") or ""
+        return RevokeInvite(_req_id(obj), _str(obj, "session", required=False), code)
     if kind == "detach":
         stream = _int(obj, "stream", 0, MAX_ID)
         assert stream is not None

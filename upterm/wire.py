@@ -385,10 +385,21 @@ def encode_token(session_id: str, node_addr: str) -> str:
 
 @dataclass(frozen=True)
 class Token:
-    """A decoded joiner user name: the session id and, if embedded, the owning node."""
+    """A decoded joiner user name: the session id and, if embedded, the owning node.
+
+    Ours, beyond upstream: ``SESSIONID+INVITE[:node]`` carries an invite code, which only
+    the host checks (upstream relays do not route such tokens).
+    """
 
     session_id: str
     node_addr: str | None = field(default=None)
+    invite: str | None = field(default=None)
+
+
+def with_invite(token: str, code: str) -> str:
+    """The token of an invite: the code after the session id, before the node part."""
+    sid, sep, rest = token.partition(":")
+    return f"{sid}+{code}{sep}{rest}"
 
 
 def decode_token(user: str) -> Token:
@@ -396,10 +407,12 @@ def decode_token(user: str) -> Token:
     if len(user) > MAX_TOKEN_LEN:
         raise RemoteProtocolError("SSH user name too long to be a session token")
     sid, sep, node_b64 = user.partition(":")
-    if not _SESSION_ID_RE.fullmatch(sid):
+    sid, plus, invite = sid.partition("+")
+    if not _SESSION_ID_RE.fullmatch(sid) or (plus and not _SESSION_ID_RE.fullmatch(invite)):
         raise RemoteProtocolError("SSH user name is not a session token")
+    code = invite if plus else None
     if not sep:
-        return Token(sid)
+        return Token(sid, invite=code)
     # Strict, as Go's base64.URLEncoding: URL alphabet, '=' padding, nothing else.
     if not _B64URL_RE.fullmatch(node_b64) or len(node_b64) % 4:
         raise RemoteProtocolError("session token has a malformed node address")
@@ -409,7 +422,7 @@ def decode_token(user: str) -> Token:
         raise RemoteProtocolError("session token has a malformed node address") from exc
     if not node or not node.isprintable():
         raise RemoteProtocolError("session token has a malformed node address")
-    return Token(sid, node)
+    return Token(sid, node, code)
 
 
 # --- Guest certificates (relay → host) ----------------------------------------------------

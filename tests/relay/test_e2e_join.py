@@ -18,7 +18,7 @@ SECRET = b"TOPSECRET-"
 
 
 async def join(
-    r: Relay, token: str, key: Path, *, e2e: bool, pin: str | None = None
+    r: Relay, token: str, key: Path, *, e2e: bool, pin: str | None = None, n: int = 42
 ) -> tuple[int, bytes, bytes]:
     """Join with OpenSSH, type a secret, return (status, output, errors)."""
     ssh = ["ssh", "-tt", *SSH_OPTS, "-o", "BatchMode=yes", "-i", str(key)]
@@ -62,8 +62,9 @@ async def join(
         return True
 
     if await asyncio.wait_for(until(b"$ "), 20):
-        proc.stdin.write(b"echo " + SECRET + b"$((40+2))\r")
-        await asyncio.wait_for(until(SECRET + b"42"), 20)
+        # A sum the replay of an earlier join cannot already contain.
+        proc.stdin.write(b"echo " + SECRET + f"$(({n - 2}+2))\r".encode())
+        await asyncio.wait_for(until(SECRET + str(n).encode()), 20)
         proc.terminate()
     err = await proc.stderr.read()
     return await proc.wait(), bytes(out), err
@@ -86,8 +87,8 @@ async def test_e2e_join_shows_the_relay_only_ciphertext(relay, tmp_path) -> None
     assert seen["relay"] == b""
 
     # For contrast: a relay-mode join hands the relay the keystrokes in the clear.
-    _, out, _ = await join(relay, reg.token, key, e2e=False)
-    assert SECRET + b"42" in out
+    _, out, _ = await join(relay, reg.token, key, e2e=False, n=51)
+    assert SECRET + b"51" in out
     assert SECRET in seen["relay"]
     session.hangup()
     tunnel.close()

@@ -831,6 +831,83 @@ for _action, _doc in {
     _client_command(_action, _doc)
 
 
+@session.command("invite")
+@click.argument("session_key", metavar="ID|NAME")
+@click.option(
+    "--for",
+    "for_source",
+    default=None,
+    metavar="KEYSOURCE",
+    help="Only this identity may use it: FORGE:USER (github:alice) or a key file.",
+)
+@click.option("--expires", default="1h", show_default=True, help="How long it works (10m, 2h).")
+@click.option("--uses", type=click.IntRange(1, 1000), default=1, show_default=True)
+@output_option
+def session_invite(
+    session_key: str, for_source: str | None, expires: str, uses: int, output: str
+) -> None:
+    """Print a join line that works USES times until it expires (revoke: 'session revoke').
+
+    Needs this project's uptermd as the relay (upstream relays do not route invite tokens).
+
+    \b
+    Examples:
+      upterm session invite ci --for github:alice --expires 10m
+      upterm session invite ci --uses 3 -o template='{sshCommand}'
+    """
+    try:
+        expires_s = parse_duration(expires)
+        source = None
+        if for_source:
+            forge_name, sep, user = for_source.partition(":")
+            if sep and forge_name in keysources.FORGES:
+                source = keysources.from_forge(keysources.FORGES[forge_name], user)
+            else:
+                source = keysources.from_file(for_source)
+    except UptermError as exc:
+        _fail(exc)
+
+    async def run() -> int:
+        reply = await _session_request(
+            "invite",
+            session_key,
+            keys=keysources.as_lines([source]) if source else [],
+            label=source.label if source else "",
+            expires_s=expires_s,
+            uses=uses,
+        )
+        if output == "text":
+            who = f"for {source.label}" if source else "for anyone with the line"
+            click.echo(f"Invite {reply['code']} ({who}; {uses} use(s), expires in {expires}):")
+            click.echo(f"  {reply['sshCommand']}")
+            click.echo(f"  end to end: {reply['e2eCommand']}")
+        else:
+            reply.pop("type", None)
+            reply.pop("id", None)
+            _print_session(reply, output)
+        return 0
+
+    _run(run())
+
+
+@session.command("revoke")
+@click.argument("session_key", metavar="ID|NAME")
+@click.argument("code")
+def session_revoke(session_key: str, code: str) -> None:
+    """Make an invite's join line stop working.
+
+    \b
+    Examples:
+      upterm session revoke ci Ab3dE5gH7j
+    """
+
+    async def run() -> int:
+        await _session_request("revoke", session_key, code=code)
+        return 0
+
+    _run(run())
+
+
 @session.command("ssh-config")
 @click.argument("session_key", metavar="ID|NAME")
 def session_ssh_config(session_key: str) -> None:

@@ -25,7 +25,7 @@ from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
 from upterm.daemon.localrelay import LocalRelay
 from upterm.daemon.recording import Recorder
 from upterm.daemon.session import PACE_HIGH_WATER_BYTES, ClientInfo, Session
-from upterm.daemon.sshd import GuestPolicy
+from upterm.daemon.sshd import GuestPolicy, Invite
 from upterm.daemon.tunnel import RelayURL, Tunnel
 from upterm.errors import (
     AuthorizedKeysError,
@@ -43,6 +43,8 @@ STOP_GRACE_S = 3
 DAEMON_STOPPING_MESSAGE = (
     b"\r\nupterm: the host's upterm daemon is shutting down; this session ends now.\r\n"
 )
+#: Length of invite codes (base62: about 60 bits).
+INVITE_CODE_LEN = 10
 #: After the command exits, joiners get this long to receive its exit status.
 EXIT_FLUSH_S = 2
 
@@ -161,6 +163,16 @@ class HostedSession:
             ],
             "clientCount": len(self.clients),
             "approve": self.policy.approve,
+            "invites": [
+                {
+                    "code": i.code,
+                    "for": i.label,
+                    "expiresAt": i.expires_at,
+                    "usesLeft": i.uses_left,
+                }
+                for i in self.policy.invites.values()
+                if i.valid(time.time())
+            ],
             "pending": [
                 {
                     "id": c.client_id,
@@ -231,6 +243,13 @@ class Manager:
                 return adminproto.ok(req.id, reason=await self._wait(hosted, req.timeout_s))
             case adminproto.ClientAction():
                 return self._client_action(self._find(req.session, conn), req)
+            case adminproto.CreateInvite():
+                return self._invite(self._find(req.session, conn), req)
+            case adminproto.RevokeInvite():
+                hosted = self._find(req.session, conn)
+                if hosted.policy.invites.pop(req.code, None) is None:
+                    raise SessionNotFound(f"no invite {req.code!r} in this session")
+                return adminproto.ok(req.id)
             case adminproto.Detach():
                 viewer = _streams(conn).pop(req.stream, None)
                 if viewer is not None:
@@ -289,6 +308,31 @@ class Manager:
         for guest in channels:
             guest.tell(f"\r\n[upterm: {text}]\r\n".encode())
         return adminproto.ok(req.id)
+
+    def _invite(self, hosted: HostedSession, req: adminproto.CreateInvite) -> dict[str, Any]:
+        keys = _parse_authorized(req.keys)
+        code = wire.random_session_id()[:INVITE_CODE_LEN]
+        invite = Invite(
+            code=code,
+            keys=frozenset(k.blob for k in keys),
+            label=req.label,
+            expires_at=time.time() + req.expires_s,
+            uses_left=req.uses,
+        )
+        hosted.policy.invites[code] = invite
+        reg = hosted.tunnel.registered
+        assert reg is not None
+        token = wire.with_invite(reg.token, code)
+        host_key = hosted.tunnel.session_key.authorized_key_line().decode().strip()
+        log.info("session %s: invite %s for %s", hosted.session_id, code, req.label or "anyone")
+        return adminproto.ok(
+            req.id,
+            code=code,
+            sshCommand=hosted.tunnel.url.join_command(token),
+            e2eCommand=hosted.tunnel.url.e2e_join_command(token, host_key),
+            expiresAt=invite.expires_at,
+            uses=invite.uses_left,
+        )
 
     async def _wait(self, hosted: HostedSession, timeout_s: float | None) -> str:
         """Block until the last joiner left, the session ended, or the timeout."""

@@ -53,6 +53,28 @@ _background: set[asyncio.Task[None]] = set()
 
 
 @dataclass
+class Invite:
+    """A join line that works ``uses_left`` more times until ``expires_at`` (wall clock)."""
+
+    code: str
+    keys: frozenset[bytes]
+    label: str
+    expires_at: float
+    uses_left: int
+
+    def valid(self, now: float) -> bool:
+        """Whether it can still be used."""
+        return self.uses_left > 0 and now < self.expires_at
+
+
+def _invite_code(username: str) -> str | None:
+    try:
+        return wire.decode_token(username).invite
+    except RemoteProtocolError:
+        return None
+
+
+@dataclass
 class GuestPolicy:
     """What the inner server needs to know about its hosted session."""
 
@@ -73,6 +95,8 @@ class GuestPolicy:
     recorded: str = ""
     #: Where each authorized key came from ("github:octocat", a file path).
     sources: dict[bytes, str] = field(default_factory=dict)
+    #: Invites by code: join lines that work for a while, a few times, maybe one identity.
+    invites: dict[str, Invite] = field(default_factory=dict)
     #: Role of each admitted joiner ("typist" or "viewer"), changed live by the host.
     roles: dict[str, str] = field(default_factory=dict)
     default_role: str = "typist"
@@ -89,6 +113,40 @@ class GuestPolicy:
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def key_allowed(self, username: str, blob: bytes) -> str | None:
+        """Whether this key may join under this user name; returns its source label.
+
+        A token with an invite code is judged by the invite alone: unknown, expired or used
+        up means no, and an invite for an identity admits only that identity's keys.
+        """
+        code = _invite_code(username)
+        if code is not None:
+            invite = self.invites.get(code)
+            if invite is None or not invite.valid(time.time()):
+                log.info("refused a joiner with an unknown, expired or used-up invite")
+                return None
+            if invite.keys and blob not in invite.keys:
+                log.info("refused key %s: not the invite's", wire.fingerprint_sha256(blob))
+                return None
+            return f"invite {code}" + (f" for {invite.label}" if invite.label else "")
+        if self.authorized and blob not in self.authorized:
+            log.info("refused joiner key %s: not authorized", wire.fingerprint_sha256(blob))
+            return None
+        return self.sources.get(blob, "")
+
+    def use_invite(self, username: str) -> bool:
+        """Spend one use of the invite in ``username`` (True if there is none to spend)."""
+        code = _invite_code(username)
+        if code is None:
+            return True
+        invite = self.invites.get(code)
+        if invite is None or not invite.valid(time.time()):
+            return False
+        invite.uses_left -= 1
+        if invite.uses_left <= 0:
+            del self.invites[code]
+        return True
 
     async def admit(self, client: ClientInfo) -> bool:
         """Decide on an authenticated joiner: its role, and the host's approval if asked."""
@@ -167,12 +225,11 @@ class InnerServer(asyncssh.SSHServer):
         blob = bytes(key.public_data)
         if blob == self._policy.relay_key_blob:
             return False  # the relay itself must never pass for an end-to-end joiner
-        if self._policy.authorized and blob not in self._policy.authorized:
-            log.info(
-                "refused end-to-end joiner key %s: not authorized", wire.fingerprint_sha256(blob)
-            )
-            return False
-        if not await self._wait_accepting():
+        fingerprint = wire.fingerprint_sha256(blob)
+        if self._client is not None and self._client.fingerprint == fingerprint:
+            return self._admitted  # asyncssh asks twice: a query, then the signed request
+        source = self._policy.key_allowed(username, blob)
+        if source is None or not await self._wait_accepting():
             return False
         assert self._conn is not None
         return await self._admit(
@@ -180,22 +237,23 @@ class InnerServer(asyncssh.SSHServer):
                 client_id=f"{next(_client_counter)}",
                 version=self._conn.get_extra_info("client_version") or "",
                 addr="[end-to-end]",
-                fingerprint=wire.fingerprint_sha256(blob),
+                fingerprint=fingerprint,
                 mode="e2e",
-                source=self._policy.sources.get(blob, ""),
-            )
+                source=source,
+            ),
+            username,
         )
 
-    async def _admit(self, client: ClientInfo) -> bool:
+    async def _admit(self, client: ClientInfo, username: str) -> bool:
         """Let ``client`` in (asking the host first with --approve); remember the answer.
 
         asyncssh asks about a key twice (a query, then the signed request): the host is
-        asked once per connection and key.
+        asked, and an invite used, once per connection and key.
         """
         if self._client is not None and self._client.fingerprint == client.fingerprint:
             return self._admitted
         self._client = client
-        self._admitted = await self._policy.admit(client)
+        self._admitted = await self._policy.admit(client) and self._policy.use_invite(username)
         return self._admitted
 
     async def _wait_accepting(self) -> bool:
@@ -219,10 +277,10 @@ class InnerServer(asyncssh.SSHServer):
         except RemoteProtocolError as exc:
             log.info("refused a guest certificate: %s", exc)
             return None
-        if self._policy.authorized and joiner_key.blob not in self._policy.authorized:
-            log.info("refused joiner key %s: not authorized", joiner_key.fingerprint)
-            return None
-        if not await self._wait_accepting():
+        if self._client is not None and self._client.fingerprint == joiner_key.fingerprint:
+            return cert.certified_blob if self._admitted else None
+        source = self._policy.key_allowed(username, joiner_key.blob)
+        if source is None or not await self._wait_accepting():
             return None
         client = ClientInfo(
             client_id=f"{next(_client_counter)}",
@@ -230,9 +288,9 @@ class InnerServer(asyncssh.SSHServer):
             addr="[redacted]" if self._policy.hide_client_ip else cert.auth.remote_addr,
             fingerprint=joiner_key.fingerprint,
             mode="relay",
-            source=self._policy.sources.get(joiner_key.blob, ""),
+            source=source,
         )
-        return cert.certified_blob if await self._admit(client) else None
+        return cert.certified_blob if await self._admit(client, username) else None
 
     def session_requested(self) -> Any:
         if self._client is None or not self._admitted:
@@ -362,6 +420,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._policy.session.redraw()
 
     def eof_received(self) -> bool:
+        if self._forced is not None:
+            return True  # its own command runs on, to its own end and exit status
         # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.
         self._leave()
         if self._chan is not None:

@@ -107,6 +107,8 @@ class AdminServer:
         self._dispatch = dispatch
         self._bound = bound_session
         self._sock = sock
+        #: A socket systemd created (socket activation) is systemd's to remove.
+        self._owns_path = sock is None
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[AdminConnection] = set()
 
@@ -134,8 +136,9 @@ class AdminServer:
             self._server.close()
         for conn in list(self._connections):
             conn.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

@@ -11,13 +11,12 @@ import signal
 import sys
 from typing import IO
 
-import sdnotify
-
 from upterm import __version__, log, paths
 from upterm.daemon.admin import AdminServer
 from upterm.daemon.localrelay import DEFAULT_LOCAL_RELAY_ADDR, LocalRelay
 from upterm.daemon.manager import Manager
 from upterm.errors import UptermError
+from upterm.service import Notifier, activated_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class Daemon:
     def __init__(self, local_relay_addr: str) -> None:
         self._local_relay_addr = local_relay_addr
         self._lock_file: IO[str] | None = None
-        self._notifier = sdnotify.SystemdNotifier()
+        self._notifier = Notifier()
 
     def _acquire_lock(self) -> None:
         run_dir = paths.ensure_private_dir(paths.runtime_dir())
@@ -51,24 +50,42 @@ class Daemon:
         """Run the daemon."""
         self._acquire_lock()
         local_relay = LocalRelay(self._local_relay_addr, paths.state_dir() / "relay")
-        manager = Manager(local_relay)
-        admin = AdminServer(paths.daemon_socket_path(), manager.dispatch)
+        manager = Manager(local_relay, on_change=lambda: self._notifier.status(status_of(manager)))
+        # Under upterm.socket, systemd created the control socket and hands it to us.
+        inherited = activated_sockets()
+        admin = AdminServer(
+            paths.daemon_socket_path(),
+            manager.dispatch,
+            sock=inherited[0] if inherited else None,
+        )
         await admin.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
-        logger.info("upterm daemon %s ready on %s", __version__, admin.path)
-        self._notifier.notify("READY=1")
+        logger.info(
+            "upterm daemon %s ready on %s%s",
+            __version__,
+            admin.path,
+            " (socket activated)" if inherited else "",
+        )
+        self._notifier.ready(status_of(manager))
         try:
             await stop.wait()
         finally:
-            self._notifier.notify("STOPPING=1")
+            self._notifier.stopping()
             logger.info("stopping: hanging up %d sessions", len(manager.sessions))
             admin.close()
             await manager.stop_all()
             await local_relay.close()
+
+
+def status_of(manager: Manager) -> str:
+    """The STATUS= line: sessions and joiners."""
+    sessions = len(manager.sessions)
+    clients = sum(len(h.clients) for h in manager.sessions.values())
+    return f"{sessions} session{'s' * (sessions != 1)}, {clients} joiner{'s' * (clients != 1)}"
 
 
 def main(argv: list[str] | None = None) -> None:

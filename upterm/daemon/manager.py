@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,14 @@ class HostedSession:
     #: Set (and replaced) whenever a joiner arrives or leaves, for ``wait``.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     had_joiner: bool = False
+    on_change: Callable[[], None] | None = None
 
     def notify_change(self) -> None:
         """Wake everyone waiting for a change of joiners."""
         self.changed.set()
         self.changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     def info(self) -> dict[str, Any]:
         """The session as the admin protocol describes it (camelCase, as upstream's JSON)."""
@@ -202,8 +206,12 @@ class HostedSession:
 class Manager:
     """Owns every hosted session of the daemon."""
 
-    def __init__(self, local_relay: LocalRelay) -> None:
+    def __init__(
+        self, local_relay: LocalRelay, on_change: Callable[[], None] | None = None
+    ) -> None:
         self._local_relay = local_relay
+        #: Called when sessions or joiners come or go (the daemon's STATUS= line).
+        self._on_change = on_change or (lambda: None)
         self.sessions: dict[str, HostedSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -453,7 +461,15 @@ class Manager:
             )
             policy.all_closed.set()
             hosted = HostedSession(
-                sid, session, tunnel, authorized, accepting, policy, name=req.name, options=req
+                sid,
+                session,
+                tunnel,
+                authorized,
+                accepting,
+                policy,
+                name=req.name,
+                options=req,
+                on_change=self._on_change,
             )
             hosted_box.append(hosted)
             await tunnel.serve(policy)
@@ -472,6 +488,7 @@ class Manager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         log.info("session %s created for %s via %s", sid, req.argv, url)
+        self._on_change()
         return adminproto.ok(req.id, session=hosted.info(), warnings=trust.warnings)
 
     def _accept(self, hosted: HostedSession) -> None:
@@ -489,6 +506,7 @@ class Manager:
             hosted.admin.close()
         self.sessions.pop(hosted.session_id, None)
         log.info("session %s ended", hosted.session_id)
+        self._on_change()
 
     def _relay_state(self, hosted: HostedSession, state: str) -> None:
         if hosted.session.exited.done():

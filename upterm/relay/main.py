@@ -14,6 +14,7 @@ from upterm import __version__, log
 from upterm.errors import ConfigError, UptermError
 from upterm.keys import load_or_create_host_key, load_private_key_bytes
 from upterm.relay.server import Relay, RelayIdentity
+from upterm.service import Notifier
 
 DEFAULT_SSH_ADDR = "127.0.0.1:2222"
 HOST_KEY_NAME = "ssh_host_ed25519_key"
@@ -60,11 +61,19 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
         tmp = addr_file.with_name(addr_file.name + ".tmp")
         tmp.write_text(f"{relay.bind_host}:{relay.port}\n")
         tmp.replace(addr_file)
+    notifier = Notifier()
+
+    def status() -> str:
+        return f"{len(relay.table)} sessions on {relay.bind_host}:{relay.port}"
+
+    relay.on_change = lambda: notifier.status(status())
+    notifier.ready(status())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    notifier.stopping()
     relay.close()
     await relay.wait_closed()
 

@@ -90,6 +90,8 @@ class Relay:
         #: Sees every byte the relay carries for joiners ("relay" mode: terminal data it
         #: can read; "splice" mode: opaque end-to-end SSH). For byte accounting and tests.
         self.observer: Callable[[str, bytes], None] | None = None
+        #: Called when sessions come or go (uptermd's STATUS= line).
+        self.on_change: Callable[[], None] = lambda: None
         self.table = SessionTable()
         self.version = version
         self._host = host
@@ -160,6 +162,7 @@ class Relay:
     def register(self, reg: Registration) -> None:
         """Add a registration; a displaced owner's connection is closed."""
         displaced = self.table.register(reg)
+        self.on_change()
         if isinstance(displaced, RelayConnection):
             log.info("session %s taken over by a newer registration", reg.session_id)
             displaced.drop_session(reg.session_id)
@@ -207,6 +210,7 @@ class RelayConnection(asyncssh.SSHServer):
         self._owned.discard(sid)
         if self.relay.table.release(sid, self):
             log.info("session %s closed", sid)
+            self.relay.on_change()
 
     # -- authentication --
 

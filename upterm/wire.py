@@ -17,16 +17,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    SSHCertificate,
-    SSHCertificateBuilder,
-    SSHCertificateType,
-    load_ssh_public_identity,
-)
 from google.protobuf.message import DecodeError, Message
 
+from upterm import sshcert
 from upterm.errors import RemoteProtocolError
 from upterm.proto import server_pb2
 
@@ -428,6 +421,11 @@ def decode_token(user: str) -> Token:
 # --- Guest certificates (relay → host) ----------------------------------------------------
 
 
+def _cert_line(blob: bytes) -> bytes:
+    alg, _ = read_ssh_string(blob)
+    return alg + b" " + base64.b64encode(blob)
+
+
 def build_guest_certificate(
     relay_key: ed25519.Ed25519PrivateKey,
     principal: str,
@@ -439,22 +437,20 @@ def build_guest_certificate(
 
     As upstream: the certified key is the relay's own key, self-signed, valid ``now ± 60 s``,
     principal = the guest's token, one extension ``upterm-auth-request`` holding the protobuf
-    :class:`AuthRequest` (cryptography wraps it in an inner SSH string, as Go and OpenSSH do).
+    :class:`AuthRequest` (wrapped in an inner SSH string, as Go and OpenSSH do).
     Returns the OpenSSH one-line form.
     """
-    cert = (
-        SSHCertificateBuilder()
-        .public_key(relay_key.public_key())
-        .serial(secrets.randbits(64))
-        .type(SSHCertificateType.USER)
-        .key_id(key_id)
-        .valid_principals([principal.encode()])
-        .valid_after(max(0, now - CERT_CLOCK_SKEW_S))
-        .valid_before(now + CERT_CLOCK_SKEW_S)
-        .add_extension(AUTH_REQUEST_EXTENSION.encode(), auth.encode())
-        .sign(relay_key)
+    blob = sshcert.build(
+        relay_key,
+        relay_key.public_key(),
+        cert_type=sshcert.CERT_TYPE_USER,
+        key_id=key_id,
+        principals=[principal.encode()],
+        valid_after=max(0, now - CERT_CLOCK_SKEW_S),
+        valid_before=now + CERT_CLOCK_SKEW_S,
+        extensions={AUTH_REQUEST_EXTENSION.encode(): auth.encode()},
     )
-    return cert.public_bytes()
+    return _cert_line(blob)
 
 
 @dataclass(frozen=True)
@@ -470,40 +466,22 @@ class GuestCertificate:
     auth: AuthRequest
 
 
-def _cert_from_blob(blob: bytes) -> SSHCertificate:
-    alg, _ = read_ssh_string(blob)
-    line = alg + b" " + base64.b64encode(blob)
-    try:
-        cert = load_ssh_public_identity(line)
-    except (ValueError, TypeError) as exc:
-        raise RemoteProtocolError(f"malformed certificate: {exc}") from exc
-    if not isinstance(cert, SSHCertificate):
-        raise RemoteProtocolError("not a certificate")
-    return cert
-
-
 def verify_guest_certificate(
     blob: bytes, trusted_signer: bytes, principal: str, now: int
 ) -> GuestCertificate:
     """Check a guest certificate completely and return what it says.
 
-    Verified: the signature, that the signer is exactly ``trusted_signer`` (the relay key
-    the host pinned; never a self-signed or foreign certificate), that it is a user
-    certificate naming ``principal``, that ``now`` is inside its validity window, and that it
-    carries a well-formed ``upterm-auth-request``. Raises :class:`RemoteProtocolError`.
+    Verified: that the signer is exactly ``trusted_signer`` (the relay key the host pinned;
+    never a self-signed or foreign certificate), the signature, that it is a user certificate
+    naming ``principal``, that ``now`` is inside its validity window, and that it carries a
+    well-formed ``upterm-auth-request``. Raises :class:`RemoteProtocolError`.
     """
-    cert = _cert_from_blob(blob)
-    signer = cert.signature_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
-    signer_key = parse_public_key_line(signer)
-    if signer_key is None or signer_key.blob != trusted_signer:
+    cert = sshcert.parse(blob)
+    if cert.signer_blob != trusted_signer:
         raise RemoteProtocolError("certificate not signed by the pinned relay key")
-    try:
-        cert.verify_cert_signature()
-    except Exception as exc:  # InvalidSignature, or a key type without verification
-        raise RemoteProtocolError("certificate signature is invalid") from exc
-    if cert.type != SSHCertificateType.USER:
+    if cert.cert_type != sshcert.CERT_TYPE_USER:
         raise RemoteProtocolError("not a user certificate")
-    principals = tuple(p.decode("utf-8", "replace") for p in cert.valid_principals)
+    principals = tuple(p.decode("utf-8", "replace") for p in cert.principals)
     if principal not in principals:
         raise RemoteProtocolError("certificate does not name this user")
     if not cert.valid_after <= now < cert.valid_before:
@@ -511,12 +489,9 @@ def verify_guest_certificate(
     ext = cert.extensions.get(AUTH_REQUEST_EXTENSION.encode())
     if ext is None:
         raise RemoteProtocolError(f"certificate has no {AUTH_REQUEST_EXTENSION} extension")
-    certified = cert.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
-    certified_key = parse_public_key_line(certified)
-    assert certified_key is not None
     return GuestCertificate(
-        signer_blob=signer_key.blob,
-        certified_blob=certified_key.blob,
+        signer_blob=cert.signer_blob,
+        certified_blob=cert.key_blob,
         principals=principals,
         key_id=cert.key_id,
         valid_after=cert.valid_after,
@@ -536,15 +511,14 @@ def build_host_certificate(relay_key: ed25519.Ed25519PrivateKey, principals: lis
     Valid forever and for ``principals``; hosts that list the relay key as an
     ``@cert-authority`` for those names accept it without a per-address known_hosts line.
     """
-    cert = (
-        SSHCertificateBuilder()
-        .public_key(relay_key.public_key())
-        .serial(secrets.randbits(64))
-        .type(SSHCertificateType.HOST)
-        .key_id(b"uptermd")
-        .valid_principals([p.encode() for p in principals])
-        .valid_after(0)
-        .valid_before(2**64 - 1)
-        .sign(relay_key)
+    blob = sshcert.build(
+        relay_key,
+        relay_key.public_key(),
+        cert_type=sshcert.CERT_TYPE_HOST,
+        key_id=b"uptermd",
+        principals=[p.encode() for p in principals],
+        valid_after=0,
+        valid_before=2**64 - 1,
+        extensions={},
     )
-    return cert.public_bytes()
+    return _cert_line(blob)

@@ -7,7 +7,10 @@ daemon through ``SSH_AUTH_SOCK``. With none at all the daemon uses an ephemeral 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import getpass
+import struct
 import sys
 from pathlib import Path
 
@@ -32,11 +35,22 @@ def _load(data: bytes, passphrase: bytes | None) -> None:
 
 
 def _needs_passphrase(data: bytes) -> bool:
-    try:
-        _load(data, None)
-    except TypeError:
-        return True
-    return False
+    """Whether the key file is encrypted (read from its header: every cryptography version
+    reports a missing passphrase differently)."""
+    if b"BEGIN OPENSSH PRIVATE KEY" in data:
+        lines = data.strip().splitlines()
+        body = base64.b64decode(b"".join(lines[1:-1]))
+        magic = b"openssh-key-v1\0"
+        if not body.startswith(magic) or len(body) < len(magic) + 4:
+            raise ValueError("not an OpenSSH private key")
+        (n,) = struct.unpack_from(">I", body, len(magic))
+        cipher = body[len(magic) + 4 : len(magic) + 4 + n]
+        encrypted = cipher != b"none"
+    else:
+        encrypted = b"ENCRYPTED" in data.split(b"\n\n", 1)[0]
+    if not encrypted:
+        _load(data, None)  # raises ValueError if it is no key at all
+    return encrypted
 
 
 def resolve(explicit: tuple[str, ...], can_prompt: bool) -> list[dict[str, str | None]]:
@@ -54,7 +68,7 @@ def resolve(explicit: tuple[str, ...], can_prompt: bool) -> list[dict[str, str |
             if required:
                 raise UsageError(f"cannot read private key {path}: {exc.strerror}") from exc
             continue
-        except (ValueError, UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
             if required:
                 raise UsageError(f"{path} is not a private key this upterm can use") from exc
             continue

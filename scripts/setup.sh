@@ -13,13 +13,24 @@ command -v tmux >/dev/null || missing+=(tmux)
 # systemd-analyze and systemd-socket-activate, for the unit tests (not a running systemd).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # policy-rc.d 101: install services without starting them (no sshd left on port 22).
+  policy=/usr/sbin/policy-rc.d
+  made_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+    made_policy=1
+  fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+  if [ -n "$made_policy" ]; then $sudo rm -f "$policy"; fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

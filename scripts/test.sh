@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check upterm tests
-.venv/bin/ruff format --check upterm tests
+.venv/bin/ruff check upterm tests bench
+.venv/bin/ruff format --check upterm tests bench
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"

@@ -1,0 +1,472 @@
+"""upterm benchmarks: figures users feel, each beside a baseline measured in the same run.
+
+    python -m bench.run [--quick] [--json FILE]
+
+Baselines: a stock OpenSSH sshd started here on loopback with its own config (latency, join
+time), and reading the same PTY locally (throughput). Everything runs on 127.0.0.1 in
+processes this runner starts and stops. Printed as a table; --json writes the figures and
+the machine they were measured on. These are measurements, not tests: nothing here passes
+or fails on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+VENV_BIN = Path(sys.executable).parent
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+@dataclass
+class Figure:
+    """One measured figure, its baseline and their ratio."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.baseline:
+            return None
+        return self.value / self.baseline
+
+
+@dataclass
+class Report:
+    """All figures of one run and the machine they were measured on."""
+
+    machine: dict[str, str]
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        print(format_row(figure), flush=True)
+
+
+def machine_info() -> dict[str, str]:
+    """Cores, CPU model, Python and library versions."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import cryptography
+
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": model or platform.processor(),
+        "python": platform.python_version(),
+        "asyncssh": asyncssh.__version__,
+        "cryptography": cryptography.__version__,
+        "openssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def format_row(f: Figure) -> str:
+    ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+    base = f"{f.baseline:.3f} ({f.baseline_name})" if f.baseline is not None else ""
+    return f"{f.name:<46} {f.value:>10.3f} {f.unit:<6} {base:<28} {ratio:>7}  {f.target}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- the world the benchmarks run in ------------------------------------------------------
+
+
+class World:
+    """A private user environment, an uptermd, a stock sshd, and a joiner key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("home", "run", "state"):
+            (root / sub).mkdir(mode=0o700)
+        self.env = {
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(root / "home"),
+            "XDG_RUNTIME_DIR": str(root / "run"),
+            "XDG_STATE_HOME": str(root / "state"),
+            "UPTERM_LOCAL_RELAY_ADDR": "127.0.0.1:0",
+            "TERM": "xterm",
+            "LANG": "C.UTF-8",
+        }
+        self.key = asyncssh.generate_private_key("ssh-ed25519")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_relay(self) -> tuple[subprocess.Popen[bytes], int]:
+        addr = self.root / "relay.addr"
+        proc = self.spawn(
+            [
+                str(VENV_BIN / "uptermd"),
+                "--ssh-addr",
+                "127.0.0.1:0",
+                "--state-dir",
+                str(self.root / "relay"),
+                "--addr-file",
+                str(addr),
+            ]
+        )
+        deadline = time.monotonic() + 15
+        while not addr.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("uptermd did not start")
+            time.sleep(0.02)
+        return proc, int(addr.read_text().strip().rsplit(":", 1)[1])
+
+    def start_sshd(self) -> int:
+        """A stock OpenSSH server on loopback, its own config, our key authorized."""
+        sshd_dir = self.root / "sshd"
+        sshd_dir.mkdir()
+        host_key = sshd_dir / "host_key"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+        )
+        authorized = sshd_dir / "authorized_keys"
+        authorized.write_bytes(self.key.export_public_key())
+        port = free_port()
+        config = sshd_dir / "sshd_config"
+        config.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {authorized}\nPidFile {sshd_dir / 'pid'}\n"
+            "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin yes\nPrintMotd no\n"
+            "PrintLastLog no\nUseDNS no\n"
+        )
+        with contextlib.suppress(OSError):  # sshd wants its privilege-separation dir
+            Path("/run/sshd").mkdir(exist_ok=True)
+        self.spawn([SSHD, "-D", "-e", "-f", str(config)])
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return port
+            if time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start")
+            time.sleep(0.05)
+
+    def upterm(self, *args: str) -> str:
+        out = subprocess.run(
+            [str(VENV_BIN / "upterm"), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        return out.stdout
+
+    def host(self, name: str, server: str, *command: str) -> dict[str, object]:
+        self.upterm(
+            "host", "--detach", "--accept", "--quiet", "--skip-host-key-check",
+            "--known-hosts", str(self.root / "known_hosts"), "--server", server,
+            "--name", name, "--", *command,
+        )  # fmt: skip
+        info: dict[str, object] = json.loads(self.upterm("session", "info", name, "-o", "json"))
+        return info
+
+    def daemon_pid(self) -> int:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if b"upterm.daemon" in (entry / "cmdline").read_bytes() and (
+                    f"XDG_RUNTIME_DIR={self.env['XDG_RUNTIME_DIR']}".encode()
+                    in (entry / "environ").read_bytes()
+                ):
+                    return int(entry.name)
+        raise RuntimeError("no daemon")
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            pid = self.daemon_pid()
+            os.kill(pid, 15)
+            time.sleep(0.5)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def world() -> Iterator[World]:
+    root = Path(tempfile.mkdtemp(prefix="ub-", dir="/tmp"))
+    w = World(root)
+    try:
+        yield w
+    finally:
+        w.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def joiner(
+    port: int, user: str, command: str | None = None
+) -> AsyncIterator[asyncssh.SSHClientProcess[bytes]]:
+    """An asyncssh joiner with a PTY (the same client for upterm and for sshd)."""
+    async with asyncssh.connect(
+        "127.0.0.1", port, username=user, client_keys=[KEY[0]], known_hosts=None,
+        agent_path=None, config=None,
+    ) as conn:  # fmt: skip
+        proc = await conn.create_process(
+            command, term_type="xterm", term_size=(120, 40), encoding=None
+        )
+        yield proc
+        proc.close()
+
+
+KEY: list[asyncssh.SSHKey] = []
+
+
+async def read_until(stream: asyncssh.SSHReader[bytes], marker: bytes, limit_s: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + limit_s
+    while marker not in seen[-(len(marker) + 65536) :]:
+        seen += await asyncio.wait_for(stream.read(65536), max(0.01, deadline - time.monotonic()))
+    return seen
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+async def echo_latency_ms(port: int, user: str, command: str | None, n: int) -> list[float]:
+    """Type one byte, wait for its echo, n times (cooked-mode `cat`: the kernel echoes)."""
+    async with joiner(port, user, command) as proc:
+        await asyncio.sleep(0.3)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.stdout.read(65536), 0.5)  # drain the replay
+        samples = []
+        for i in range(n + 20):
+            ch = bytes([97 + i % 26])
+            start = time.perf_counter()
+            proc.stdin.write(ch)
+            await read_until(proc.stdout, ch, 5)
+            if i >= 20:  # warm-up
+                samples.append((time.perf_counter() - start) * 1000)
+        return samples
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def throughput_mib_s(port: int, user: str, size: int) -> float:
+    """Joiner types `cat FILE`; MiB/s from Enter to the end marker."""
+    async with joiner(port, user) as proc:
+        await asyncio.sleep(0.3)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.stdout.read(65536), 0.5)
+        start = time.perf_counter()
+        proc.stdin.write(f"head -c {size} /dev/zero | tr '\\0' x; echo END-$((1+1))\r".encode())
+        seen = await read_until(proc.stdout, b"END-2", 300)
+        elapsed = time.perf_counter() - start
+        if b"output skipped" in seen:
+            # A joiner that fell behind skipped ahead: not a full delivery, no figure.
+            return float("nan")
+        return size / (1 << 20) / elapsed
+
+
+def local_pty_mib_s(size: int) -> float:
+    """The same output read straight from a local PTY."""
+    import pty
+
+    start = time.perf_counter()
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.execvp("sh", ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x"])
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        total += len(chunk)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return size / (1 << 20) / (time.perf_counter() - start)
+
+
+def join_time_ms(argv: list[str], n: int) -> list[float]:
+    """OpenSSH `ssh ... -tt` start to its first byte of output."""
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        assert proc.stdout is not None
+        proc.stdout.read(1)
+        samples.append((time.perf_counter() - start) * 1000)
+        proc.kill()
+        proc.wait()
+    return samples
+
+
+async def relay_memory_per_session_kib(relay_pid: int, port: int, n: int) -> float:
+    """uptermd's RSS growth per idle registered session (legacy registrations, each its
+    own host connection, as real hosts)."""
+    from upterm import wire
+
+    before = rss_kib(relay_pid)
+    conns = []
+    for _ in range(n):
+        conn = await asyncssh.connect(
+            "127.0.0.1", port, client_version="upterm-host-client", username="bench",
+            client_keys=[KEY[0]], known_hosts=None, agent_path=None, config=None,
+        )  # fmt: skip
+        req = wire.CreateSessionRequest(
+            host_user="bench", host_public_keys=(KEY[0].export_public_key(),)
+        )
+        from upterm import sshcompat
+
+        reply = await sshcompat.global_request(conn, wire.CREATE_SESSION_REQUEST, req.encode())
+        assert reply.ok
+        conns.append(conn)
+    await asyncio.sleep(0.5)
+    after = rss_kib(relay_pid)
+    for conn in conns:
+        conn.close()
+    return (after - before) / n
+
+
+def daemon_memory_per_session_kib(w: World, server: str, n: int) -> float:
+    w.host("m0", server, "sleep", "3600")
+    pid = w.daemon_pid()
+    before = rss_kib(pid)
+    for i in range(1, n + 1):
+        w.host(f"m{i}", server, "sleep", "3600")
+    time.sleep(0.5)
+    return (rss_kib(pid) - before) / n
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+async def run(quick: bool) -> Report:
+    report = Report(machine_info())
+    print(json.dumps(report.machine, indent=2))
+    print(f"{'figure':<46} {'value':>10} {'unit':<6} {'baseline':<28} {'ratio':>7}  target")
+    n_lat = 50 if quick else 500
+    size = (1 << 20) if quick else (64 << 20)
+    KEY.append(asyncssh.generate_private_key("ssh-ed25519"))
+    with world() as w:
+        w.key = KEY[0]
+        relay, port = w.start_relay()
+        sshd_port = w.start_sshd()
+        server = f"ssh://127.0.0.1:{port}"
+        user = os.environ.get("USER") or "root"
+
+        info = w.host("lat", server, "cat")
+        relay_lat = await echo_latency_ms(port, str(info["sshUser"]), None, n_lat)
+        sshd_lat = await echo_latency_ms(sshd_port, user, "cat", n_lat)
+        for p in (50, 99):
+            report.add(Figure(
+                f"echo latency via uptermd, p{p}", pct(relay_lat, p), "ms",
+                pct(sshd_lat, p), "OpenSSH sshd",
+                "p50 <= 1.5 ms, p99 <= 5 ms, <= 1.5x sshd",
+            ))  # fmt: skip
+
+        info = w.host("tp", server, "bash", "--norc", "--noprofile")
+        joiner_tp = await throughput_mib_s(port, str(info["sshUser"]), size)
+        report.add(Figure(
+            f"output throughput to 1 joiner ({size >> 20} MiB)", joiner_tp, "MiB/s",
+            local_pty_mib_s(size), "local PTY read", ">= 0.8x local",
+        ))  # fmt: skip
+
+        join_line = [
+            "ssh", "-tt", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-i", str(w.root / "joiner"),
+        ]  # fmt: skip
+        (w.root / "joiner").write_bytes(KEY[0].export_private_key())
+        (w.root / "joiner").chmod(0o600)
+        n_join = 5 if quick else 20
+        ours = join_time_ms([*join_line, "-p", str(port), f"{info['sshUser']}@127.0.0.1"], n_join)
+        # sshd's shell prints its first byte when it starts, as the shared session does.
+        theirs = join_time_ms(
+            [*join_line, "-p", str(sshd_port), f"{user}@127.0.0.1", "echo ready; cat"], n_join
+        )
+        report.add(Figure(
+            "join time, ssh start to first byte (median)", statistics.median(ours), "ms",
+            statistics.median(theirs), "OpenSSH sshd", "<= 1.3x sshd",
+        ))  # fmt: skip
+
+        n_mem = 50 if quick else 1000
+        report.add(Figure(
+            f"uptermd memory per idle session ({n_mem})",
+            await relay_memory_per_session_kib(relay.pid, port, n_mem), "KiB",
+            target="<= 40 KiB",
+        ))  # fmt: skip
+        n_daemon = 10 if quick else 100
+        report.add(Figure(
+            f"daemon memory per idle session ({n_daemon})",
+            daemon_memory_per_session_kib(w, server, n_daemon), "KiB",
+            target="<= 200 KiB",
+        ))  # fmt: skip
+    return report
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    report = asyncio.run(run(args.quick))
+    if args.json:
+        data = {"machine": report.machine, "figures": [
+            {**asdict(f), "ratio": f.ratio} for f in report.figures
+        ]}  # fmt: skip
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    del soft
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The benchmark runner, run with tiny sizes so it never rots (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--json", str(tmp_path / "b.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert {"cores", "cpu", "python", "asyncssh", "openssh"} <= set(data["machine"])
+    names = [f["name"] for f in data["figures"]]
+    assert any(n.startswith("echo latency via uptermd, p50") for n in names)
+    assert any(n.startswith("output throughput to 1 joiner") for n in names)
+    assert any(n.startswith("join time") for n in names)
+    assert any(n.startswith("uptermd memory per idle session") for n in names)
+    assert any(n.startswith("daemon memory per idle session") for n in names)
+    for figure in data["figures"]:
+        assert figure["value"] > 0 or math.isnan(figure["value"]), figure
+        if figure["baseline"] is not None:
+            assert figure["baseline"] > 0

@@ -310,6 +310,65 @@ async def throughput_mib_s(port: int, user: str, size: int) -> float:
         return size / (1 << 20) / elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def host_terminal_latency_ms(w: World, n: int) -> list[float]:
+    """The host's own attached terminal: a keystroke over the admin socket to its echo."""
+    from upterm.ctl.client import AdminClient
+
+    client = await AdminClient.connect(Path(w.env["XDG_RUNTIME_DIR"]) / "upterm" / "daemon.sock")
+    reply = await client.request(
+        "create", argv=["cat"], env=w.env, cwd="/", term="xterm", cols=80, rows=24,
+        server=None, authorized_keys=[], accept=True, known_hosts=None, name="own",
+    )  # fmt: skip
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    client.on_stream = lambda f: (
+        got.put_nowait(f.get("data", b"")) if f["type"] == "output" else None
+    )
+    attach = await client.request("attach", session=reply["session"]["sessionId"], cols=80, rows=24)
+    stream = attach["stream"]
+    samples = []
+    for i in range(n + 20):
+        ch = bytes([97 + i % 26])
+        start = time.perf_counter()
+        client.send({"type": "input", "stream": stream, "data": ch})
+        seen = b""
+        while ch not in seen:
+            seen += await asyncio.wait_for(got.get(), 5)
+        if i >= 20:
+            samples.append((time.perf_counter() - start) * 1000)
+    client.send({"type": "detach", "stream": stream})
+    await client.aclose()
+    return samples
+
+
+def local_pty_echo_ms(n: int) -> list[float]:
+    """Baseline: the same keystroke into a local PTY running cat, echoed by the kernel."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.execvp("cat", ["cat"])
+    samples = []
+    for i in range(n + 20):
+        ch = bytes([97 + i % 26])
+        start = time.perf_counter()
+        os.write(fd, ch)
+        seen = b""
+        while ch not in seen:
+            seen += os.read(fd, 1024)
+        if i >= 20:
+            samples.append((time.perf_counter() - start) * 1000)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return samples
+
+
 def local_pty_mib_s(size: int) -> float:
     """The same output read straight from a local PTY."""
     import pty
@@ -411,11 +470,24 @@ async def run(quick: bool) -> Report:
                 "p50 <= 1.5 ms, p99 <= 5 ms, <= 1.5x sshd",
             ))  # fmt: skip
 
+        own = await host_terminal_latency_ms(w, n_lat)
+        local = local_pty_echo_ms(n_lat)
+        report.add(Figure(
+            "echo latency, host terminal via daemon, p50", pct(own, 50), "ms",
+            pct(local, 50), "local PTY", "p50 <= 0.5 ms",
+        ))  # fmt: skip
+
         info = w.host("tp", server, "bash", "--norc", "--noprofile")
+        cpu_before = cpu_seconds(relay.pid)
         joiner_tp = await throughput_mib_s(port, str(info["sshUser"]), size)
+        relay_cpu = cpu_seconds(relay.pid) - cpu_before
         report.add(Figure(
             f"output throughput to 1 joiner ({size >> 20} MiB)", joiner_tp, "MiB/s",
             local_pty_mib_s(size), "local PTY read", ">= 0.8x local",
+        ))  # fmt: skip
+        report.add(Figure(
+            "uptermd CPU per relayed MiB", relay_cpu / (size / (1 << 20)) * 1000, "ms",
+            target="figure; trend over releases",
         ))  # fmt: skip
 
         join_line = [

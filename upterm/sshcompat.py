@@ -32,6 +32,19 @@ _GUEST_PERMISSIONS = {
 }
 
 
+#: Cipher preference for the connections upterm makes itself (host→relay, relay→host inner
+#: SSH): AES-GCM is one call into OpenSSL per packet, where asyncssh's ChaCha20-Poly1305
+#: needs several; every algorithm stays available for peers that want another.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
+
+
 @dataclass(frozen=True)
 class GlobalReply:
     """The answer to a global request: success with a payload, or failure with a text."""

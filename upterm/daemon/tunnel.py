@@ -245,6 +245,7 @@ class Tunnel:
                     client_keys=keys,
                     known_hosts=([], [], []),
                     server_host_key_algs=algorithms,
+                    encryption_algs=sshcompat.PREFERRED_CIPHERS,
                     agent_path=self._agent_path,
                     config=None,
                     preferred_auth="publickey",

@@ -424,6 +424,7 @@ class RelayConnection(asyncssh.SSHServer):
                 client_version=wire.relay_banner(self.relay.version)[len("SSH-2.0-") :],
                 encoding=None,
                 keepalive_interval=0,
+                encryption_algs=sshcompat.PREFERRED_CIPHERS,
             ),
             UPSTREAM_TIMEOUT_S,
         )

@@ -193,7 +193,10 @@ def parse(blob: bytes) -> Certificate:
     key_id = reader.string()
     principals_data = reader.string()
     valid_after, valid_before = reader.uint(8), reader.uint(8)
-    reader.string()  # critical options: none are honoured, and a relay sets none
+    if reader.string():
+        # PROTOCOL.certkeys: unrecognised critical options must make a certificate unusable,
+        # and upterm recognises none (relays set none).
+        raise RemoteProtocolError("certificate has critical options")
     extensions = _parse_tuples(reader.string())
     reader.string()  # reserved
     signer_blob = reader.string()

@@ -23,13 +23,9 @@ from asyncssh.misc import map_handler_name
 
 log = logging.getLogger(__name__)
 
-#: Permissions uptermd-style guest certificates do not carry but a shared terminal needs.
-_GUEST_PERMISSIONS = {
-    "permit-pty": True,
-    "permit-port-forwarding": True,
-    "permit-agent-forwarding": True,
-    "permit-X11-forwarding": True,
-}
+#: The permission uptermd-style guest certificates do not carry but a shared terminal needs
+#: (asyncssh refuses a PTY without it). Nothing else: forwarding stays refused.
+_GUEST_PERMISSIONS = {"permit-pty": True}
 
 
 #: Cipher preference for the connections upterm makes itself (host→relay, relay→host inner

@@ -411,9 +411,10 @@ class Manager:
         )
         reg = await tunnel.connect(authorized)
         sid = reg.session_id
+        if sid in self.sessions:
+            tunnel.close()
+            raise UptermError(f"the relay handed out session id {sid} twice; try again")
         try:
-            if sid in self.sessions:
-                raise UptermError(f"the relay handed out session id {sid} twice; try again")
             sock_path = paths.session_socket_path(sid)
             env = dict(req.env)
             # Ours wins over an inherited value, so nested sessions see the inner one.

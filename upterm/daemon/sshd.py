@@ -67,6 +67,11 @@ class Invite:
         return self.uses_left > 0 and now < self.expires_at
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A peer's text made safe to show in a terminal or a log: no control characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
+
 def _invite_code(username: str) -> str | None:
     try:
         return wire.decode_token(username).invite
@@ -169,7 +174,8 @@ class GuestPolicy:
 
     def answer(self, client_id: str | None, approved: bool) -> ClientInfo | None:
         """The host's answer for a waiting joiner (the oldest if ``client_id`` is None)."""
-        key = client_id if client_id is not None else next(iter(self.pending), None)
+        waiting = (k for k, (_, f) in self.pending.items() if not f.done())
+        key = client_id if client_id is not None else next(waiting, None)
         entry = self.pending.get(key) if key is not None else None
         if entry is None:
             return None
@@ -235,7 +241,7 @@ class InnerServer(asyncssh.SSHServer):
         return await self._admit(
             ClientInfo(
                 client_id=f"{next(_client_counter)}",
-                version=self._conn.get_extra_info("client_version") or "",
+                version=printable(self._conn.get_extra_info("client_version") or ""),
                 addr="[end-to-end]",
                 fingerprint=fingerprint,
                 mode="e2e",
@@ -252,9 +258,11 @@ class InnerServer(asyncssh.SSHServer):
         """
         if self._client is not None and self._client.fingerprint == client.fingerprint:
             return self._admitted
-        self._client = client
-        self._admitted = await self._policy.admit(client) and self._policy.use_invite(username)
-        return self._admitted
+        # Decide first, remember after: a decision cancelled half-way admits nobody.
+        self._client, self._admitted = None, False
+        admitted = await self._policy.admit(client) and self._policy.use_invite(username)
+        self._client, self._admitted = client, admitted
+        return admitted
 
     async def _wait_accepting(self) -> bool:
         if self._policy.accepting.is_set():
@@ -284,8 +292,8 @@ class InnerServer(asyncssh.SSHServer):
             return None
         client = ClientInfo(
             client_id=f"{next(_client_counter)}",
-            version=cert.auth.client_version,
-            addr="[redacted]" if self._policy.hide_client_ip else cert.auth.remote_addr,
+            version=printable(cert.auth.client_version),
+            addr="[redacted]" if self._policy.hide_client_ip else printable(cert.auth.remote_addr),
             fingerprint=joiner_key.fingerprint,
             mode="relay",
             source=source,
@@ -367,6 +375,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         env["TERM"] = self._term
         chan = self._chan
         try:
+            procs: list[PtyProcess] = []
             self._forced = PtyProcess(
                 self._policy.force_command,
                 env=env,
@@ -374,16 +383,16 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 cols=cols,
                 rows=rows,
                 on_output=self.send,
-                on_exit=self._forced_exited,
+                # Closes this process's PTY even after the joiner left (then _forced is None).
+                on_exit=lambda status: self._forced_exited(procs[0], status),
             )
+            procs.append(self._forced)
         except UptermError as exc:
             chan.write_stderr(f"upterm: {exc}\r\n".encode())
             chan.exit(1)
 
-    def _forced_exited(self, status: int) -> None:
-        if self._forced is not None:
-            self._forced.close()
-        self._policy.on_leave(self._client.client_id)
+    def _forced_exited(self, proc: PtyProcess, status: int) -> None:
+        proc.close()
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.exit(status)
@@ -431,12 +440,15 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)
+        self._leave()
+        # The joiner has left when its last channel has: a second channel keeps it listed.
         channels = self._policy.by_client.get(self._client.client_id)
         if channels is not None:
             channels.discard(self)
             if not channels:
                 del self._policy.by_client[self._client.client_id]
-        self._leave()
+                self._policy.roles.pop(self._client.client_id, None)
+                self._policy.on_leave(self._client.client_id)
 
     def tell(self, message: bytes) -> None:
         """A notice for this joiner only."""
@@ -453,13 +465,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             asyncio.get_running_loop().call_later(KICK_CLOSE_DELAY_S, conn.close)
 
     def _leave(self) -> None:
+        """This channel stops viewing (and its forced command is hung up)."""
         if self._attached:
             self._attached = False
             self._policy.session.detach(self.viewer_id)
-            self._policy.on_leave(self._client.client_id)
         forced, self._forced = self._forced, None
         if forced is not None and forced.returncode is None:
-            self._policy.on_leave(self._client.client_id)
             task = asyncio.ensure_future(hang_up(forced))
             _background.add(task)
             task.add_done_callback(_background.discard)
@@ -487,7 +498,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def finish(self, status: int) -> None:
         """The shared command ended: pass its exit status on."""
         self._attached = False
-        self._policy.on_leave(self._client.client_id)
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.exit(status)
@@ -495,7 +505,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def cut_off(self, message: bytes) -> None:
         """Disconnect a joiner that fell behind."""
         self._attached = False
-        self._policy.on_leave(self._client.client_id)
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(message)

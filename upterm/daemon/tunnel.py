@@ -305,10 +305,17 @@ class Tunnel:
             raise RelayPermissionDenied(f"the relay at {self.url} refused the session: {text}")
         try:
             resp = wire.CreateSessionResponse.decode(reply.payload)
+            # The id names a socket file and the token is printed: a relay's word is checked
+            # before either is used (a hostile relay must not pick paths or escape codes).
+            token = resp.ssh_user or wire.encode_token(resp.session_id, resp.node_addr)
+            decoded = wire.decode_token(token)
+            if decoded.session_id != resp.session_id or decoded.invite is not None:
+                raise RemoteProtocolError("its token does not name the session")
+            if not resp.node_addr.isprintable():
+                raise RemoteProtocolError("its node address is not printable")
         except RemoteProtocolError as exc:
             raise RelayUnreachable(f"the relay at {self.url} answered nonsense: {exc}") from exc
         derived = wire.derive_session_id(self._key.public.blob, self._secret)
-        token = resp.ssh_user or wire.encode_token(resp.session_id, resp.node_addr)
         version = wire.parse_relay_banner(conn.get_extra_info("server_version") or "")
         return Registered(
             resp.session_id, resp.node_addr, token, resp.session_id == derived, version
@@ -341,6 +348,8 @@ class Tunnel:
                 kbdint_auth=False,
                 gss_host=None,
                 keepalive_interval=self._keepalive_s,
+                # Long enough for a joiner waiting on --approve; then the joiner is dropped.
+                login_timeout=policy.approve_timeout_s + 30,
             )
         except (asyncssh.Error, ValueError) as exc:
             # ValueError: asyncssh cannot parse a refusal that carries a reason text.
@@ -394,6 +403,10 @@ class Tunnel:
             if conn is not None:
                 conn.close()
             return False
+        except BaseException:
+            if conn is not None:  # e.g. cancelled by close(): never leave it connected
+                conn.close()
+            raise
         if self._closing:
             conn.close()
             return False

@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 
 #: A joiner must finish authenticating within this many seconds.
 LOGIN_TIMEOUT_S = 60
-#: Upstream (relay → host) connection must be up within this many seconds.
-UPSTREAM_TIMEOUT_S = 30
+#: Upstream (relay → host) connection must be up within this many seconds. It includes
+#: the host's authentication, which waits for the host's answer under --approve (up to an
+#: hour); a host that went away is noticed by the tunnel's keepalives long before.
+UPSTREAM_TIMEOUT_S = 3700
+#: Limits that keep one peer from growing the relay without bound.
+MAX_SESSIONS_PER_CONNECTION = 8
+MAX_KEYS_PER_SESSION = 1024
+MAX_CHANNELS_PER_JOINER = 16
 #: The host name a joiner asks the relay to connect to for an end-to-end join.
 E2E_DESTINATION = "upterm"
 #: Pause a reader when the other side has this much unsent data queued.
@@ -181,6 +187,7 @@ class RelayConnection(asyncssh.SSHServer):
         self._auth_key: bytes | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._owned: set[str] = set()
+        self._channels = 0
 
     # -- connection lifecycle --
 
@@ -216,6 +223,8 @@ class RelayConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         assert self.conn is not None
+        self._token = None
+        self._reg = None
         banner = self.conn.get_extra_info("client_version") or ""
         self.is_host = banner == wire.HOST_CLIENT_VERSION
         if self.is_host:
@@ -276,8 +285,12 @@ class RelayConnection(asyncssh.SSHServer):
         assert self.conn is not None
         if not self.is_host:
             return sshcompat.GlobalReply(False, b"only hosts may create sessions")
+        if len(self._owned) >= MAX_SESSIONS_PER_CONNECTION:
+            return sshcompat.GlobalReply(False, b"failed to create session: too many sessions")
         try:
             req = wire.CreateSessionRequest.decode(payload)
+            if len(req.client_authorized_keys) > MAX_KEYS_PER_SESSION:
+                raise RemoteProtocolError("failed to create session: too many authorized keys")
             if req.host_key_proof:
                 sid, generation = self._verify_proof(req)
             else:
@@ -349,9 +362,14 @@ class RelayConnection(asyncssh.SSHServer):
     # -- joiner side: proxy each session channel to the host --
 
     def session_requested(self) -> Any:
-        if self.is_host or self._reg is None:
+        if self.is_host or self._reg is None or not self._take_channel():
             return False
         return _JoinerSession(self)
+
+    def _take_channel(self) -> bool:
+        # One joiner needs a few channels; a flood of them is refused, not served.
+        self._channels += 1
+        return self._channels <= MAX_CHANNELS_PER_JOINER
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -363,6 +381,8 @@ class RelayConnection(asyncssh.SSHServer):
         Any other destination is refused: the relay is not a TCP proxy.
         """
         if self.is_host or self._reg is None or dest_host != E2E_DESTINATION:
+            return False
+        if not self._take_channel():
             return False
         reg = self._reg
         host_conn = reg.owner
@@ -457,7 +477,10 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
         peer = self.peer
         if peer is None or peer.chan is None or self.chan is None:
             return
-        peer.chan.write(data)
+        try:
+            peer.chan.write(data)
+        except (OSError, asyncssh.Error):
+            return  # the other side is closing; its connection_lost closes this one
         if peer.chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES:
             self.chan.pause_reading()
 
@@ -491,7 +514,6 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._pending_eof = False
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._size: tuple[int, int, int, int] | None = None
-        self._env: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
@@ -523,7 +545,8 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         assert self._chan is not None
         chan = self._chan
         try:
-            upstream = await self._link.upstream()
+            # Shielded: cancelling this channel must not cancel the joiner's other channels.
+            upstream = await asyncio.shield(self._link.upstream())
             kwargs: dict[str, Any] = {}
             if self._term is not None:
                 kwargs.update(
@@ -556,6 +579,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         for data, datatype in self._pending:
             up_chan.write(data, datatype)
         self._pending.clear()
+        chan.resume_reading()
         if self._pending_eof:
             up_chan.write_eof()
 
@@ -569,7 +593,10 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             if sum(len(d) for d, _ in self._pending) > PROXY_HIGH_WATER_BYTES and self._chan:
                 self._chan.pause_reading()
             return
-        self._up.write(data, datatype)
+        try:
+            self._up.write(data, datatype)
+        except (OSError, asyncssh.Error):
+            return  # the host side is closing; its connection_lost ends this channel
         if self._up.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._chan:
             self._chan.pause_reading()
 

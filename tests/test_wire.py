@@ -567,3 +567,30 @@ def test_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
     line = key.authorized_key_line()
     assert line.endswith(b"\n")
     assert line == b" ".join((tmp_path / "id.pub").read_bytes().split()[:2]) + b"\n"
+
+
+def test_certificate_with_critical_options_is_refused() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519 as _ed
+    from cryptography.hazmat.primitives.serialization import (
+        SSHCertificateBuilder,
+        SSHCertificateType,
+    )
+
+    from upterm import sshcert
+
+    ca = _ed.Ed25519PrivateKey.generate()
+    cert = (
+        SSHCertificateBuilder()
+        .public_key(ca.public_key())
+        .serial(1)
+        .type(SSHCertificateType.USER)
+        .key_id(b"x")
+        .valid_principals([b"tok"])
+        .valid_after(0)
+        .valid_before(2**63)
+        .add_critical_option(b"force-command", b"/bin/true")
+        .sign(ca)
+    )
+    blob = base64.b64decode(cert.public_bytes().split()[1])
+    with pytest.raises(RemoteProtocolError, match="critical options"):
+        sshcert.parse(blob)

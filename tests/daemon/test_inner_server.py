@@ -7,6 +7,8 @@ certificates, honest and forged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 
 import asyncssh
@@ -253,3 +255,40 @@ async def test_bare_key_is_an_end_to_end_joiner_unless_it_is_the_relays(host: Ho
     host.policy.e2e_only = True
     with pytest.raises(asyncssh.PermissionDenied):
         await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+
+
+async def test_two_channels_one_joiner_leaves_once(host: Host) -> None:
+    left: list[str] = []
+    host.policy.on_leave = left.append
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        first = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        second = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        await asyncio.wait_for(second.stdout.read(2), 10)
+        first.close()
+        await asyncio.sleep(0.3)
+        assert left == []  # still here on the other channel
+        second.close()
+        await asyncio.sleep(0.3)
+    assert len(left) == 1
+
+
+async def test_forced_command_pty_is_released_when_its_joiner_leaves(host: Host) -> None:
+    def ptys() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{fd}") == "/dev/ptmx"
+        return count
+
+    host.policy.force_command = ("sleep", "600")
+    before = ptys()
+    for _ in range(3):
+        async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+            await asyncio.sleep(0.3)
+            assert ptys() == before + 1
+            proc.close()
+    deadline = time.monotonic() + 10
+    while ptys() != before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert ptys() == before

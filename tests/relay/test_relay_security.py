@@ -316,3 +316,28 @@ async def test_superseded_registration_is_refused(relay, tmp_path) -> None:
         await second.connect([])
     first.close()
     second.close()
+
+
+async def test_one_host_connection_cannot_grow_the_relay_without_bound(relay) -> None:
+    async with await _raw_host(relay) as host:
+        replies = []
+        for _ in range(10):
+            req = wire.CreateSessionRequest(
+                host_user="m",
+                host_public_keys=(Ed25519Key.generate().public.authorized_key_line(),),
+            )
+            replies.append(
+                await sshcompat.global_request(host, wire.CREATE_SESSION_REQUEST, req.encode())
+            )
+        assert [r.ok for r in replies] == [True] * 8 + [False] * 2
+        assert replies[-1].payload == b"failed to create session: too many sessions"
+        many_keys = wire.CreateSessionRequest(
+            host_user="m",
+            host_public_keys=(Ed25519Key.generate().public.authorized_key_line(),),
+            client_authorized_keys=(b"ssh-ed25519 AAAA",) * 2000,
+        )
+    async with await _raw_host(relay) as other:
+        reply = await sshcompat.global_request(
+            other, wire.CREATE_SESSION_REQUEST, many_keys.encode()
+        )
+        assert reply.payload == b"failed to create session: too many authorized keys"

@@ -1,0 +1,58 @@
+"""A relay is not trusted with file names or terminal text: a hostile answer is refused."""
+
+from __future__ import annotations
+
+import asyncssh
+import pytest
+
+from upterm import sshcompat, wire
+from upterm.daemon.knownhosts import RelayTrust
+from upterm.daemon.tunnel import RelayURL, Tunnel
+from upterm.errors import RelayUnreachable
+from upterm.keys import Ed25519Key
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _EvilRelay(asyncssh.SSHServer):
+    def __init__(self, answer: wire.CreateSessionResponse) -> None:
+        self._answer = answer
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        async def reply(_payload: bytes) -> sshcompat.GlobalReply:
+            return sshcompat.GlobalReply(True, self._answer.encode())
+
+        sshcompat.install_global_request_handler(conn, wire.CREATE_SESSION_REQUEST, reply)
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        wire.CreateSessionResponse("../../docker", "127.0.0.1:1", ""),
+        wire.CreateSessionResponse("/etc/passwd", "127.0.0.1:1", ""),
+        wire.CreateSessionResponse("abc", "127.0.0.1:1", "xyz:MTI3"),
+        wire.CreateSessionResponse("abc\x1b]52;c;", "127.0.0.1:1", ""),
+        wire.CreateSessionResponse("abc", "\x1b[2J", ""),
+    ],
+)
+async def test_hostile_registration_answers_are_refused(answer, tmp_path) -> None:
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _EvilRelay(answer),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+    )
+    port = server.sockets[0].getsockname()[1]
+    tunnel = Tunnel(
+        RelayURL("ssh", "127.0.0.1", port),
+        RelayTrust(name=f"[127.0.0.1]:{port}", known_hosts=tmp_path / "kh", accept_new=True),
+        Ed25519Key.generate(),
+        wire.new_session_secret(),
+        on_state=lambda state: None,
+    )
+    with pytest.raises(RelayUnreachable, match="answered nonsense"):
+        await tunnel.connect([])
+    server.close()

@@ -261,12 +261,23 @@ async def joiner(
 KEY: list[asyncssh.SSHKey] = []
 
 
+SKIP_NOTICE = b"output skipped"
+
+
 async def read_until(stream: asyncssh.SSHReader[bytes], marker: bytes, limit_s: float) -> bytes:
-    seen = b""
+    """Read until ``marker``; returns the last 64 KiB read (plus the skip notice if seen).
+
+    Only a tail is kept: a 64 MiB run must not spend its time copying what it read.
+    """
+    tail = b""
+    skipped = False
     deadline = time.monotonic() + limit_s
-    while marker not in seen[-(len(marker) + 65536) :]:
-        seen += await asyncio.wait_for(stream.read(65536), max(0.01, deadline - time.monotonic()))
-    return seen
+    while marker not in tail:
+        chunk = await asyncio.wait_for(stream.read(65536), max(0.01, deadline - time.monotonic()))
+        window = tail[-64:] + chunk
+        skipped = skipped or SKIP_NOTICE in window
+        tail = (tail + chunk)[-65536:]
+    return tail + (SKIP_NOTICE if skipped else b"")
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -304,7 +315,7 @@ async def throughput_mib_s(port: int, user: str, size: int) -> float:
         proc.stdin.write(f"head -c {size} /dev/zero | tr '\\0' x; echo END-$((1+1))\r".encode())
         seen = await read_until(proc.stdout, b"END-2", 300)
         elapsed = time.perf_counter() - start
-        if b"output skipped" in seen:
+        if SKIP_NOTICE in seen:
             # A joiner that fell behind skipped ahead: not a full delivery, no figure.
             return float("nan")
         return size / (1 << 20) / elapsed

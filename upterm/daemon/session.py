@@ -170,11 +170,6 @@ class Session:
 
     # -- viewers --
 
-    @property
-    def viewer_count(self) -> int:
-        """How many viewers are attached."""
-        return len(self._viewers)
-
     def attach(self, viewer: Viewer, cols: int, rows: int) -> None:
         """Add a viewer: it gets recent output, then everything live."""
         if self.exited.done():

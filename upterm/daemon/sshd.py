@@ -231,33 +231,34 @@ class InnerServer(asyncssh.SSHServer):
         blob = bytes(key.public_data)
         if blob == self._policy.relay_key_blob:
             return False  # the relay itself must never pass for an end-to-end joiner
-        fingerprint = wire.fingerprint_sha256(blob)
-        if self._client is not None and self._client.fingerprint == fingerprint:
-            return self._admitted  # asyncssh asks twice: a query, then the signed request
-        source = self._policy.key_allowed(username, blob)
-        if source is None or not await self._wait_accepting():
-            return False
         assert self._conn is not None
-        return await self._admit(
-            ClientInfo(
-                client_id=f"{next(_client_counter)}",
-                version=printable(self._conn.get_extra_info("client_version") or ""),
-                addr="[end-to-end]",
-                fingerprint=fingerprint,
-                mode="e2e",
-                source=source,
-            ),
-            username,
-        )
+        version = self._conn.get_extra_info("client_version") or ""
+        return await self._authorize(username, blob, "e2e", version, "[end-to-end]")
 
-    async def _admit(self, client: ClientInfo, username: str) -> bool:
-        """Let ``client`` in (asking the host first with --approve); remember the answer.
+    async def _authorize(
+        self, username: str, blob: bytes, mode: str, version: str, addr: str
+    ) -> bool:
+        """Decide on a joiner's key, either path; asking the host first with --approve.
 
         asyncssh asks about a key twice (a query, then the signed request): the host is
         asked, and an invite used, once per connection and key.
         """
-        if self._client is not None and self._client.fingerprint == client.fingerprint:
+        fingerprint = wire.fingerprint_sha256(blob)
+        if self._client is not None and self._client.fingerprint == fingerprint:
             return self._admitted
+        source = self._policy.key_allowed(username, blob)
+        if source is None or not await self._wait_accepting():
+            return False
+        client = ClientInfo(
+            client_id=f"{next(_client_counter)}",
+            version=printable(version),
+            addr="[redacted]"
+            if self._policy.hide_client_ip and mode == "relay"
+            else printable(addr),
+            fingerprint=fingerprint,
+            mode=mode,
+            source=source,
+        )
         # Decide first, remember after: a decision cancelled half-way admits nobody.
         self._client, self._admitted = None, False
         admitted = await self._policy.admit(client) and self._policy.use_invite(username)
@@ -285,20 +286,10 @@ class InnerServer(asyncssh.SSHServer):
         except RemoteProtocolError as exc:
             log.info("refused a guest certificate: %s", exc)
             return None
-        if self._client is not None and self._client.fingerprint == joiner_key.fingerprint:
-            return cert.certified_blob if self._admitted else None
-        source = self._policy.key_allowed(username, joiner_key.blob)
-        if source is None or not await self._wait_accepting():
-            return None
-        client = ClientInfo(
-            client_id=f"{next(_client_counter)}",
-            version=printable(cert.auth.client_version),
-            addr="[redacted]" if self._policy.hide_client_ip else printable(cert.auth.remote_addr),
-            fingerprint=joiner_key.fingerprint,
-            mode="relay",
-            source=source,
+        admitted = await self._authorize(
+            username, joiner_key.blob, "relay", cert.auth.client_version, cert.auth.remote_addr
         )
-        return cert.certified_blob if await self._admit(client, username) else None
+        return cert.certified_blob if admitted else None
 
     def session_requested(self) -> Any:
         if self._client is None or not self._admitted:

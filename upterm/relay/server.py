@@ -384,15 +384,20 @@ class RelayConnection(asyncssh.SSHServer):
             return False
         if not self._take_channel():
             return False
-        reg = self._reg
-        host_conn = reg.owner
-        if self.relay.table.get(reg.session_id) is not reg or not isinstance(
-            host_conn, RelayConnection
-        ):
+        host_conn = self._live_host()
+        if host_conn is None:
             return False
-        assert host_conn.conn is not None
-        log.info("joiner %s opened an end-to-end channel to %s", self.peer(), reg.session_id)
-        return _open_splice(self.relay, host_conn.conn, reg.session_id)
+        sid = self._reg.session_id
+        log.info("joiner %s opened an end-to-end channel to %s", self.peer(), sid)
+        return _open_splice(self.relay, host_conn, sid)
+
+    def _live_host(self) -> asyncssh.SSHServerConnection | None:
+        """The connection of this joiner's host, if its registration is still current."""
+        reg = self._reg
+        if reg is None or self.relay.table.get(reg.session_id) is not reg:
+            return None
+        owner = reg.owner
+        return owner.conn if isinstance(owner, RelayConnection) else None
 
     def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
         """The SSH connection to the host's inner server, opened once per joiner."""
@@ -403,12 +408,9 @@ class RelayConnection(asyncssh.SSHServer):
     async def _open_upstream(self) -> asyncssh.SSHClientConnection:
         assert self.conn is not None and self._reg is not None and self._auth_key is not None
         reg = self._reg
-        host_conn = reg.owner
-        if self.relay.table.get(reg.session_id) is not reg or not isinstance(
-            host_conn, RelayConnection
-        ):
+        host_conn = self._live_host()
+        if host_conn is None:
             raise ConnectionError(wire.UPSTREAM_UNAVAILABLE)
-        assert host_conn.conn is not None
         username = self.conn.get_extra_info("username") or ""
         joiner_key = wire.PublicKey(self._auth_key)
         auth = wire.AuthRequest(
@@ -434,7 +436,7 @@ class RelayConnection(asyncssh.SSHServer):
             asyncssh.connect(
                 reg.session_id,
                 0,
-                tunnel=_ForwardedStreamTunnel(host_conn.conn, reg.session_id),
+                tunnel=_ForwardedStreamTunnel(host_conn, reg.session_id),
                 username=username,
                 client_keys=[(self.relay.identity.ssh_key, asyncssh.import_certificate(cert_line))],
                 known_hosts=(host_keys, [], []),

@@ -254,6 +254,43 @@ def test_stalled_joiner_never_holds_back_the_others(user_env: UserEnv, joiner_ke
     stalled.close()
 
 
+def test_lone_joiner_gets_every_byte_of_a_flood(user_env: UserEnv, joiner_key) -> None:
+    # Nobody watches locally: the PTY follows the joiner instead of outrunning it, so a
+    # joiner that reads as fast as it can is never skipped ahead.
+    info = detached(user_env, "follow")
+    reader = Joiner(info, joiner_key)
+    reader.expect(b"$ ")
+    # `tr` writes far faster than any SSH path carries: without following the joiner, the
+    # PTY would be drained ahead of it and it would skip.
+    reader.type("head -c 24000000 /dev/zero | tr '\\0' x; echo; echo END-$((3+3))\r")
+    seen = reader.expect(b"END-6\r\n", timeout=90)
+    assert b"output skipped" not in seen
+    output = seen[seen.index(b"(3+3))\r\n") :]  # after the echoed command line (its own x)
+    assert output.count(b"x") == 24000000
+    reader.close()
+
+
+def test_stopped_lone_joiner_does_not_hold_the_command(
+    user_env: UserEnv, joiner_key, tmp_path: Path
+) -> None:
+    info = detached(user_env, "nohold")
+    stopped = join(user_env, info, joiner_key)
+    stopped.expect(b"$ ")
+    done = tmp_path / "done"
+    stopped.type(f"head -c 30000000 /dev/zero | tr '\\0' x; touch {done}\r")
+    time.sleep(0.2)
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    try:
+        # The PTY waits for the only joiner briefly, then reads on without it.
+        wait_for(done.exists, timeout=60)
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+    stopped.expect(b"output skipped to catch up", timeout=30)
+    stopped.type("echo alive-$((9+9))\r")
+    stopped.expect(b"alive-18")
+    stopped.close()
+
+
 def test_startup_confirmation(user_env: UserEnv, joiner_key) -> None:
     host = PtyClient(["upterm", "host", "--", *SHELL], user_env.env)
     host.expect(b"Accept connections? [y/n]: ")

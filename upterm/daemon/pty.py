@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Largest read from the PTY master in one go.
 READ_CHUNK_BYTES = 64 * 1024
+#: Most output passed on from one readiness callback.
+READ_BATCH_BYTES = 128 * 1024
 
 
 def _become_controlling_tty() -> None:  # pragma: no cover - runs in the child
@@ -127,20 +129,30 @@ class PtyProcess:
             self._start_reading()
 
     def _read(self) -> None:
-        try:
-            data = os.read(self.master_fd, READ_CHUNK_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            # EIO: every slave fd is closed (the command and its children are gone).
-            if exc.errno != errno.EIO:
-                log.warning("reading the PTY failed: %s", exc)
-            self._stop_reading()
-            return
-        if not data:
-            self._stop_reading()
-            return
-        self._on_output(data)
+        # Read what is there, up to READ_BATCH_BYTES: the kernel hands a PTY's output over a
+        # few KiB per read, and every read passed on alone would become its own SSH packet
+        # on each hop. A command that writes faster than we forward fills the PTY buffer, so
+        # batching grows exactly when it pays; an echoed keystroke still goes out at once.
+        chunks: list[bytes] = []
+        size = 0
+        while size < READ_BATCH_BYTES:
+            try:
+                data = os.read(self.master_fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # EIO: every slave fd is closed (the command and its children are gone).
+                if exc.errno != errno.EIO:
+                    log.warning("reading the PTY failed: %s", exc)
+                self._stop_reading()
+                break
+            if not data:
+                self._stop_reading()
+                break
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            self._on_output(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _reap(self) -> None:
         self._loop.remove_reader(self._pidfd)

@@ -1,9 +1,19 @@
 """A shared terminal: one command on a PTY and every viewer attached to it.
 
-Output fans out to each viewer without letting one stall another. A viewer that *paces*
-(the host's own attached terminal) may pause the PTY while its socket drains, as a real
-terminal would; every other viewer (SSH joiners) gets a bounded backlog and is cut off with a
-message when it falls further behind, so a stalled joiner never holds the command back.
+Output fans out to each viewer without letting one stall another. The PTY is read as fast
+as the fastest viewer takes it, never faster than every viewer can carry:
+
+- A viewer that *paces* (the host's own attached terminal) pauses the PTY while its socket
+  drains, as a real terminal would.
+- With no such terminal attached, the PTY follows the fastest SSH joiner: it pauses while
+  every joiner has a full send buffer, and reads on as soon as one drains. A joiner that
+  makes no progress for ``JOINER_STALL_S`` stops counting (until it drains again), so a
+  stopped joiner holds the command back for at most that long, once.
+- Joiners slower than the pace skip ahead (see ``sshd.SKIP_AHEAD_BYTES``); a viewer whose
+  backlog still grows past ``VIEWER_BACKLOG_LIMIT_BYTES`` is cut off with a message.
+
+Following the fastest joiner matters for throughput: a session nobody watches locally would
+otherwise read the PTY far faster than any SSH path carries it and every joiner would skip.
 The PTY size is the smallest of all attached terminals, recomputed whenever one joins,
 resizes or leaves.
 """
@@ -27,6 +37,11 @@ log = logging.getLogger(__name__)
 VIEWER_BACKLOG_LIMIT_BYTES = 4 << 20
 #: A pacing viewer above this pauses the PTY until it drains.
 PACE_HIGH_WATER_BYTES = 256 * 1024
+#: A joiner with more unsent output than this is busy (also its channel's high-water mark,
+#: so its ``resume_writing`` reports when it drains to a quarter of it).
+FOLLOW_HIGH_WATER_BYTES = 256 * 1024
+#: How long the PTY waits for a busy joiner to drain before reading on without it.
+JOINER_STALL_S = 0.5
 #: Recent output replayed to a new viewer so it does not start on a blank screen.
 REPLAY_BYTES = 64 * 1024
 CUT_OFF_MESSAGE = b"\r\nupterm: you fell too far behind the session's output; disconnected.\r\n"
@@ -103,6 +118,9 @@ class Session:
         self._viewers: dict[str, Viewer] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._pacing_blocked: set[str] = set()
+        #: Joiners that made no progress within JOINER_STALL_S: not followed until drained.
+        self._stalled: set[str] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._replay = bytearray()
         #: Set by the manager when the session is recorded.
         self.recorder: Recorder | None = None
@@ -161,6 +179,7 @@ class Session:
             viewer.finish(status)
         self._viewers.clear()
         self._sizes.clear()
+        self._cancel_stall_timer()
         if self._proc is not None:
             self._proc.close()
         if self.recorder is not None:
@@ -190,6 +209,7 @@ class Session:
         """Remove a viewer; the PTY size is recomputed without it."""
         self._viewers.pop(viewer_id, None)
         self._pacing_blocked.discard(viewer_id)
+        self._stalled.discard(viewer_id)
         if self._sizes.pop(viewer_id, None) is not None:
             self._apply_size()
         self._maybe_resume()
@@ -276,14 +296,43 @@ class Session:
                 log.info("viewer %s fell %d bytes behind; cut off", viewer.viewer_id, backlog)
                 self.detach(viewer.viewer_id)
                 viewer.cut_off(CUT_OFF_MESSAGE)
-        if self._pacing_blocked and self._proc is not None:
+        if self._proc is not None and self._must_wait():
             self._proc.pause_output()
+            if not self._pacing_blocked and self._stall_timer is None:
+                self._stall_timer = asyncio.get_running_loop().call_later(
+                    JOINER_STALL_S, self._joiners_stalled
+                )
+
+    def _must_wait(self) -> bool:
+        """Whether reading the PTY now would outrun every viewer."""
+        if self._pacing_blocked:
+            return True
+        viewers = self._viewers.values()
+        if any(v.paces for v in viewers):
+            return False  # the host's terminal keeps up: the PTY goes at its pace
+        followed = [v for v in viewers if v.viewer_id not in self._stalled]
+        return bool(followed) and all(v.backlog() > FOLLOW_HIGH_WATER_BYTES for v in followed)
+
+    def _joiners_stalled(self) -> None:
+        self._stall_timer = None
+        for viewer in self._viewers.values():
+            if not viewer.paces and viewer.backlog() > FOLLOW_HIGH_WATER_BYTES:
+                log.info("viewer %s made no progress; no longer waited for", viewer.viewer_id)
+                self._stalled.add(viewer.viewer_id)
+        self._maybe_resume()
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def drained(self, viewer_id: str) -> None:
-        """A pacing viewer's backlog fell below its low-water mark."""
+        """A viewer's backlog fell below its low-water mark: it can take more."""
         self._pacing_blocked.discard(viewer_id)
+        self._stalled.discard(viewer_id)
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
-        if not self._pacing_blocked and self._proc is not None:
+        if self._proc is not None and not self._must_wait():
+            self._cancel_stall_timer()
             self._proc.resume_output()

@@ -23,7 +23,7 @@ import asyncssh
 
 from upterm import sshcompat, wire
 from upterm.daemon.pty import PtyProcess
-from upterm.daemon.session import ClientInfo, Session
+from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.errors import RemoteProtocolError, UptermError
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        chan.set_write_buffer_limits(FOLLOW_HIGH_WATER_BYTES)
         self._policy.channel_opened(self)
         self._policy.by_client.setdefault(self._client.client_id, set()).add(self)
 
@@ -413,11 +414,13 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def resume_writing(self) -> None:
         if self._forced is not None:
             self._forced.resume_output()
-        elif self._skipping and self._attached:
-            # Caught up: carry on live, and have full-screen programs repaint.
-            self._skipping = False
-            self.send(SKIPPED_NOTICE + self._policy.session.recent_output(CATCH_UP_BYTES))
-            self._policy.session.redraw()
+        elif self._attached:
+            if self._skipping:
+                # Caught up: carry on live, and have full-screen programs repaint.
+                self._skipping = False
+                self.send(SKIPPED_NOTICE + self._policy.session.recent_output(CATCH_UP_BYTES))
+                self._policy.session.redraw()
+            self._policy.session.drained(self.viewer_id)
 
     def eof_received(self) -> bool:
         if self._forced is not None:

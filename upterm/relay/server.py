@@ -42,6 +42,14 @@ MAX_CHANNELS_PER_JOINER = 16
 E2E_DESTINATION = "upterm"
 #: Pause a reader when the other side has this much unsent data queued.
 PROXY_HIGH_WATER_BYTES = 256 * 1024
+#: Largest packet we let a host send on a forwarded channel (its reverse tunnel). Each
+#: packet costs a round of Python work here, and a host's inner SSH packets ride inside
+#: these: at asyncssh's 32 KiB default every full inner packet needed two. Well under the
+#: 256 KiB transport limit of Go's x/crypto, which upstream hosts use.
+TUNNEL_MAX_PACKET_BYTES = 128 * 1024
+#: Largest packet the host's inner server may send the relay on a joiner's behalf; with its
+#: framing it still fits one tunnel packet.
+INNER_MAX_PACKET_BYTES = 64 * 1024
 
 
 def format_addr(peer: Any) -> str:
@@ -75,7 +83,9 @@ class _ForwardedStreamTunnel:
     async def create_connection(
         self, session_factory: Callable[[], Any], _host: str, _port: int
     ) -> tuple[Any, Any]:
-        return await self._conn.create_unix_connection(session_factory, self._sid)
+        return await self._conn.create_unix_connection(
+            session_factory, self._sid, max_pktsize=TUNNEL_MAX_PACKET_BYTES
+        )
 
 
 class Relay:
@@ -457,7 +467,9 @@ async def _open_splice(
 ) -> _Splice:
     joiner_side = _Splice(relay)
     host_factory: Any = lambda: _Splice(relay, peer=joiner_side)  # noqa: E731
-    _, host_side = await host_conn.create_unix_connection(host_factory, session_id)
+    _, host_side = await host_conn.create_unix_connection(
+        host_factory, session_id, max_pktsize=TUNNEL_MAX_PACKET_BYTES
+    )
     joiner_side.peer = cast(_Splice, host_side)
     return joiner_side
 
@@ -561,6 +573,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                 command=command,
                 subsystem=subsystem,
                 encoding=None,
+                max_pktsize=INNER_MAX_PACKET_BYTES,
                 **kwargs,
             )
         except asyncio.CancelledError:

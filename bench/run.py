@@ -15,18 +15,19 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import resource
+import select
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,7 @@ class World:
             "UPTERM_LOCAL_RELAY_ADDR": "127.0.0.1:0",
             "TERM": "xterm",
             "LANG": "C.UTF-8",
+            "PS1": "$ ",
         }
         self.key = asyncssh.generate_private_key("ssh-ed25519")
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -136,15 +138,15 @@ class World:
         self.procs.append(proc)
         return proc
 
-    def start_relay(self) -> tuple[subprocess.Popen[bytes], int]:
-        addr = self.root / "relay.addr"
+    def start_relay(self, name: str = "relay") -> tuple[subprocess.Popen[bytes], int]:
+        addr = self.root / f"{name}.addr"
         proc = self.spawn(
             [
                 str(VENV_BIN / "uptermd"),
                 "--ssh-addr",
                 "127.0.0.1:0",
                 "--state-dir",
-                str(self.root / "relay"),
+                str(self.root / name),
                 "--addr-file",
                 str(addr),
             ]
@@ -243,62 +245,98 @@ def world() -> Iterator[World]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@contextlib.asynccontextmanager
-async def joiner(
-    port: int, user: str, command: str | None = None
-) -> AsyncIterator[asyncssh.SSHClientProcess[bytes]]:
-    """An asyncssh joiner with a PTY (the same client for upterm and for sshd)."""
-    async with asyncssh.connect(
-        "127.0.0.1", port, username=user, client_keys=[KEY[0]], known_hosts=None,
-        agent_path=None, config=None,
-    ) as conn:  # fmt: skip
-        proc = await conn.create_process(
-            command, term_type="xterm", term_size=(120, 40), encoding=None
-        )
-        yield proc
-        proc.close()
+class SshJoiner:
+    """A real OpenSSH ``ssh -tt`` joiner on pipes, as users join (and as the sshd baseline).
+
+    Reads only keep a short tail and a count of flood bytes: a 64 MiB run must not spend its
+    time copying what it read.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [*argv[:1], "-tt", *argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, bufsize=0,
+        )  # fmt: skip
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+        self.tail = b""
+        self.flood = 0  # FLOOD_BYTE seen since the last reset
+        self.skipped = False
+        self.done_at: float | None = None
+
+    def type(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+
+    def feed(self, chunk: bytes) -> None:
+        window = self.tail[-64:] + chunk
+        self.skipped = self.skipped or SKIP_NOTICE in window
+        self.flood += chunk.count(FLOOD_BYTE)
+        self.tail = window[-4096:]
+
+    def read_until(self, marker: bytes, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while marker not in self.tail:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError(f"{marker!r} not seen")
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                raise EOFError(f"ssh ended before {marker!r}")
+            self.feed(chunk)
+
+    def settle(self, marker: bytes = b"$ ") -> None:
+        """Wait for the prompt, then drain whatever else arrives (the replay, a repaint)."""
+        self.read_until(marker, 15)
+        while select.select([self.fd], [], [], 0.3)[0]:
+            self.feed(os.read(self.fd, 1 << 20))
+        self.tail = b""
+
+    def reset(self) -> None:
+        self.tail, self.flood, self.skipped, self.done_at = b"", 0, False, None
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 KEY: list[asyncssh.SSHKey] = []
-
-
 SKIP_NOTICE = b"output skipped"
+#: The flood is this byte, written as an octal escape so the echoed command has none.
+FLOOD_BYTE = b"x"
+FLOOD_END = b"END-2"
 
 
-async def read_until(stream: asyncssh.SSHReader[bytes], marker: bytes, limit_s: float) -> bytes:
-    """Read until ``marker``; returns the last 64 KiB read (plus the skip notice if seen).
-
-    Only a tail is kept: a 64 MiB run must not spend its time copying what it read.
-    """
-    tail = b""
-    skipped = False
-    deadline = time.monotonic() + limit_s
-    while marker not in tail:
-        chunk = await asyncio.wait_for(stream.read(65536), max(0.01, deadline - time.monotonic()))
-        window = tail[-64:] + chunk
-        skipped = skipped or SKIP_NOTICE in window
-        tail = (tail + chunk)[-65536:]
-    return tail + (SKIP_NOTICE if skipped else b"")
+def flood_command(size: int) -> bytes:
+    """Shell line that writes ``size`` flood bytes, then a marker not in its own echo."""
+    return f"head -c {size} /dev/zero | tr '\\0' '\\170'; echo END-$((1+1))\r".encode()
 
 
 # --- figures ------------------------------------------------------------------------------
 
 
-async def echo_latency_ms(port: int, user: str, command: str | None, n: int) -> list[float]:
+def echo_latency_ms(argv: list[str], n: int) -> list[float]:
     """Type one byte, wait for its echo, n times (cooked-mode `cat`: the kernel echoes)."""
-    async with joiner(port, user, command) as proc:
-        await asyncio.sleep(0.3)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.stdout.read(65536), 0.5)  # drain the replay
+    j = SshJoiner(argv)
+    try:
+        time.sleep(0.5)
+        j.type(b"w")
+        j.read_until(b"w", 15)  # connected and echoing
+        time.sleep(0.3)
+        while select.select([j.fd], [], [], 0.3)[0]:
+            os.read(j.fd, 1 << 20)
         samples = []
         for i in range(n + 20):
             ch = bytes([97 + i % 26])
+            j.tail = b""
             start = time.perf_counter()
-            proc.stdin.write(ch)
-            await read_until(proc.stdout, ch, 5)
+            j.type(ch)
+            j.read_until(ch, 5)
             if i >= 20:  # warm-up
                 samples.append((time.perf_counter() - start) * 1000)
         return samples
+    finally:
+        j.close()
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -306,20 +344,39 @@ def pct(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-async def throughput_mib_s(port: int, user: str, size: int) -> float:
-    """Joiner types `cat FILE`; MiB/s from Enter to the end marker."""
-    async with joiner(port, user) as proc:
-        await asyncio.sleep(0.3)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.stdout.read(65536), 0.5)
-        start = time.perf_counter()
-        proc.stdin.write(f"head -c {size} /dev/zero | tr '\\0' x; echo END-$((1+1))\r".encode())
-        seen = await read_until(proc.stdout, b"END-2", 300)
-        elapsed = time.perf_counter() - start
-        if SKIP_NOTICE in seen:
-            # A joiner that fell behind skipped ahead: not a full delivery, no figure.
-            return float("nan")
-        return size / (1 << 20) / elapsed
+def flood(joiners: list[SshJoiner], size: int, limit_s: float = 600) -> list[float]:
+    """The first joiner types the flood command; every joiner reads until the end marker.
+
+    Returns each joiner's rate of flood bytes actually received (MiB/s, Enter to its end
+    marker): a joiner that skipped ahead is credited only with what it got.
+    """
+    for j in joiners:
+        j.reset()
+    by_fd = {j.fd: j for j in joiners}
+    waiting = set(by_fd)
+    start = time.perf_counter()
+    joiners[0].type(flood_command(size))
+    deadline = time.monotonic() + limit_s
+    while waiting:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the flood did not reach every joiner")
+        for fd in select.select(list(waiting), [], [], 1)[0]:
+            j = by_fd[fd]
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise EOFError("a joiner's ssh ended during the flood")
+            j.feed(chunk)
+            if FLOOD_END in j.tail:
+                j.done_at = time.perf_counter()
+                waiting.discard(fd)
+    return [j.flood / (1 << 20) / ((j.done_at or start) - start) for j in joiners]
+
+
+def joined(argv: list[str], n: int) -> list[SshJoiner]:
+    joiners = [SshJoiner(argv) for _ in range(n)]
+    for j in joiners:
+        j.settle()
+    return joiners
 
 
 def cpu_seconds(pid: int) -> float:
@@ -455,15 +512,47 @@ def daemon_memory_per_session_kib(w: World, server: str, n: int) -> float:
     return (rss_kib(pid) - before) / n
 
 
+def wakeups(pid: int) -> int:
+    """Context switches of a process so far (each one a wakeup or a preemption)."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+            total += int(line.split()[1])
+    return total
+
+
+def idle_wakeups_per_s(pid: int, seconds: float) -> float:
+    before = wakeups(pid)
+    time.sleep(seconds)
+    return (wakeups(pid) - before) / seconds
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does: full, or tiny for the smoke run."""
+
+    latency_samples: int
+    flood_bytes: int  # one joiner
+    many_bytes: int  # 20 joiners, and the slow-joiner run
+    many_joiners: int
+    join_samples: int
+    relay_sessions: tuple[int, ...]
+    daemon_sessions: int
+    idle_s: float
+
+
+FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000), 100, 10.0)
+QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0)
+
+
 async def run(quick: bool) -> Report:
+    sizes = QUICK if quick else FULL
     report = Report(machine_info())
     print(json.dumps(report.machine, indent=2))
     print(f"{'figure':<46} {'value':>10} {'unit':<6} {'baseline':<28} {'ratio':>7}  target")
-    n_lat = 50 if quick else 500
-    size = (1 << 20) if quick else (64 << 20)
     KEY.append(asyncssh.generate_private_key("ssh-ed25519"))
     with world() as w:
         w.key = KEY[0]
@@ -471,10 +560,22 @@ async def run(quick: bool) -> Report:
         sshd_port = w.start_sshd()
         server = f"ssh://127.0.0.1:{port}"
         user = os.environ.get("USER") or "root"
+        key_file = w.root / "joiner"
+        key_file.write_bytes(KEY[0].export_private_key())
+        key_file.chmod(0o600)
+        ssh = [
+            "ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-i", str(key_file),
+        ]  # fmt: skip
+        to_sshd = [*ssh, "-p", str(sshd_port), f"{user}@127.0.0.1"]
 
+        def to_relay(info: dict[str, object]) -> list[str]:
+            return [*ssh, "-p", str(port), f"{info['sshUser']}@127.0.0.1"]
+
+        # Keystroke echo: OpenSSH joiners on both sides, the same `cat` in cooked mode.
         info = w.host("lat", server, "cat")
-        relay_lat = await echo_latency_ms(port, str(info["sshUser"]), None, n_lat)
-        sshd_lat = await echo_latency_ms(sshd_port, user, "cat", n_lat)
+        relay_lat = echo_latency_ms(to_relay(info), sizes.latency_samples)
+        sshd_lat = echo_latency_ms([*to_sshd, "cat"], sizes.latency_samples)
         for p in (50, 99):
             report.add(Figure(
                 f"echo latency via uptermd, p{p}", pct(relay_lat, p), "ms",
@@ -482,56 +583,103 @@ async def run(quick: bool) -> Report:
                 "p50 <= 1.5 ms, p99 <= 5 ms, <= 1.5x sshd",
             ))  # fmt: skip
 
-        own = await host_terminal_latency_ms(w, n_lat)
-        local = local_pty_echo_ms(n_lat)
+        own = await host_terminal_latency_ms(w, sizes.latency_samples)
+        local = local_pty_echo_ms(sizes.latency_samples)
         report.add(Figure(
             "echo latency, host terminal via daemon, p50", pct(own, 50), "ms",
             pct(local, 50), "local PTY", "p50 <= 0.5 ms",
         ))  # fmt: skip
 
+        # Throughput to one joiner, and uptermd's CPU for it.
         info = w.host("tp", server, "bash", "--norc", "--noprofile")
+        (one,) = joined(to_relay(info), 1)
         cpu_before = cpu_seconds(relay.pid)
-        joiner_tp = await throughput_mib_s(port, str(info["sshUser"]), size)
+        (rate,) = flood([one], sizes.flood_bytes)
         relay_cpu = cpu_seconds(relay.pid) - cpu_before
+        mib = sizes.flood_bytes >> 20 or sizes.flood_bytes / (1 << 20)
         report.add(Figure(
-            f"output throughput to 1 joiner ({size >> 20} MiB)", joiner_tp, "MiB/s",
-            local_pty_mib_s(size), "local PTY read", ">= 0.8x local",
+            f"output throughput to 1 joiner ({mib:g} MiB)", rate, "MiB/s",
+            local_pty_mib_s(sizes.flood_bytes), "local PTY read", ">= 0.8x local",
         ))  # fmt: skip
-        # Per MiB delivered: meaningless if the joiner skipped part of the output.
-        cpu_per_mib = relay_cpu / (size / (1 << 20)) * 1000 if joiner_tp == joiner_tp else math.nan
         report.add(Figure(
-            "uptermd CPU per relayed MiB", cpu_per_mib, "ms", target="figure; trend over releases",
+            "uptermd CPU per relayed MiB", relay_cpu / (one.flood / (1 << 20)) * 1000, "ms",
+            target="figure; trend over releases",
         ))  # fmt: skip
 
-        join_line = [
-            "ssh", "-tt", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-            "-i", str(w.root / "joiner"),
-        ]  # fmt: skip
-        (w.root / "joiner").write_bytes(KEY[0].export_private_key())
-        (w.root / "joiner").chmod(0o600)
-        n_join = 5 if quick else 20
-        ours = join_time_ms([*join_line, "-p", str(port), f"{info['sshUser']}@127.0.0.1"], n_join)
+        # Many joiners: each one's rate against one joiner's, same size, same session.
+        (single,) = flood([one], sizes.many_bytes)
+        many = [one, *joined(to_relay(info), sizes.many_joiners - 1)]
+        rates = flood(many, sizes.many_bytes)
+        skipped = sum(j.skipped for j in many)
+        report.add(Figure(
+            f"per-joiner throughput, {len(many)} joiners (median)", statistics.median(rates),
+            "MiB/s", single, "1 joiner", ">= 0.7x of 1 joiner",
+        ))  # fmt: skip
+        report.add(Figure(
+            f"per-joiner throughput, {len(many)} joiners (slowest)", min(rates), "MiB/s",
+            single, "1 joiner", f"({skipped} of {len(many)} skipped ahead)",
+        ))  # fmt: skip
+        for j in many[2:]:
+            j.close()
+
+        # Slow-joiner isolation: two live joiners, then the same with a third one stopped.
+        live = many[:2]
+        before = statistics.mean(flood(live, sizes.many_bytes))
+        stopped = SshJoiner(to_relay(info))
+        stopped.settle()
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.perf_counter()
+            after = statistics.mean(flood(live, sizes.many_bytes))
+            held = time.perf_counter() - start
+        finally:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        stopped.read_until(FLOOD_END, 60)  # it caught up (skipping ahead), not cut off
+        report.add(Figure(
+            "live joiners' throughput, one joiner stopped", after, "MiB/s", before,
+            "none stopped", ">= 0.9x",
+        ))  # fmt: skip
+        report.add(Figure(
+            "time to end of output with a stopped joiner", held * 1000, "ms",
+            target="no joiner holds the PTY back",
+        ))  # fmt: skip
+        for j in [*live, stopped]:
+            j.close()
+
+        n_join = sizes.join_samples
+        ours = join_time_ms(["ssh", "-tt", *to_relay(info)[1:]], n_join)
         # sshd's shell prints its first byte when it starts, as the shared session does.
-        theirs = join_time_ms(
-            [*join_line, "-p", str(sshd_port), f"{user}@127.0.0.1", "echo ready; cat"], n_join
-        )
+        theirs = join_time_ms(["ssh", "-tt", *to_sshd[1:], "echo ready; cat"], n_join)
         report.add(Figure(
             "join time, ssh start to first byte (median)", statistics.median(ours), "ms",
             statistics.median(theirs), "OpenSSH sshd", "<= 1.3x sshd",
         ))  # fmt: skip
 
-        n_mem = 50 if quick else 1000
-        report.add(Figure(
-            f"uptermd memory per idle session ({n_mem})",
-            await relay_memory_per_session_kib(relay.pid, port, n_mem), "KiB",
-            target="<= 40 KiB",
-        ))  # fmt: skip
-        n_daemon = 10 if quick else 100
+        for n_mem in sizes.relay_sessions:
+            # A fresh uptermd each time: memory freed by an earlier run would be reused.
+            fresh, fresh_port = w.start_relay(f"relay-{n_mem}")
+            report.add(Figure(
+                f"uptermd memory per idle session ({n_mem})",
+                await relay_memory_per_session_kib(fresh.pid, fresh_port, n_mem), "KiB",
+                target="<= 40 KiB",
+            ))  # fmt: skip
+            fresh.terminate()
+            fresh.wait(10)
+        n_daemon = sizes.daemon_sessions
         report.add(Figure(
             f"daemon memory per idle session ({n_daemon})",
             daemon_memory_per_session_kib(w, server, n_daemon), "KiB",
             target="<= 200 KiB",
+        ))  # fmt: skip
+        # Every session's tunnel sends a keepalive each KEEPALIVE_INTERVAL_S and reads its
+        # answer: that is the floor; anything above it would be idle work.
+        from upterm.daemon.tunnel import KEEPALIVE_INTERVAL_S
+
+        sessions = n_daemon + 4  # with the ones the earlier figures left running
+        report.add(Figure(
+            f"daemon idle wakeups ({sessions} sessions)",
+            idle_wakeups_per_s(w.daemon_pid(), sizes.idle_s), "per s",
+            2 * sessions / KEEPALIVE_INTERVAL_S, "keepalives", "keepalives only",
         ))  # fmt: skip
     return report
 

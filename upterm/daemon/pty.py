@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 64 * 1024
 #: Most output passed on from one readiness callback.
 READ_BATCH_BYTES = 128 * 1024
+#: A read shorter than this means the PTY had no more (the kernel hands over up to ~4 KiB).
+SMALL_READ_BYTES = 1024
 
 
 def _become_controlling_tty() -> None:  # pragma: no cover - runs in the child
@@ -151,6 +153,8 @@ class PtyProcess:
                 break
             chunks.append(data)
             size += len(data)
+            if len(data) < SMALL_READ_BYTES:
+                break  # not a command streaming output: no second syscall for a keystroke
         if chunks:
             self._on_output(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 

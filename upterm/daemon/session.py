@@ -286,16 +286,24 @@ class Session:
         self._replay += data
         if len(self._replay) > REPLAY_BYTES:
             del self._replay[: len(self._replay) - REPLAY_BYTES]
+        # Whether some viewer can take more now (then the PTY need not wait): the same test
+        # as _must_wait, made here from the backlogs this loop reads anyway.
+        ready = False
         for viewer in list(self._viewers.values()):
             viewer.send(data)
             backlog = viewer.backlog()
             if viewer.paces:
+                ready = True
                 if backlog > PACE_HIGH_WATER_BYTES:
                     self._pacing_blocked.add(viewer.viewer_id)
             elif backlog > VIEWER_BACKLOG_LIMIT_BYTES:
                 log.info("viewer %s fell %d bytes behind; cut off", viewer.viewer_id, backlog)
                 self.detach(viewer.viewer_id)
                 viewer.cut_off(CUT_OFF_MESSAGE)
+            elif backlog <= FOLLOW_HIGH_WATER_BYTES and viewer.viewer_id not in self._stalled:
+                ready = True
+        if ready and not self._pacing_blocked:
+            return
         if self._proc is not None and self._must_wait():
             self._proc.pause_output()
             if not self._pacing_blocked and self._stall_timer is None:

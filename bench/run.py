@@ -308,8 +308,12 @@ FLOOD_END = b"END-2"
 
 
 def flood_command(size: int) -> bytes:
-    """Shell line that writes ``size`` flood bytes, then a marker not in its own echo."""
-    return f"head -c {size} /dev/zero | tr '\\0' '\\170'; echo END-$((1+1))\r".encode()
+    """Shell line that writes ``size`` flood bytes, then a marker not in its own echo.
+
+    The marker gets a line of its own: a joiner that skipped ahead catches up from a line
+    start, and the flood is one long line.
+    """
+    return f"head -c {size} /dev/zero | tr '\\0' '\\170'; echo; echo END-$((1+1))\r".encode()
 
 
 # --- figures ------------------------------------------------------------------------------

@@ -77,7 +77,14 @@ def machine_info() -> dict[str, str]:
                 break
     import cryptography
 
+    import upterm
+
+    commit = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
     return {
+        "upterm": f"{upterm.__version__} ({commit})" if commit else upterm.__version__,
         "cores": str(os.cpu_count()),
         "cpu": model or platform.processor(),
         "python": platform.python_version(),
@@ -545,10 +552,10 @@ class Sizes:
     join_samples: int
     relay_sessions: tuple[int, ...]
     daemon_sessions: int
-    idle_s: float
+    idle_s: float  # full: longer than KEEPALIVE_INTERVAL_S, so keepalives fall inside
 
 
-FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000), 100, 10.0)
+FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000), 100, 60.0)
 QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0)
 
 
@@ -628,7 +635,9 @@ async def run(quick: bool) -> Report:
 
         # Slow-joiner isolation: two live joiners, then the same with a third one stopped.
         live = many[:2]
+        start = time.perf_counter()
         before = statistics.mean(flood(live, sizes.many_bytes))
+        unheld = time.perf_counter() - start
         stopped = SshJoiner(to_relay(info))
         stopped.settle()
         os.kill(stopped.proc.pid, signal.SIGSTOP)
@@ -644,8 +653,8 @@ async def run(quick: bool) -> Report:
             "none stopped", ">= 0.9x",
         ))  # fmt: skip
         report.add(Figure(
-            "time to end of output with a stopped joiner", held * 1000, "ms",
-            target="no joiner holds the PTY back",
+            "time to end of output with a stopped joiner", held * 1000, "ms", unheld * 1000,
+            "none stopped", "no joiner holds the PTY back",
         ))  # fmt: skip
         for j in [*live, stopped]:
             j.close()

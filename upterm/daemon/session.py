@@ -204,6 +204,7 @@ class Session:
             # No size change means no SIGWINCH from the kernel: nudge the program so a
             # full-screen one repaints for the newcomer.
             self._proc.redraw()
+        self._maybe_resume()  # a newcomer can take output: the PTY need not wait
 
     def detach(self, viewer_id: str) -> None:
         """Remove a viewer; the PTY size is recomputed without it."""

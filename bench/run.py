@@ -524,12 +524,12 @@ def daemon_memory_per_session_kib(w: World, server: str, n: int) -> float:
 
 
 def wakeups(pid: int) -> int:
-    """Context switches of a process so far (each one a wakeup or a preemption)."""
-    total = 0
+    """Times a process went to sleep so far (voluntary context switches): each is followed
+    by a wakeup. Preemptions (the other kind) say more about the machine's load."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
-            total += int(line.split()[1])
-    return total
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def idle_wakeups_per_s(pid: int, seconds: float) -> float:

@@ -630,33 +630,35 @@ async def run(quick: bool) -> Report:
             f"per-joiner throughput, {len(many)} joiners (slowest)", min(rates), "MiB/s",
             single, "1 joiner", f"({skipped} of {len(many)} skipped ahead)",
         ))  # fmt: skip
-        for j in many[2:]:
+        for j in many[1:]:
             j.close()
 
-        # Slow-joiner isolation: two live joiners, then the same with a third one stopped.
-        live = many[:2]
+        # Slow-joiner isolation: one live joiner alone, then with a second joiner stopped
+        # (SIGSTOP: its ssh keeps the connection and reads nothing). One live joiner is
+        # followed and never skips, so its rate is steady; the full flood size amortises
+        # the windows and buffers the stopped joiner fills before it counts as stalled.
         start = time.perf_counter()
-        before = statistics.mean(flood(live, sizes.many_bytes))
+        (before,) = flood([one], sizes.flood_bytes)
         unheld = time.perf_counter() - start
         stopped = SshJoiner(to_relay(info))
         stopped.settle()
         os.kill(stopped.proc.pid, signal.SIGSTOP)
         try:
             start = time.perf_counter()
-            after = statistics.mean(flood(live, sizes.many_bytes))
+            (after,) = flood([one], sizes.flood_bytes)
             held = time.perf_counter() - start
         finally:
             os.kill(stopped.proc.pid, signal.SIGCONT)
         stopped.read_until(FLOOD_END, 60)  # it caught up (skipping ahead), not cut off
         report.add(Figure(
-            "live joiners' throughput, one joiner stopped", after, "MiB/s", before,
+            "live joiner's throughput, another one stopped", after, "MiB/s", before,
             "none stopped", ">= 0.9x",
         ))  # fmt: skip
         report.add(Figure(
             "time to end of output with a stopped joiner", held * 1000, "ms", unheld * 1000,
             "none stopped", "no joiner holds the PTY back",
         ))  # fmt: skip
-        for j in [*live, stopped]:
+        for j in (one, stopped):
             j.close()
 
         n_join = sizes.join_samples

@@ -246,14 +246,20 @@ class Session:
         return self._size
 
     def recent_output(self, limit: int) -> bytes:
-        """The last ``limit`` bytes of output or fewer, starting at a line boundary.
+        """The last ``limit`` bytes of output or fewer, starting where a terminal can start.
 
-        Starting mid-stream could mean starting inside an escape sequence.
+        Starting mid-stream could mean starting inside an escape sequence or a UTF-8
+        character. The best start is just after a newline; with none in the window (a
+        progress bar redrawn with carriage returns, a full-screen program that only moves
+        the cursor), a carriage return or an escape sequence's first byte will do.
         """
         tail = bytes(self._replay[-limit:])
         if len(self._replay) > len(tail) or len(self._replay) >= REPLAY_BYTES:
             cut = tail.find(b"\n")
-            tail = tail[cut + 1 :] if cut >= 0 else b""
+            if cut >= 0:
+                return tail[cut + 1 :]
+            starts = [i for i in (tail.find(b"\r"), tail.find(b"\x1b")) if i >= 0]
+            return tail[min(starts) :] if starts else b""
         return tail
 
     def redraw(self) -> None:

@@ -90,6 +90,9 @@ class AttachedTerminal:
     def finish(self, status: int) -> None:
         """Tell the client the command's exit status; the stream ends."""
         self.done = True
+        # The stream is over: a long-lived client attaching again and again must not
+        # accumulate ended streams.
+        self._conn.streams.pop(self.stream, None)
         self._conn.send(adminproto.exited(self.stream, status))
 
     def cut_off(self, message: bytes) -> None:

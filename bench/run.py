@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -583,6 +584,17 @@ async def run(quick: bool) -> Report:
         def to_relay(info: dict[str, object]) -> list[str]:
             return [*ssh, "-p", str(port), f"{info['sshUser']}@127.0.0.1"]
 
+        # The end-to-end join line as printed, with a config file: `-J` starts a second
+        # ssh for the jump, which reads the same file.
+        config = w.root / "ssh_config"
+        config.write_text(
+            f"Host *\n  IdentityFile {key_file}\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        )
+
+        def end_to_end(info: dict[str, object]) -> list[str]:
+            return ["ssh", "-F", str(config), *shlex.split(str(info["e2eCommand"]))[1:]]
+
         # Keystroke echo: OpenSSH joiners on both sides, the same `cat` in cooked mode.
         info = w.host("lat", server, "cat")
         relay_lat = echo_latency_ms(to_relay(info), sizes.latency_samples)
@@ -593,6 +605,11 @@ async def run(quick: bool) -> Report:
                 pct(sshd_lat, p), "OpenSSH sshd",
                 "p50 <= 1.5 ms, p99 <= 5 ms, <= 1.5x sshd",
             ))  # fmt: skip
+        e2e_lat = echo_latency_ms(end_to_end(info), sizes.latency_samples)
+        report.add(Figure(
+            "echo latency, end-to-end join, p50", pct(e2e_lat, 50), "ms",
+            pct(sshd_lat, 50), "OpenSSH sshd", "(the relay only splices)",
+        ))  # fmt: skip
 
         own = await host_terminal_latency_ms(w, sizes.latency_samples)
         local = local_pty_echo_ms(sizes.latency_samples)
@@ -618,6 +635,21 @@ async def run(quick: bool) -> Report:
         report.add(Figure(
             "uptermd CPU per relayed MiB", relay_cpu / (one.flood / (1 << 20)) * 1000, "ms",
             target="figure; trend over releases",
+        ))  # fmt: skip
+        (e2e,) = joined(end_to_end(info), 1)
+        flood([e2e], min(sizes.flood_bytes, 8 << 20))  # warm-up, as above
+        cpu_before = cpu_seconds(relay.pid)
+        (e2e_rate,) = flood([e2e], sizes.flood_bytes)
+        e2e_cpu = cpu_seconds(relay.pid) - cpu_before
+        e2e.close()
+        report.add(Figure(
+            f"output throughput, end-to-end join ({mib:g} MiB)", e2e_rate, "MiB/s",
+            rate, "relay join", "(the relay only splices)",
+        ))  # fmt: skip
+        report.add(Figure(
+            "uptermd CPU per spliced MiB (end-to-end)",
+            e2e_cpu / (e2e.flood / (1 << 20)) * 1000, "ms", relay_cpu / (one.flood / (1 << 20))
+            * 1000, "relay join", "figure",
         ))  # fmt: skip
 
         # Many joiners: each one's rate against one joiner's, same size, same session.

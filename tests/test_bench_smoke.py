@@ -34,6 +34,8 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert any(n.startswith("per-joiner throughput, 4 joiners (median)") for n in names)
     assert any(n.startswith("live joiner's throughput, another one stopped") for n in names)
     assert any(n.startswith("daemon idle wakeups") for n in names)
+    assert any(n.startswith("output throughput, end-to-end join") for n in names)
+    assert any(n.startswith("echo latency, end-to-end join") for n in names)
     for figure in data["figures"]:
         if figure["name"].startswith("daemon idle wakeups"):
             assert figure["value"] >= 0, figure  # none at all is the best case

@@ -475,12 +475,19 @@ async def _open_splice(
 
 
 class _Splice(asyncssh.SSHTCPSession[bytes]):
-    """One end of an opaque byte splice between two channels, with flow control."""
+    """One end of an opaque byte splice between two channels, with flow control.
+
+    What arrives in one read of the socket is passed on in one write, at the end of that
+    event-loop pass: the host's inner SSH packets are a few bytes over the joiner's 32 KiB
+    channel packet limit (OpenSSH's), and written one by one each would become a full
+    packet and a runt, doubling the packets (and the cipher calls) towards the joiner.
+    """
 
     def __init__(self, relay: Relay, peer: _Splice | None = None) -> None:
         self._relay = relay
         self.peer = peer
         self.chan: Any = None  # a TCP channel (joiner side) or a UNIX channel (host side)
+        self._pending: list[bytes] = []
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
@@ -488,6 +495,15 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
             self._relay.observer("splice", data)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
         peer = self.peer
         if peer is None or peer.chan is None or self.chan is None:
             return
@@ -507,12 +523,14 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
             self.peer.chan.resume_reading()
 
     def eof_received(self) -> bool:
+        self._flush()  # data that came with the EOF goes first
         if self.peer is not None and self.peer.chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.peer.chan.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._flush()
         if self.peer is not None and self.peer.chan is not None:
             self.peer.chan.close()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +43,9 @@ MAX_CHANNELS_PER_JOINER = 16
 E2E_DESTINATION = "upterm"
 #: Pause a reader when the other side has this much unsent data queued.
 PROXY_HIGH_WATER_BYTES = 256 * 1024
+#: Data from a host smaller than this is passed on at once; larger pieces wait for the end
+#: of the event-loop pass to be merged into full packets (a keystroke must not wait).
+COALESCE_MIN_BYTES = 4096
 #: Largest packet we let a host send on a forwarded channel (its reverse tunnel). Each
 #: packet costs a round of Python work here, and a host's inner SSH packets ride inside
 #: these: at asyncssh's 32 KiB default every full inner packet needed two. Well under the
@@ -495,9 +499,12 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
             self._relay.observer("splice", data)
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append(data)
+        if len(self._pending) == 1:
+            if len(data) < COALESCE_MIN_BYTES:
+                self._flush()  # interactive traffic goes at once
+            else:
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -544,6 +551,8 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
         self._pending: list[tuple[bytes, int | None]] = []
         self._pending_eof = False
+        #: Host output waiting for the end of this event-loop pass (see host_data).
+        self._out: list[tuple[bytes, int | None]] = []
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._size: tuple[int, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -672,9 +681,23 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     # host → joiner (called by _HostSideSession)
 
     def host_data(self, data: bytes, datatype: int | None) -> None:
-        assert self._chan is not None
+        # Bulk output is passed on at the end of this event-loop pass, merged with whatever
+        # else the same socket read brought: fewer, fuller packets towards the joiner (see
+        # _Splice). A keystroke's echo goes at once.
+        self._out.append((data, datatype))
+        if len(self._out) == 1:
+            if len(data) < COALESCE_MIN_BYTES:
+                self._flush_out()
+            else:
+                asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, []
+        if not out or self._chan is None:
+            return
         try:
-            self._chan.write(data, datatype)
+            for datatype, group in itertools.groupby(out, key=lambda item: item[1]):
+                self._chan.write(b"".join(data for data, _ in group), datatype)
         except (OSError, asyncssh.Error):
             return  # the joiner is gone; its connection_lost closes the host side
         if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
@@ -690,11 +713,13 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._chan.resume_reading()
 
     def host_eof(self) -> None:
+        self._flush_out()  # output that came with the EOF goes first
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_eof()
 
     def host_closed(self, status: int | None, signal: tuple[str, bool, str] | None) -> None:
+        self._flush_out()
         if self._chan is None:
             return
         with contextlib.suppress(OSError, asyncssh.Error):

@@ -478,20 +478,45 @@ async def _open_splice(
     return joiner_side
 
 
-class _Splice(asyncssh.SSHTCPSession[bytes]):
-    """One end of an opaque byte splice between two channels, with flow control.
+class _MergedWrites:
+    """Data towards one channel, merged per event-loop pass.
 
-    What arrives in one read of the socket is passed on in one write, at the end of that
-    event-loop pass: the host's inner SSH packets are a few bytes over the joiner's 32 KiB
-    channel packet limit (OpenSSH's), and written one by one each would become a full
-    packet and a runt, doubling the packets (and the cipher calls) towards the joiner.
+    What one read of the socket brings is passed on in one write at the end of that pass:
+    a host's inner SSH packets are a few bytes over an OpenSSH joiner's 32 KiB channel
+    packet limit, and written one by one each would become a full packet and a runt,
+    doubling the packets (and the cipher calls) towards the joiner. A small piece arriving
+    with nothing waiting (a keystroke's echo) is written at once. Order is kept, and pieces
+    of different stream types (stdout, stderr) are never merged together.
     """
+
+    def __init__(self, write: Callable[[bytes, int | None], None]) -> None:
+        self._write = write
+        self._pending: list[tuple[bytes, int | None]] = []
+
+    def add(self, data: bytes, datatype: int | None = None) -> None:
+        self._pending.append((data, datatype))
+        if len(self._pending) == 1:
+            if len(data) < COALESCE_MIN_BYTES:
+                self.flush()
+            else:
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is waiting now (before an EOF or a close, which must come after)."""
+        pending, self._pending = self._pending, []
+        for datatype, group in itertools.groupby(pending, key=lambda item: item[1]):
+            chunks = [data for data, _ in group]
+            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks), datatype)
+
+
+class _Splice(asyncssh.SSHTCPSession[bytes]):
+    """One end of an opaque byte splice between two channels, with flow control."""
 
     def __init__(self, relay: Relay, peer: _Splice | None = None) -> None:
         self._relay = relay
         self.peer = peer
         self.chan: Any = None  # a TCP channel (joiner side) or a UNIX channel (host side)
-        self._pending: list[bytes] = []
+        self._out = _MergedWrites(self._write)
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
@@ -499,18 +524,9 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
             self._relay.observer("splice", data)
-        self._pending.append(data)
-        if len(self._pending) == 1:
-            if len(data) < COALESCE_MIN_BYTES:
-                self._flush()  # interactive traffic goes at once
-            else:
-                asyncio.get_running_loop().call_soon(self._flush)
+        self._out.add(data)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending.clear()
+    def _write(self, data: bytes, _datatype: int | None) -> None:
         peer = self.peer
         if peer is None or peer.chan is None or self.chan is None:
             return
@@ -530,14 +546,14 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
             self.peer.chan.resume_reading()
 
     def eof_received(self) -> bool:
-        self._flush()  # data that came with the EOF goes first
+        self._out.flush()  # data that came with the EOF goes first
         if self.peer is not None and self.peer.chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.peer.chan.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._flush()
+        self._out.flush()
         if self.peer is not None and self.peer.chan is not None:
             self.peer.chan.close()
 
@@ -551,8 +567,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
         self._pending: list[tuple[bytes, int | None]] = []
         self._pending_eof = False
-        #: Host output waiting for the end of this event-loop pass (see host_data).
-        self._out: list[tuple[bytes, int | None]] = []
+        self._out = _MergedWrites(self._write_host_output)
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._size: tuple[int, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -681,23 +696,13 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     # host → joiner (called by _HostSideSession)
 
     def host_data(self, data: bytes, datatype: int | None) -> None:
-        # Bulk output is passed on at the end of this event-loop pass, merged with whatever
-        # else the same socket read brought: fewer, fuller packets towards the joiner (see
-        # _Splice). A keystroke's echo goes at once.
-        self._out.append((data, datatype))
-        if len(self._out) == 1:
-            if len(data) < COALESCE_MIN_BYTES:
-                self._flush_out()
-            else:
-                asyncio.get_running_loop().call_soon(self._flush_out)
+        self._out.add(data, datatype)
 
-    def _flush_out(self) -> None:
-        out, self._out = self._out, []
-        if not out or self._chan is None:
+    def _write_host_output(self, data: bytes, datatype: int | None) -> None:
+        if self._chan is None:
             return
         try:
-            for datatype, group in itertools.groupby(out, key=lambda item: item[1]):
-                self._chan.write(b"".join(data for data, _ in group), datatype)
+            self._chan.write(data, datatype)
         except (OSError, asyncssh.Error):
             return  # the joiner is gone; its connection_lost closes the host side
         if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
@@ -713,13 +718,13 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._chan.resume_reading()
 
     def host_eof(self) -> None:
-        self._flush_out()  # output that came with the EOF goes first
+        self._out.flush()  # output that came with the EOF goes first
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_eof()
 
     def host_closed(self, status: int | None, signal: tuple[str, bool, str] | None) -> None:
-        self._flush_out()
+        self._out.flush()
         if self._chan is None:
             return
         with contextlib.suppress(OSError, asyncssh.Error):

@@ -1,0 +1,39 @@
+"""The relay's per-event-loop-pass merging of writes towards a joiner."""
+
+from __future__ import annotations
+
+import asyncio
+
+from upterm.relay.server import COALESCE_MIN_BYTES, _MergedWrites
+
+BIG = b"x" * COALESCE_MIN_BYTES
+
+
+async def test_bulk_is_merged_in_order_and_written_at_the_end_of_the_pass() -> None:
+    written: list[tuple[bytes, int | None]] = []
+    out = _MergedWrites(lambda data, datatype: written.append((data, datatype)))
+    out.add(BIG + b"1")
+    out.add(b"2")
+    out.add(BIG + b"3")
+    assert written == []  # nothing before the pass ends
+    await asyncio.sleep(0)
+    assert written == [(BIG + b"1" + b"2" + BIG + b"3", None)]
+
+
+async def test_a_small_piece_with_nothing_waiting_goes_at_once() -> None:
+    written: list[tuple[bytes, int | None]] = []
+    out = _MergedWrites(lambda data, datatype: written.append((data, datatype)))
+    out.add(b"k")
+    assert written == [(b"k", None)]
+
+
+async def test_stream_types_are_never_merged_together_and_keep_their_order() -> None:
+    written: list[tuple[bytes, int | None]] = []
+    out = _MergedWrites(lambda data, datatype: written.append((data, datatype)))
+    out.add(BIG, None)
+    out.add(b"err", 1)
+    out.add(b"more", None)
+    out.flush()  # as before an EOF: everything now, in order
+    assert written == [(BIG, None), (b"err", 1), (b"more", None)]
+    await asyncio.sleep(0)
+    assert len(written) == 3  # the scheduled flush finds nothing left

@@ -333,10 +333,7 @@ def echo_latency_ms(argv: list[str], n: int) -> list[float]:
     try:
         time.sleep(0.5)
         j.type(b"w")
-        j.read_until(b"w", 15)  # connected and echoing
-        time.sleep(0.3)
-        while select.select([j.fd], [], [], 0.3)[0]:
-            os.read(j.fd, 1 << 20)
+        j.settle(b"w")  # connected and echoing, the replay drained
         samples = []
         for i in range(n + 20):
             ch = bytes([97 + i % 26])
@@ -490,7 +487,7 @@ def join_time_ms(argv: list[str], n: int) -> list[float]:
 async def relay_memory_per_session_kib(relay_pid: int, port: int, n: int) -> float:
     """uptermd's RSS growth per idle registered session (legacy registrations, each its
     own host connection, as real hosts)."""
-    from upterm import wire
+    from upterm import sshcompat, wire
 
     before = rss_kib(relay_pid)
     conns = []
@@ -502,8 +499,6 @@ async def relay_memory_per_session_kib(relay_pid: int, port: int, n: int) -> flo
         req = wire.CreateSessionRequest(
             host_user="bench", host_public_keys=(KEY[0].export_public_key(),)
         )
-        from upterm import sshcompat
-
         reply = await sshcompat.global_request(conn, wire.CREATE_SESSION_REQUEST, req.encode())
         assert reply.ok
         conns.append(conn)

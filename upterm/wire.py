@@ -38,6 +38,11 @@ STREAMLOCAL_FORWARD_REQUEST = "streamlocal-forward@openssh.com"
 CANCEL_STREAMLOCAL_FORWARD_REQUEST = "cancel-streamlocal-forward@openssh.com"
 FORWARDED_STREAMLOCAL_CHANNEL = "forwarded-streamlocal@openssh.com"
 KEEPALIVE_REQUEST = "keepalive@openssh.com"
+#: Ours, beyond upstream: a host tells the relay which invite codes its session honours (as
+#: digests), so the relay lets an invite token past its key check only for those.
+INVITES_REQUEST = "upterm-invites@upterm.dev"
+#: Most invites one session may declare to the relay.
+MAX_INVITES = 256
 AUTH_REQUEST_EXTENSION = "upterm-auth-request"
 ADMIN_SOCKET_ENV = "UPTERM_ADMIN_SOCKET"
 #: Named sessions export their name to the command (upstream v0.38).
@@ -393,6 +398,47 @@ def with_invite(token: str, code: str) -> str:
     """The token of an invite: the code after the session id, before the node part."""
     sid, sep, rest = token.partition(":")
     return f"{sid}+{code}{sep}{rest}"
+
+
+def invite_digest(code: str) -> bytes:
+    """What the relay keeps of an invite code: its SHA-256 (the code itself stays with the host)."""
+    return hashlib.sha256(b"upterm-invite-v1\0" + code.encode()).digest()
+
+
+def encode_invites(session_id: str, codes: list[str] | tuple[str, ...]) -> bytes:
+    """Payload of ``upterm-invites@upterm.dev``: string session id, uint32 n, n digests."""
+    digests = [invite_digest(c) for c in codes]
+    return (
+        ssh_string(session_id.encode())
+        + struct.pack(">I", len(digests))
+        + b"".join(ssh_string(d) for d in digests)
+    )
+
+
+def decode_invites(payload: bytes) -> tuple[str, frozenset[bytes]]:
+    """Parse an ``upterm-invites@upterm.dev`` payload; :class:`RemoteProtocolError` if bad."""
+    raw_sid, off = read_ssh_string(payload)
+    try:
+        sid = raw_sid.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("invites: session id is not ASCII") from exc
+    if not _SESSION_ID_RE.fullmatch(sid):
+        raise RemoteProtocolError("invites: malformed session id")
+    if len(payload) < off + 4:
+        raise RemoteProtocolError("invites: truncated count")
+    (count,) = struct.unpack_from(">I", payload, off)
+    off += 4
+    if count > MAX_INVITES:
+        raise RemoteProtocolError(f"invites: more than {MAX_INVITES}")
+    digests: set[bytes] = set()
+    for _ in range(count):
+        digest, off = read_ssh_string(payload, off)
+        if len(digest) != hashlib.sha256().digest_size:
+            raise RemoteProtocolError("invites: a digest is not 32 bytes")
+        digests.add(digest)
+    if off != len(payload):
+        raise RemoteProtocolError("invites: trailing bytes")
+    return sid, frozenset(digests)
 
 
 def decode_token(user: str) -> Token:

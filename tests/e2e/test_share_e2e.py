@@ -114,8 +114,8 @@ def test_authorized_keys_refuse_wrong_key(
 
 def test_two_users_share_one_builtin_relay_address(tmp_path, joiner_key) -> None:
     """Two users (two daemons) on one machine, both on the default built-in relay address:
-    the first daemon runs uptermd there, the second uses it (its key via known_hosts), and a
-    joiner reaches both sessions."""
+    the first daemon runs uptermd there; the second never uses a relay that lacks its own key,
+    so it runs its own on another port, and a joiner reaches both sessions."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -135,8 +135,7 @@ def test_two_users_share_one_builtin_relay_address(tmp_path, joiner_key) -> None
         lines = []
         for env in users:
             proc = subprocess.Popen(
-                # Bob's daemon finds Alice's relay on the address: a relay like any other,
-                # whose key it accepts on first use.
+                # Bob's daemon finds Alice's relay on the address and runs its own elsewhere.
                 [
                     "upterm",
                     "host",
@@ -160,7 +159,10 @@ def test_two_users_share_one_builtin_relay_address(tmp_path, joiner_key) -> None
                 if match := JOIN_RE.match(line):
                     lines.append(match.group(1))
                     break
-        assert all(f"-p {port}" in line for line in lines)
+        # Alice's relay holds the address; Bob's daemon never uses a relay without its own
+        # key, so Bob's runs on another port and his join line says so.
+        assert lines[0].endswith(f"-p {port}")
+        assert not lines[1].endswith(f"-p {port}")
         for i, line in enumerate(lines):
             joiner = subprocess.Popen(
                 [*shlex.split(ssh_join_command(line, joiner_key)), "-tt"],

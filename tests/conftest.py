@@ -125,6 +125,10 @@ def start_relay(user_env: UserEnv, state_dir: Path | None = None, *extra: str) -
             str(state),
             "--addr-file",
             str(addr_file),
+            # Tests join from 127.0.0.1 many times, some on purpose with the wrong key;
+            # penalties are tested from other loopback addresses (tests/relay).
+            "--penalty-exempt",
+            "127.0.0.1",
             *extra,
         ],
         env=user_env.env,

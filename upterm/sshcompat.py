@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
+from asyncssh.constants import MSG_GLOBAL_REQUEST, MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
 from asyncssh.misc import map_handler_name
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,38 @@ def on_signed_public_key(
         return ok
 
     conn.validate_public_key = validate  # type: ignore[method-assign]
+
+
+_LIMIT_ATTR = "_upterm_global_request_limit"
+_bounded_handlers: dict[type, dict[int, Any]] = {}
+
+
+def limit_global_requests(conn: Any, limit: int, exceeded: Callable[[], None]) -> None:
+    """Call ``exceeded()`` instead of queueing a global request when ``limit`` wait already.
+
+    asyncssh answers global requests one at a time and queues the rest without bound: a peer
+    that sends requests faster than a slow handler answers them grows that queue forever.
+    The packet dispatch table is a class attribute; one bounded copy per connection class is
+    shared by every connection (an instance attribute shadows the class one), and the limit
+    itself lives on the connection.
+    """
+    cls = type(conn)
+    table = _bounded_handlers.get(cls)
+    if table is None:
+        table = dict(cls._packet_handlers)
+        original = table[MSG_GLOBAL_REQUEST]
+
+        def bounded(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+            bound = getattr(self, _LIMIT_ATTR, None)
+            if bound is not None and len(self._global_request_queue) >= bound[0]:
+                bound[1]()
+                return None
+            return original(self, pkttype, pktid, packet)
+
+        table[MSG_GLOBAL_REQUEST] = bounded
+        _bounded_handlers[cls] = table
+    setattr(conn, _LIMIT_ATTR, (limit, exceeded))
+    conn._packet_handlers = table
 
 
 class PassiveListener(asyncssh.SSHListener):

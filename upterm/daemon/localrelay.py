@@ -233,6 +233,13 @@ class LocalRelay:
                 str(self._key_path),
                 "--addr-file",
                 str(addr_file),
+                # Every joiner of a loopback relay comes from this machine's loopback
+                # address: penalising it would lock every local user out at once. The
+                # pre-auth caps still hold.
+                "--penalty-exempt",
+                "127.0.0.0/8",
+                "--penalty-exempt",
+                "::1",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=log_fh,

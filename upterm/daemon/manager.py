@@ -260,6 +260,7 @@ class Manager:
                 hosted = self._find(req.session, conn)
                 if hosted.policy.invites.pop(req.code, None) is None:
                     raise SessionNotFound(f"no invite {req.code!r} in this session")
+                hosted.tunnel.set_invites(list(hosted.policy.invites))
                 return adminproto.ok(req.id)
             case adminproto.Detach():
                 viewer = _streams(conn).pop(req.stream, None)
@@ -331,6 +332,8 @@ class Manager:
             uses_left=req.uses,
         )
         hosted.policy.invites[code] = invite
+        # The relay lets invite tokens past its key check only for codes declared to it.
+        hosted.tunnel.set_invites(list(hosted.policy.invites))
         reg = hosted.tunnel.registered
         assert reg is not None
         token = wire.with_invite(reg.token, code)

@@ -190,6 +190,7 @@ class Tunnel:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._authorized: list[wire.PublicKey] = []
+        self._invites: tuple[str, ...] = ()
         self._policy: GuestPolicy | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
@@ -321,11 +322,35 @@ class Tunnel:
             resp.session_id, resp.node_addr, token, resp.session_id == derived, version
         )
 
+    def set_invites(self, codes: Sequence[str]) -> None:
+        """Tell the relay which invite codes this session honours (again after each redial).
+
+        Our uptermd lets an invite token past its key check only for a code declared here
+        (as a digest); a relay that does not know the request refuses it, which changes
+        nothing: such a relay routes no invite tokens anyway.
+        """
+        self._invites = tuple(codes)
+        if self._conn is not None and self.registered is not None:
+            self._conn.create_task(self._declare_invites(self._conn))
+
+    async def _declare_invites(self, conn: asyncssh.SSHClientConnection) -> None:
+        assert self.registered is not None
+        payload = wire.encode_invites(self.registered.session_id, self._invites)
+        try:
+            reply = await sshcompat.global_request(conn, wire.INVITES_REQUEST, payload)
+        except asyncssh.Error as exc:
+            log.info("could not declare invites to %s: %s", self.url, exc)
+            return
+        if not reply.ok and self._invites:
+            log.info("the relay at %s does not take invites: they work end to end only", self.url)
+
     async def serve(self, policy: GuestPolicy) -> None:
         """Forward the session, serve joiners, and redial whenever the connection drops."""
         assert self._conn is not None
         self._policy = policy
         await self._forward(self._conn)
+        if self._invites:
+            self._conn.create_task(self._declare_invites(self._conn))
         self._set_state("connected")
         self._supervisor = asyncio.ensure_future(self._supervise())
 
@@ -398,6 +423,8 @@ class Tunnel:
                 )
             self._conn = conn
             await self._forward(conn)
+            if self._invites:
+                conn.create_task(self._declare_invites(conn))
         except (UptermError, asyncssh.Error, OSError) as exc:
             log.info("redial of %s failed: %s", self.url, exc)
             if conn is not None:

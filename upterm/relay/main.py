@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
+import resource
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from upterm import __version__, log
+from upterm import __version__, log, wire
 from upterm.errors import ConfigError, UptermError
 from upterm.keys import load_or_create_host_key, load_private_key_bytes
+from upterm.relay.gate import GateConfig, parse_networks
+from upterm.relay.guard import RelayLimits
+from upterm.relay.metrics import LoopLagMonitor, RelayMetrics, serve_http
+from upterm.relay.policy import PenaltyConfig, StartupLimits
 from upterm.relay.server import Relay, RelayIdentity
 from upterm.service import Notifier
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SSH_ADDR = "127.0.0.1:2222"
 HOST_KEY_NAME = "ssh_host_ed25519_key"
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]i?[bB]?|[bB])?$")
 
 
 def default_state_dir() -> Path:
@@ -36,6 +47,24 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
 
+def parse_duration_s(text: str, flag: str) -> float:
+    """``30s``, ``10m``, ``500ms``, ``1h`` or bare seconds."""
+    m = _DURATION_RE.match(text.strip())
+    if not m:
+        raise ConfigError(f"{flag} {text!r} is not a duration; use e.g. 30s, 10m or 1h")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_size(text: str, flag: str) -> float:
+    """``2M``, ``512KiB``, ``100k`` or bare bytes (K = 1024)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ConfigError(f"{flag} {text!r} is not a size; use e.g. 2M or 512K")
+    unit = (m.group(2) or "b")[0].lower()
+    return float(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
 def load_identity(state_dir: Path, private_keys: tuple[str, ...]) -> RelayIdentity:
     """The first ``--private-key``, else the persistent key in the state directory."""
     if private_keys:
@@ -48,8 +77,54 @@ def load_identity(state_dir: Path, private_keys: tuple[str, ...]) -> RelayIdenti
     return RelayIdentity.from_key(load_or_create_host_key(state_dir / HOST_KEY_NAME))
 
 
-async def serve(relay: Relay, addr_file: Path | None) -> None:
-    """Run until SIGINT/SIGTERM."""
+def load_host_keys(paths: tuple[str, ...]) -> frozenset[bytes] | None:
+    """The keys that may register sessions; None (any key) when no file is given.
+
+    Fails closed: a file that cannot be read or holds no key stops the relay from starting
+    rather than opening it to every key.
+    """
+    if not paths:
+        return None
+    blobs: set[bytes] = set()
+    for name in paths:
+        try:
+            text = Path(name).read_text(errors="replace")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --authorized-keys {name}: {exc.strerror}; fix the path or "
+                "its permissions (the relay will not start open to every key)"
+            ) from exc
+        keys = wire.parse_public_keys(text)
+        if not keys:
+            raise ConfigError(
+                f"--authorized-keys {name} holds no public key; add the hosts' keys "
+                "(the relay will not start open to every key)"
+            )
+        blobs.update(k.blob for k in keys)
+    return frozenset(blobs)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd starts us at 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the descriptor limit from %d: %s", soft, exc)
+    return soft, hard
+
+
+async def serve(
+    relay: Relay,
+    addr_file: Path | None,
+    metric_addr: tuple[str, int] | None = None,
+    drain_timeout_s: float = 10.0,
+    authorized_keys: tuple[str, ...] = (),
+) -> None:
+    """Run until SIGINT/SIGTERM, then drain."""
     try:
         await relay.start()
     except OSError as exc:
@@ -57,6 +132,24 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
             f"cannot listen on {relay.bind_host}:{relay.port}: {exc.strerror}; "
             "choose another --ssh-addr"
         ) from exc
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    logger.info("descriptor limit %d (hard %d)", soft, hard)
+    # A short interval: a stall shows as lag only from the wake-up it delays.
+    lag = LoopLagMonitor(relay.metrics.loop_lag, interval_s=0.05)
+    lag.start()
+    http = None
+    if metric_addr is not None:
+        try:
+            http = await serve_http(
+                metric_addr[0], metric_addr[1], relay.metrics, lambda: relay.ready
+            )
+        except OSError as exc:
+            relay.close()
+            raise ConfigError(
+                f"cannot listen on {metric_addr[0]}:{metric_addr[1]} for metrics: "
+                f"{exc.strerror}; choose another --metric-addr"
+            ) from exc
+        logger.info("metrics on http://%s:%d/metrics", metric_addr[0], metric_addr[1])
     if addr_file is not None:
         tmp = addr_file.with_name(addr_file.name + ".tmp")
         tmp.write_text(f"{relay.bind_host}:{relay.port}\n")
@@ -72,14 +165,36 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload_keys() -> None:
+        try:
+            relay.host_keys = load_host_keys(authorized_keys)
+        except ConfigError as exc:
+            logger.error("SIGHUP: kept the previous host keys: %s", exc)
+            return
+        count = len(relay.host_keys) if relay.host_keys is not None else "any"
+        logger.info("SIGHUP: reloaded --authorized-keys (%s keys)", count)
+
+    if authorized_keys:
+        loop.add_signal_handler(signal.SIGHUP, reload_keys)
     await stop.wait()
+    notifier.send(f"STOPPING=1\nSTATUS=draining {len(relay.connections)} connections")
+    logger.info("stopping: draining for at most %.0f s", drain_timeout_s)
+    await relay.drain(drain_timeout_s)
     notifier.stopping()
+    lag.stop()
     relay.close()
+    if http is not None:
+        http.close()
     await relay.wait_closed()
 
 
 @click.command(
-    context_settings={"auto_envvar_prefix": "UPTERMD", "help_option_names": ["-h", "--help"]}
+    context_settings={
+        "auto_envvar_prefix": "UPTERMD",
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+    }
 )
 @click.option("--ssh-addr", default=DEFAULT_SSH_ADDR, show_default=True, help="SSH listen address.")
 @click.option("--node-addr", default="", help="Address other nodes and tokens use for this node.")
@@ -100,6 +215,119 @@ async def serve(relay: Relay, addr_file: Path | None) -> None:
     help="Also offer a host certificate (self-signed) for this name (repeatable).",
 )
 @click.option(
+    "--authorized-keys",
+    multiple=True,
+    help="Only these keys may register sessions (OpenSSH authorized_keys format, repeatable; "
+    "SIGHUP reloads). Unreadable or empty: refuse to start. Default: any key.",
+)
+@click.option(
+    "--handshake-timeout",
+    default="30s",
+    show_default=True,
+    help="Key exchange and login must finish within this.",
+)
+@click.option(
+    "--max-startups",
+    default="100:30:1000",
+    show_default=True,
+    help="Unauthenticated connections (OpenSSH MaxStartups start:rate:full): from start on, "
+    "new ones are dropped with rate%% probability rising to 100%% at full.",
+)
+@click.option(
+    "--per-source-max-startups",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Unauthenticated connections from one source address block (0: no cap).",
+)
+@click.option(
+    "--penalties",
+    default="yes",
+    show_default=True,
+    help="Per-source penalties, OpenSSH PerSourcePenalties syntax, e.g. 'authfail:5s "
+    "noauth:1s grace-exceeded:10s refusedconnection:10s invaliduser:5s max:10m min:15s', "
+    "'yes' (these defaults) or 'no'.",
+)
+@click.option(
+    "--penalty-netblock",
+    default="32:128",
+    show_default=True,
+    help="Group sources by these IPv4:IPv6 prefix lengths for caps and penalties.",
+)
+@click.option(
+    "--penalty-exempt",
+    multiple=True,
+    help="Addresses or CIDR blocks never penalised (repeatable).",
+)
+@click.option("--max-sessions", default=10000, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--max-sessions-per-key",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sessions one host key may have registered at once (0: no cap).",
+)
+@click.option(
+    "--max-sessions-per-source",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sessions registered from one source address block at once (0: no cap).",
+)
+@click.option(
+    "--max-joiners-per-session",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Joiner connections in one session at once (0: no cap).",
+)
+@click.option(
+    "--max-channels-per-joiner",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Channels one joiner connection may have open at once.",
+)
+@click.option(
+    "--host-rate",
+    default="0",
+    show_default=True,
+    help="Bytes per second one host connection may send its joiners, e.g. 2M (0: no cap).",
+)
+@click.option(
+    "--host-burst",
+    default="4M",
+    show_default=True,
+    help="Burst allowed above --host-rate.",
+)
+@click.option(
+    "--host-keepalive",
+    default="9s",
+    show_default=True,
+    help="Probe a silent host after this; it is dropped after three unanswered intervals.",
+)
+@click.option(
+    "--ssh-proxy-protocol",
+    is_flag=True,
+    help="Read a PROXY protocol v1/v2 header on the SSH listener (needs --proxy-protocol-from).",
+)
+@click.option(
+    "--proxy-protocol-from",
+    multiple=True,
+    help="Load balancers (addresses or CIDR blocks) whose PROXY headers are believed.",
+)
+@click.option(
+    "--metric-addr",
+    default="",
+    help="Serve Prometheus /metrics, /health and /ready on this host:port.",
+)
+@click.option(
+    "--drain-timeout",
+    default="10s",
+    show_default=True,
+    help="On SIGTERM: how long joiners and hosts get to go before the exit.",
+)
+@click.option(
     "--addr-file",
     type=click.Path(path_type=Path),
     default=None,
@@ -113,6 +341,25 @@ def main(
     state_dir: Path | None,
     private_key: tuple[str, ...],
     hostname: tuple[str, ...],
+    authorized_keys: tuple[str, ...],
+    handshake_timeout: str,
+    max_startups: str,
+    per_source_max_startups: int,
+    penalties: str,
+    penalty_netblock: str,
+    penalty_exempt: tuple[str, ...],
+    max_sessions: int,
+    max_sessions_per_key: int,
+    max_sessions_per_source: int,
+    max_joiners_per_session: int,
+    max_channels_per_joiner: int,
+    host_rate: str,
+    host_burst: str,
+    host_keepalive: str,
+    ssh_proxy_protocol: bool,
+    proxy_protocol_from: tuple[str, ...],
+    metric_addr: str,
+    drain_timeout: str,
     addr_file: Path | None,
     debug: bool,
 ) -> None:
@@ -122,11 +369,47 @@ def main(
     Examples:
       uptermd                                  # 127.0.0.1:2222, key in ~/.local/state/uptermd
       uptermd --ssh-addr 0.0.0.0:22 --node-addr relay.example.com:22
+      uptermd --ssh-addr 0.0.0.0:2222 --ssh-proxy-protocol --proxy-protocol-from 10.0.0.0/8
     """
     log.setup(debug)
     try:
         host, port = split_addr(ssh_addr)
+        keys = load_host_keys(authorized_keys)
+        if ssh_proxy_protocol and not proxy_protocol_from:
+            raise ConfigError(
+                "--ssh-proxy-protocol needs --proxy-protocol-from with your load balancers' "
+                "addresses (a PROXY header from anyone else would let them pick their address)"
+            )
+        try:
+            proxies = parse_networks(proxy_protocol_from)
+        except ValueError as exc:
+            raise ConfigError(f"--proxy-protocol-from: {exc}") from exc
+        handshake_s = parse_duration_s(handshake_timeout, "--handshake-timeout")
+        if handshake_s <= 0:
+            raise ConfigError("--handshake-timeout must be more than 0, e.g. 30s")
+        keepalive_s = parse_duration_s(host_keepalive, "--host-keepalive")
+        if keepalive_s <= 0:
+            raise ConfigError("--host-keepalive must be more than 0, e.g. 9s")
+        limits = RelayLimits(
+            startups=StartupLimits.parse(max_startups),
+            per_source_startups=per_source_max_startups,
+            penalties=PenaltyConfig.parse(
+                penalties, exempt=penalty_exempt, netblock=penalty_netblock
+            ),
+            handshake_timeout_s=handshake_s,
+            sessions_total=max_sessions,
+            sessions_per_key=max_sessions_per_key,
+            sessions_per_source=max_sessions_per_source,
+            joiners_per_session=max_joiners_per_session,
+            channels_per_joiner=max_channels_per_joiner,
+            host_rate_bytes_s=parse_size(host_rate, "--host-rate"),
+            host_burst_bytes=parse_size(host_burst, "--host-burst"),
+            host_keepalive_s=keepalive_s,
+        )
+        metrics_at = split_addr(metric_addr) if metric_addr else None
+        drain_s = parse_duration_s(drain_timeout, "--drain-timeout")
         identity = load_identity(state_dir or default_state_dir(), private_key)
+        raise_fd_limit()
         relay = Relay(
             identity,
             host=host,
@@ -134,8 +417,15 @@ def main(
             node_addr=node_addr or None,
             version=__version__,
             hostnames=hostname,
+            limits=limits,
+            gate=GateConfig(
+                handshake_timeout_s=handshake_s,
+                proxy_protocol=ssh_proxy_protocol,
+                proxy_from=proxies,
+            ),
+            host_keys=keys,
         )
-        asyncio.run(serve(relay, addr_file))
+        asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys))
     except UptermError as exc:
         click.echo(f"uptermd: {exc}", err=True)
         sys.exit(exc.exit_code)

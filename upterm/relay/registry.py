@@ -35,6 +35,8 @@ class Registration:
     generation: int
     owner: object
     forwarded: bool = field(default=False)
+    #: Digests of the invite codes the host declared (upterm-invites@upterm.dev).
+    invites: frozenset[bytes] = field(default_factory=frozenset)
 
     def allows_client(self, key_blob: bytes) -> bool:
         """Whether a joiner presenting ``key_blob`` may reach this session."""

@@ -25,20 +25,20 @@ import asyncssh
 from upterm import sshcompat, wire
 from upterm.errors import RemoteProtocolError
 from upterm.keys import Ed25519Key
+from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
+from upterm.relay.guard import RelayGuard, RelayLimits
+from upterm.relay.metrics import RelayMetrics
+from upterm.relay.policy import TokenBucket
 from upterm.relay.registry import Registration, SessionTable, Superseded
 
 log = logging.getLogger(__name__)
 
-#: A joiner must finish authenticating within this many seconds.
-LOGIN_TIMEOUT_S = 60
 #: Upstream (relay → host) connection must be up within this many seconds. It includes
 #: the host's authentication, which waits for the host's answer under --approve (up to an
 #: hour); a host that went away is noticed by the tunnel's keepalives long before.
 UPSTREAM_TIMEOUT_S = 3700
-#: Limits that keep one peer from growing the relay without bound.
-MAX_SESSIONS_PER_CONNECTION = 8
+#: Authorized keys one registration may carry (the rest of the bounds: RelayLimits).
 MAX_KEYS_PER_SESSION = 1024
-MAX_CHANNELS_PER_JOINER = 16
 #: The host name a joiner asks the relay to connect to for an end-to-end join.
 E2E_DESTINATION = "upterm"
 #: Pause a reader when the other side has this much unsent data queued.
@@ -104,6 +104,10 @@ class Relay:
         node_addr: str | None,
         version: str,
         hostnames: tuple[str, ...] = (),
+        limits: RelayLimits | None = None,
+        gate: GateConfig | None = None,
+        host_keys: frozenset[bytes] | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.identity = identity
         self._hostnames = hostnames
@@ -114,9 +118,20 @@ class Relay:
         self.on_change: Callable[[], None] = lambda: None
         self.table = SessionTable()
         self.version = version
+        self.limits = limits or RelayLimits()
+        self.metrics = metrics or RelayMetrics()
+        self.guard = RelayGuard(self.limits, self.metrics)
+        self.gate_cfg = gate or GateConfig(handshake_timeout_s=self.limits.handshake_timeout_s)
+        #: Keys that may register sessions (``--authorized-keys``); None: any key.
+        self.host_keys = host_keys
+        #: Every SSH connection now open (hosts and joiners), for draining.
+        self.connections: set[RelayConnection] = set()
+        self.draining = False
+        self._drained = asyncio.Event()
         self._host = host
         self._port = port
         self._node_addr = node_addr
+        self._listener: GatedListener | None = None
         self._server: asyncssh.SSHAcceptor | None = None
 
     @property
@@ -134,9 +149,14 @@ class Relay:
     @property
     def port(self) -> int:
         """The bound TCP port (useful when started on port 0)."""
-        if self._server is None:
+        if self._listener is None or not self._listener.sockets:
             return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._listener.get_port()
+
+    @property
+    def ready(self) -> bool:
+        """Serving and not draining (the metrics endpoint's /ready)."""
+        return self._listener is not None and self._listener.is_serving() and not self.draining
 
     async def start(self) -> None:
         """Bind the listener."""
@@ -145,14 +165,15 @@ class Relay:
             cert = wire.build_host_certificate(self.identity.key.private, list(self._hostnames))
             # The pair offers both the certificate and the plain key algorithm.
             host_keys = [(self.identity.ssh_key, asyncssh.import_certificate(cert))]
+        self._listener = GatedListener(self._host, self._port, self.guard, self.gate_cfg)
         self._server = await asyncssh.listen(
-            self._host,
-            self._port,
+            tunnel=self._listener,
             server_factory=lambda: RelayConnection(self),
             server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
             encoding=None,
-            login_timeout=LOGIN_TIMEOUT_S,
+            # The gate keeps the real deadline (and penalises it); this is a backstop.
+            login_timeout=self.limits.handshake_timeout_s + 5,
             allow_scp=False,
             # A relay forwards bytes; asyncssh's line editor would rewrite them.
             line_editor=False,
@@ -163,7 +184,7 @@ class Relay:
             password_auth=False,
             kbdint_auth=False,
             gss_host=None,
-            reuse_address=True,
+            window=self.limits.joiner_window_bytes,
         )
         log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
 
@@ -171,22 +192,66 @@ class Relay:
         """Stop accepting and drop every connection."""
         if self._server is not None:
             self._server.close()
+        for conn in list(self.connections):
+            conn.close()
 
     async def wait_closed(self) -> None:
         """Wait for the listener to close."""
         if self._server is not None:
             await self._server.wait_closed()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting, tell every joiner and host why, and wait for them to go.
+
+        Hosts are disconnected with a reason that makes them redial (the same session id
+        comes back on the next node or the restarted one); joiners get one line saying to run
+        the same ssh command again. Returns when all are gone or after ``timeout_s``.
+        """
+        self.draining = True
+        if self._listener is not None:
+            self._listener.stop_accepting()
+        log.info("draining: %d connections to close", len(self.connections))
+        joiners = [c for c in self.connections if not c.is_host]
+        hosts = [c for c in self.connections if c.is_host]
+        for conn in joiners:
+            conn.tell_and_close(DRAIN_JOINER_TEXT)
+        for conn in hosts:
+            conn.disconnect(DRAIN_HOST_TEXT)
+        self._drained.clear()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+        for conn in list(self.connections):
+            conn.close()
+
+    def drained(self) -> None:
+        """The last connection closed (wakes :meth:`drain`)."""
+        self._drained.set()
+
     # -- registration (called by host connections) --
 
     def register(self, reg: Registration) -> None:
         """Add a registration; a displaced owner's connection is closed."""
         displaced = self.table.register(reg)
+        self.metrics.sessions.set(len(self.table))
         self.on_change()
         if isinstance(displaced, RelayConnection):
             log.info("session %s taken over by a newer registration", reg.session_id)
             displaced.drop_session(reg.session_id)
             displaced.close()
+
+
+#: What a joiner sees when the relay drains (upgrade, restart, scale-in).
+DRAIN_JOINER_TEXT = (
+    "upterm: this relay is restarting; run the same ssh command again in a few seconds"
+)
+#: The disconnect reason hosts get when the relay drains; our hosts redial at once.
+DRAIN_HOST_TEXT = "uptermd is restarting: reconnect to keep your session"
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` without control characters, cut to ``limit`` (for logs and messages)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
 class RelayConnection(asyncssh.SSHServer):
@@ -195,26 +260,55 @@ class RelayConnection(asyncssh.SSHServer):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.gate: Gate | None = None
         self.is_host = False
         self._token: wire.Token | None = None
         self._reg: Registration | None = None
         self._auth_key: bytes | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._owned: set[str] = set()
-        self._channels = 0
+        #: Channels this joiner has open now (not ever opened).
+        self.open_channels = 0
+        #: The session this joiner counts against (joiners per session), once authenticated.
+        self._joined: str | None = None
+        self._authed_state: str | None = None
+        self._bucket: TokenBucket | None = None
+        self._throttled: list[Any] = []
+        self._throttle_timer: asyncio.TimerHandle | None = None
+        self._sessions: set[_JoinerSession] = set()
+        self._refused_text: str | None = None
 
     # -- connection lifecycle --
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        gate = conn.get_extra_info(GATE_INFO)
+        self.gate = gate if isinstance(gate, Gate) else None
+        self.relay.connections.add(self)
         sshcompat.install_global_request_handler(
             conn, wire.CREATE_SESSION_REQUEST, self._create_session
+        )
+        sshcompat.install_global_request_handler(conn, wire.INVITES_REQUEST, self._invites)
+        sshcompat.limit_global_requests(
+            conn, self.relay.limits.global_requests_pending, self._too_many_requests
         )
         sshcompat.on_signed_public_key(conn, self._key_proven)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.connections.discard(self)
+        if not self.relay.connections:
+            self.relay.drained()
         for sid in list(self._owned):
             self.drop_session(sid)
+        if self._joined is not None:
+            self.relay.guard.joiners_by_session.give(self._joined)
+            self._joined = None
+            self.relay.metrics.joiners.dec()
+        if self._authed_state is not None:
+            self.relay.metrics.connections.labels(state=self._authed_state).dec()
+            self._authed_state = None
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
         if self._upstream is not None:
             self._upstream.cancel()
             if self._upstream.done() and not self._upstream.cancelled():
@@ -226,12 +320,32 @@ class RelayConnection(asyncssh.SSHServer):
         if self.conn is not None:
             self.conn.close()
 
+    def disconnect(self, reason: str) -> None:
+        """Disconnect with a reason the peer's client shows."""
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+
+    def tell_and_close(self, text: str) -> None:
+        """One line on every channel of this joiner, then disconnect with it as the reason."""
+        for sess in list(self._sessions):
+            sess.tell(text)
+        self.disconnect(text)
+
     def drop_session(self, sid: str) -> None:
         """Forget a session this connection registered (its successor is left alone)."""
-        self._owned.discard(sid)
+        if sid in self._owned:
+            self._owned.discard(sid)
+            self.relay.guard.sessions_by_key.give(self._auth_key)
+            self.relay.guard.sessions_by_source.give(self.source_key())
         if self.relay.table.release(sid, self):
             log.info("session %s closed", sid)
+            self.relay.metrics.sessions.set(len(self.relay.table))
             self.relay.on_change()
+
+    def _too_many_requests(self) -> None:
+        log.info("disconnected %s: too many requests waiting for an answer", self.peer())
+        self.relay.metrics.refusals.labels(reason="global-requests").inc()
+        self.disconnect("upterm: too many requests waiting for an answer")
 
     # -- authentication --
 
@@ -239,6 +353,7 @@ class RelayConnection(asyncssh.SSHServer):
         assert self.conn is not None
         self._token = None
         self._reg = None
+        self._refused_text = None
         banner = self.conn.get_extra_info("client_version") or ""
         self.is_host = banner == wire.HOST_CLIENT_VERSION
         if self.is_host:
@@ -247,18 +362,42 @@ class RelayConnection(asyncssh.SSHServer):
             self._token = wire.decode_token(username)
         except RemoteProtocolError:
             log.info("refused joiner with a malformed token from %s", self.peer())
+            self.relay.metrics.auth_failures.labels(reason="bad-token").inc()
+            if self.gate is not None:
+                self.gate.invalid_user = True
             return True
         reg = self.relay.table.get(self._token.session_id)
         foreign = self._token.node_addr not in (None, self.relay.node_addr)
         if reg is None or foreign:
             # Never dial a node address named by a joiner: only known cluster members count,
             # and a single node knows none.
-            self.conn.send_auth_banner(
-                wire.BANNER_NO_HOST_FORMAT.format(session_id=self._token.session_id)
+            self._refuse_joiner(
+                wire.BANNER_NO_HOST_FORMAT.format(session_id=self._token.session_id),
+                "unknown-session",
+            )
+            return True
+        limit = self.relay.guard.joiners_by_session.limit
+        if limit and self.relay.guard.joiners_by_session.count(reg.session_id) >= limit:
+            self._refuse_joiner(
+                f"upterm: session {reg.session_id} is full ({limit} joiners); "
+                "try again when someone leaves\n",
+                "joiners-per-session",
             )
             return True
         self._reg = reg
         return True
+
+    def _refuse_joiner(self, text: str, reason: str) -> None:
+        """Say why in the user-auth banner; the auth that follows fails, unpenalised."""
+        assert self.conn is not None
+        self._refused_text = text
+        self.conn.send_auth_banner(text)
+        if reason == "unknown-session":
+            self.relay.metrics.auth_failures.labels(reason=reason).inc()
+        else:
+            self.relay.metrics.refusals.labels(reason=reason).inc()
+        if self.gate is not None:
+            self.gate.no_penalty = True
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -270,28 +409,79 @@ class RelayConnection(asyncssh.SSHServer):
         return False
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.gate is not None:
+            self.gate.auth_attempted = True
+        blob = bytes(key.public_data)
         if self.is_host:
+            allowed = self.relay.host_keys
+            if allowed is not None and blob not in allowed:
+                log.info(
+                    "refused host %s: key %s is not in --authorized-keys",
+                    self.peer(),
+                    wire.fingerprint_sha256(blob),
+                )
+                self.relay.metrics.auth_failures.labels(reason="host-not-authorized").inc()
+                return False
             return True
         reg = self._reg
         if reg is None or self.relay.table.get(reg.session_id) is not reg:
             return False
         if self._token is not None and self._token.invite is not None:
-            # An invite may be for a key the host did not register with us; only the host
-            # knows its invites, and it checks them (and the key) itself.
+            # Only codes the host declared get past here (as digests); the host checks the
+            # code, its limits and the key itself.
+            if wire.invite_digest(self._token.invite) in reg.invites:
+                return True
+            self.relay.metrics.auth_failures.labels(reason="unknown-invite").inc()
+            return False
+        if reg.allows_client(blob):
             return True
-        return reg.allows_client(bytes(key.public_data))
+        self.relay.metrics.auth_failures.labels(reason="bad-key").inc()
+        return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # Joiners' certificates are not an identity here; their plain key is.
         return False
 
+    def auth_completed(self) -> None:
+        assert self.conn is not None
+        if self.gate is not None:
+            self.gate.auth_completed()
+        limits = self.relay.limits
+        if self.is_host:
+            self._authed_state = "host"
+            # Probe hosts: one that vanished without closing TCP is dropped within
+            # interval x (count + 1), and its joiners are told at once.
+            self.conn.set_keepalive(limits.host_keepalive_s, limits.host_keepalive_count)
+            if limits.host_rate_bytes_s > 0:
+                self._bucket = TokenBucket(limits.host_rate_bytes_s, limits.host_burst_bytes)
+        else:
+            self._authed_state = "joiner"
+            self.conn.set_keepalive(limits.joiner_keepalive_s, limits.joiner_keepalive_count)
+            reg = self._reg
+            if reg is not None:
+                if not self.relay.guard.joiners_by_session.take(reg.session_id):
+                    # Raced with another joiner past begin_auth: the session filled up.
+                    self.relay.metrics.refusals.labels(reason="joiners-per-session").inc()
+                    self.disconnect(f"upterm: session {reg.session_id} is full")
+                    return
+                self._joined = reg.session_id
+                self.relay.metrics.joiners.inc()
+        self.relay.metrics.connections.labels(state=self._authed_state).inc()
+
     def _key_proven(self, key_blob: bytes) -> None:
         self._auth_key = key_blob
 
     def peer(self) -> str:
-        """The peer's address as ``host:port``."""
+        """The peer's address as ``host:port`` (the PROXY header's source, if any)."""
         assert self.conn is not None
         return format_addr(self.conn.get_extra_info("peername"))
+
+    def source_key(self) -> str:
+        """The network block this peer counts under for per-source quotas."""
+        if self.gate is not None:
+            return self.relay.guard.key(self.gate.addr)
+        peer = self.conn.get_extra_info("peername") if self.conn is not None else None
+        return self.relay.guard.key(str(peer[0]) if isinstance(peer, tuple) else "")
 
     # -- host side: registration and forwarding --
 
@@ -299,8 +489,31 @@ class RelayConnection(asyncssh.SSHServer):
         assert self.conn is not None
         if not self.is_host:
             return sshcompat.GlobalReply(False, b"only hosts may create sessions")
-        if len(self._owned) >= MAX_SESSIONS_PER_CONNECTION:
-            return sshcompat.GlobalReply(False, b"failed to create session: too many sessions")
+        if self.relay.draining:
+            return sshcompat.GlobalReply(False, b"upterm: this relay is restarting; retry")
+        limits = self.relay.limits
+        guard = self.relay.guard
+        if len(self._owned) >= limits.sessions_per_connection:
+            return self._quota_refusal(
+                "sessions-per-connection",
+                f"too many sessions on one connection (at most {limits.sessions_per_connection})",
+            )
+        if limits.sessions_total and len(self.relay.table) >= limits.sessions_total:
+            return self._quota_refusal(
+                "sessions-total", "this relay is full; try again later or use another relay"
+            )
+        key_count = guard.sessions_by_key.count(self._auth_key)
+        if guard.sessions_by_key.limit and key_count >= guard.sessions_by_key.limit:
+            return self._quota_refusal(
+                "sessions-per-key",
+                f"too many sessions for this host key (at most {limits.sessions_per_key})",
+            )
+        src_count = guard.sessions_by_source.count(self.source_key())
+        if guard.sessions_by_source.limit and src_count >= guard.sessions_by_source.limit:
+            return self._quota_refusal(
+                "sessions-per-source",
+                f"too many sessions from your address (at most {limits.sessions_per_source})",
+            )
         try:
             req = wire.CreateSessionRequest.decode(payload)
             if len(req.client_authorized_keys) > MAX_KEYS_PER_SESSION:
@@ -313,6 +526,7 @@ class RelayConnection(asyncssh.SSHServer):
             client_keys = [wire.parse_public_key_line(k) for k in req.client_authorized_keys]
         except RemoteProtocolError as exc:
             log.info("refused registration from %s: %s", self.peer(), exc)
+            self.relay.metrics.refusals.labels(reason="bad-registration").inc()
             return sshcompat.GlobalReply(False, str(exc).encode())
         host_blobs = tuple(k.blob for k in host_keys if k is not None)
         if not host_blobs:
@@ -320,7 +534,7 @@ class RelayConnection(asyncssh.SSHServer):
         reg = Registration(
             session_id=sid,
             node_addr=self.relay.node_addr,
-            host_user=req.host_user,
+            host_user=_printable(req.host_user, 64),
             host_key_blobs=host_blobs,
             client_key_blobs=frozenset(k.blob for k in client_keys if k is not None),
             generation=generation,
@@ -331,11 +545,13 @@ class RelayConnection(asyncssh.SSHServer):
         except Superseded as exc:
             return sshcompat.GlobalReply(False, str(exc).encode())
         self._owned.add(sid)
+        guard.sessions_by_key.take(self._auth_key)
+        guard.sessions_by_source.take(self.source_key())
         log.info(
             "session %s registered by %s (user %r, key %s, generation %d, %d authorized keys)",
             sid,
             self.peer(),
-            req.host_user,
+            reg.host_user,
             wire.fingerprint_sha256(self._auth_key) if self._auth_key else "?",
             generation,
             len(reg.client_key_blobs),
@@ -347,6 +563,25 @@ class RelayConnection(asyncssh.SSHServer):
             session_key_redial=True,
         )
         return sshcompat.GlobalReply(True, resp.encode())
+
+    def _quota_refusal(self, reason: str, text: str) -> sshcompat.GlobalReply:
+        log.info("refused registration from %s: %s", self.peer(), text)
+        self.relay.metrics.refusals.labels(reason=reason).inc()
+        return sshcompat.GlobalReply(False, f"upterm: {text}".encode())
+
+    async def _invites(self, payload: bytes) -> sshcompat.GlobalReply:
+        """A host declares the invite codes (digests) its session honours."""
+        if not self.is_host:
+            return sshcompat.GlobalReply(False, b"only hosts may declare invites")
+        try:
+            sid, digests = wire.decode_invites(payload)
+        except RemoteProtocolError as exc:
+            return sshcompat.GlobalReply(False, str(exc).encode())
+        reg = self.relay.table.get(sid)
+        if sid not in self._owned or reg is None or reg.owner is not self:
+            return sshcompat.GlobalReply(False, b"upterm: not your session")
+        reg.invites = digests
+        return sshcompat.GlobalReply(True)
 
     def _verify_proof(self, req: wire.CreateSessionRequest) -> tuple[str, int]:
         assert self.conn is not None
@@ -364,7 +599,11 @@ class RelayConnection(asyncssh.SSHServer):
 
     def unix_server_requested(self, listen_path: str) -> Any:
         if not self.is_host or listen_path not in self._owned:
-            log.info("refused forward of %r from %s: not its session", listen_path, self.peer())
+            log.info(
+                "refused forward of %r from %s: not its session",
+                _printable(listen_path, 80),
+                self.peer(),
+            )
             return False
         if not self.relay.table.mark_forwarded(listen_path, self):
             return False
@@ -373,17 +612,53 @@ class RelayConnection(asyncssh.SSHServer):
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False
 
+    def charge(self, nbytes: int, chan: Any) -> None:
+        """Count host output against ``--host-rate``; over it, that channel waits its turn."""
+        if self._bucket is None:
+            return
+        wait = self._bucket.take(nbytes, time.monotonic())
+        if wait <= 0:
+            return
+        with contextlib.suppress(Exception):
+            chan.pause_reading()
+        self._throttled.append(chan)
+        if self._throttle_timer is None:
+            self.relay.metrics.refusals.labels(reason="host-rate").inc()
+            self._throttle_timer = asyncio.get_running_loop().call_later(wait, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttle_timer = None
+        chans, self._throttled = self._throttled, []
+        for chan in chans:
+            with contextlib.suppress(Exception):
+                chan.resume_reading()
+
     # -- joiner side: proxy each session channel to the host --
 
     def session_requested(self) -> Any:
-        if self.is_host or self._reg is None or not self._take_channel():
+        if self.is_host or self._reg is None:
             return False
-        return _JoinerSession(self)
+        self._take_channel()
+        session = _JoinerSession(self)
+        self._sessions.add(session)
+        return session
 
-    def _take_channel(self) -> bool:
-        # One joiner needs a few channels; a flood of them is refused, not served.
-        self._channels += 1
-        return self._channels <= MAX_CHANNELS_PER_JOINER
+    def _take_channel(self) -> None:
+        """Count one more open channel, or refuse it with a reason the client shows."""
+        limit = self.relay.limits.channels_per_joiner
+        if limit and self.open_channels >= limit:
+            self.relay.metrics.refusals.labels(reason="channels-per-joiner").inc()
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"upterm: too many open channels on this connection (at most {limit})",
+            )
+        self.open_channels += 1
+
+    def channel_closed(self, session: _JoinerSession | None = None) -> None:
+        """A channel counted by :meth:`_take_channel` has closed."""
+        self.open_channels = max(0, self.open_channels - 1)
+        if session is not None:
+            self._sessions.discard(session)
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -396,14 +671,16 @@ class RelayConnection(asyncssh.SSHServer):
         """
         if self.is_host or self._reg is None or dest_host != E2E_DESTINATION:
             return False
-        if not self._take_channel():
-            return False
         host_conn = self._live_host()
         if host_conn is None:
-            return False
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                wire.BANNER_NO_HOST_FORMAT.format(session_id=self._reg.session_id).strip(),
+            )
+        self._take_channel()
         sid = self._reg.session_id
         log.info("joiner %s opened an end-to-end channel to %s", self.peer(), sid)
-        return _open_splice(self.relay, host_conn, sid)
+        return _open_splice(self, host_conn, sid)
 
     def _live_host(self) -> asyncssh.SSHServerConnection | None:
         """The connection of this joiner's host, if its registration is still current."""
@@ -412,6 +689,11 @@ class RelayConnection(asyncssh.SSHServer):
             return None
         owner = reg.owner
         return owner.conn if isinstance(owner, RelayConnection) else None
+
+    def host_link(self) -> RelayConnection | None:
+        """The relay connection of this joiner's host (for its rate cap)."""
+        owner = self._reg.owner if self._reg is not None else None
+        return owner if isinstance(owner, RelayConnection) else None
 
     def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
         """The SSH connection to the host's inner server, opened once per joiner."""
@@ -424,7 +706,7 @@ class RelayConnection(asyncssh.SSHServer):
         reg = self._reg
         host_conn = self._live_host()
         if host_conn is None:
-            raise ConnectionError(wire.UPSTREAM_UNAVAILABLE)
+            raise HostGone()
         username = self.conn.get_extra_info("username") or ""
         joiner_key = wire.PublicKey(self._auth_key)
         auth = wire.AuthRequest(
@@ -466,14 +748,23 @@ class RelayConnection(asyncssh.SSHServer):
         )
 
 
+class HostGone(ConnectionError):
+    """The joiner's host is not connected (any more)."""
+
+
 async def _open_splice(
-    relay: Relay, host_conn: asyncssh.SSHServerConnection, session_id: str
+    link: RelayConnection, host_conn: asyncssh.SSHServerConnection, session_id: str
 ) -> _Splice:
-    joiner_side = _Splice(relay)
-    host_factory: Any = lambda: _Splice(relay, peer=joiner_side)  # noqa: E731
-    _, host_side = await host_conn.create_unix_connection(
-        host_factory, session_id, max_pktsize=TUNNEL_MAX_PACKET_BYTES
-    )
+    relay = link.relay
+    joiner_side = _Splice(relay, link=link)
+    host_factory: Any = lambda: _Splice(relay, peer=joiner_side, host=link.host_link())  # noqa: E731
+    try:
+        _, host_side = await host_conn.create_unix_connection(
+            host_factory, session_id, max_pktsize=TUNNEL_MAX_PACKET_BYTES
+        )
+    except BaseException:
+        link.channel_closed()
+        raise
     joiner_side.peer = cast(_Splice, host_side)
     return joiner_side
 
@@ -510,13 +801,28 @@ class _MergedWrites:
 
 
 class _Splice(asyncssh.SSHTCPSession[bytes]):
-    """One end of an opaque byte splice between two channels, with flow control."""
+    """One end of an opaque byte splice between two channels, with flow control.
 
-    def __init__(self, relay: Relay, peer: _Splice | None = None) -> None:
+    The joiner's end (``link`` set) counts as one of its open channels; the host's end
+    (``host`` set) charges what the host sends against the host's rate cap.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        peer: _Splice | None = None,
+        link: RelayConnection | None = None,
+        host: RelayConnection | None = None,
+    ) -> None:
         self._relay = relay
         self.peer = peer
+        self._link = link
+        self._host = host
         self.chan: Any = None  # a TCP channel (joiner side) or a UNIX channel (host side)
         self._out = _MergedWrites(self._write)
+        self._bytes = relay.metrics.bytes.labels(
+            direction="splice_host_to_joiner" if link is None else "splice_joiner_to_host"
+        )
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
@@ -524,6 +830,9 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
             self._relay.observer("splice", data)
+        self._bytes.inc(len(data))
+        if self._host is not None:
+            self._host.charge(len(data), self.chan)
         self._out.add(data)
 
     def _write(self, data: bytes, _datatype: int | None) -> None:
@@ -554,6 +863,9 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.flush()
+        if self._link is not None:
+            self._link.channel_closed()
+            self._link = None
         if self.peer is not None and self.peer.chan is not None:
             self.peer.chan.close()
 
@@ -566,14 +878,26 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
         self._pending: list[tuple[bytes, int | None]] = []
+        #: Bytes in _pending, kept as a running count (never re-summed per packet).
+        self._pending_bytes = 0
         self._pending_eof = False
+        self._closed = False
         self._out = _MergedWrites(self._write_host_output)
+        metrics = link.relay.metrics
+        self._in_bytes = metrics.bytes.labels(direction="joiner_to_host")
+        self.out_bytes = metrics.bytes.labels(direction="host_to_joiner")
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._size: tuple[int, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+
+    def tell(self, text: str) -> None:
+        """A line of ours on the joiner's terminal (stderr)."""
+        if self._chan is not None and not self._closed:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_stderr(f"\r\n{text}\r\n".encode())
 
     def pty_requested(
         self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
@@ -621,8 +945,14 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.info("joiner %s could not reach its host: %s", self._link.peer(), exc)
+            log.info("joiner %s could not reach its host: %r", self._link.peer(), exc)
             # Fixed texts, as upstream: nothing about the host or its address leaks.
+            if isinstance(exc, HostGone) or self._link._live_host() is None:
+                # Its host is gone (or went while we dialled): upstream's words for that.
+                sid = self._link._reg.session_id if self._link._reg else "?"
+                chan.write_stderr(wire.BANNER_NO_HOST_FORMAT.format(session_id=sid).encode())
+                chan.exit(1)
+                return
             if isinstance(exc, asyncssh.PermissionDenied):
                 reason = wire.UPSTREAM_AUTH_FAILED  # the host refused this joiner
             elif isinstance(exc, asyncssh.HostKeyNotVerifiable):
@@ -636,6 +966,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         for data, datatype in self._pending:
             up_chan.write(data, datatype)
         self._pending.clear()
+        self._pending_bytes = 0
         chan.resume_reading()
         if self._pending_eof:
             up_chan.write_eof()
@@ -645,9 +976,12 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._link.relay.observer is not None:
             self._link.relay.observer("relay", data)
+        self._in_bytes.inc(len(data))
         if self._up is None:
+            # Held until the host answers: bounded, then the joiner's window does the rest.
             self._pending.append((data, datatype))
-            if sum(len(d) for d, _ in self._pending) > PROXY_HIGH_WATER_BYTES and self._chan:
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= self._link.relay.limits.pending_bytes and self._chan:
                 self._chan.pause_reading()
             return
         try:
@@ -688,6 +1022,10 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._link.channel_closed(self)
+        self._pending.clear()
+        self._pending_bytes = 0
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._up is not None:
@@ -743,8 +1081,16 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
         self._joiner = joiner
         self._status: int | None = None
         self._signal: tuple[str, bool, str] | None = None
+        self._chan: Any = None
+        self._host = joiner._link.host_link()
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._joiner.out_bytes.inc(len(data))
+        if self._host is not None:
+            self._host.charge(len(data), self._chan)
         self._joiner.host_data(data, datatype)
 
     def eof_received(self) -> bool:

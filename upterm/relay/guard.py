@@ -1,0 +1,130 @@
+"""What one uptermd node allows each peer, and the bookkeeping that enforces it.
+
+:class:`RelayLimits` holds every bound (each is an ``uptermd`` flag with the default here);
+:class:`RelayGuard` applies the pre-authentication ones for the :mod:`gate` (caps with
+random early drop, per-source caps, penalties) and keeps the counts of what is open now for
+the quotas the server checks after authentication. Every count is O(1) per event and follows
+what is open now, never what was ever opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from upterm.relay.metrics import RelayMetrics
+from upterm.relay.policy import (
+    Admission,
+    OpenCounts,
+    Penalties,
+    PenaltyConfig,
+    PenaltyKind,
+    Refusal,
+    StartupLimits,
+    source_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Every bound a relay keeps on its peers (defaults sized for a public relay)."""
+
+    #: Unauthenticated connections: OpenSSH MaxStartups start:rate:full.
+    startups: StartupLimits = field(default_factory=StartupLimits)
+    #: Unauthenticated connections from one source (network block) at once.
+    per_source_startups: int = 16
+    #: OpenSSH PerSourcePenalties.
+    penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
+    #: Key exchange and authentication must be done within this.
+    handshake_timeout_s: float = 30.0
+    #: Sessions registered now: per host key, per source address, in all, per connection.
+    sessions_per_key: int = 10
+    sessions_per_source: int = 20
+    sessions_total: int = 10000
+    sessions_per_connection: int = 8
+    #: Joiner connections in one session at once.
+    joiners_per_session: int = 32
+    #: Channels one joiner connection has open at once.
+    channels_per_joiner: int = 16
+    #: Bytes a joiner may send on a channel before its host answers; then reading pauses.
+    pending_bytes: int = 64 * 1024
+    #: Global requests waiting for an answer on one connection; more and it is dropped.
+    global_requests_pending: int = 16
+    #: Bytes per second one host connection may send joiners (0: no cap), and its burst.
+    host_rate_bytes_s: float = 0.0
+    host_burst_bytes: float = 4 * 1024 * 1024
+    #: Liveness probes: a host silent for interval x (count + 1) is dropped (27 s here).
+    host_keepalive_s: float = 9.0
+    host_keepalive_count: int = 2
+    joiner_keepalive_s: float = 30.0
+    joiner_keepalive_count: int = 3
+    #: Receive window of joiners' channels: what a joiner can make us buffer per channel.
+    joiner_window_bytes: int = 512 * 1024
+
+
+class RelayGuard:
+    """Pre-auth admission and penalties (for the gate) and the relay's open counts."""
+
+    def __init__(self, limits: RelayLimits, metrics: RelayMetrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.admission = Admission(limits.startups, limits.per_source_startups)
+        self.penalties = Penalties(limits.penalties)
+        self.sessions_by_key = OpenCounts(limits.sessions_per_key)
+        self.sessions_by_source = OpenCounts(limits.sessions_per_source)
+        self.joiners_by_session = OpenCounts(limits.joiners_per_session)
+        #: Penalty bookkeeping may be switched off (``--penalties no``).
+        self._penalties_on = limits.penalties.enabled
+
+    def key(self, addr: str) -> str:
+        """The source an address counts under (its network block)."""
+        cfg = self.limits.penalties
+        return source_key(addr, cfg.ipv4_prefix, cfg.ipv6_prefix)
+
+    # -- gate.Guard --
+
+    def admit(self, addr: str, now: float) -> Refusal | None:
+        if self._penalties_on:
+            wait = self.penalties.refused_for(addr, now)
+            if wait > 0:
+                return Refusal(
+                    "penalty",
+                    f"your address is refused for {wait:.0f} s after failed or unfinished "
+                    "logins; try again later",
+                )
+        refusal = self.admission.try_admit(self.key(addr))
+        self.metrics.connections.labels(state="preauth").set(self.admission.preauth)
+        return refusal
+
+    def left_preauth(self, addr: str) -> None:
+        self.admission.release(self.key(addr))
+        self.metrics.connections.labels(state="preauth").set(self.admission.preauth)
+
+    def penalize(self, addr: str, kind: PenaltyKind, now: float) -> None:
+        if not self._penalties_on:
+            return
+        self.penalties.add(addr, kind, now)
+        self.metrics.penalties_added.labels(kind=kind.value).inc()
+        self.metrics.penalties_active.set(self.penalties.active(now))
+
+    def refused(self, addr: str, refusal: Refusal) -> None:
+        self.metrics.refusals.labels(reason=refusal.reason).inc()
+        # A flood is logged as it happens but at debug level for the cheapest refusals, so
+        # the log itself cannot be made the bottleneck.
+        level = (
+            logging.DEBUG
+            if refusal.reason in ("penalty", "startups-random-drop")
+            else (logging.INFO)
+        )
+        log.log(level, "refused %s: %s (%s)", addr, refusal.message, refusal.reason)
+
+    def accept_error(self, name: str) -> None:
+        self.metrics.accept_errors.labels(errno=name).inc()
+
+    def connection_opened(self) -> None:
+        self.metrics.connection_opened()
+
+    def connection_closed(self, duration_s: float) -> None:
+        self.metrics.connection_closed(duration_s)

@@ -336,9 +336,7 @@ async def test_one_host_connection_cannot_grow_the_relay_without_bound(relay) ->
                 await sshcompat.global_request(host, wire.CREATE_SESSION_REQUEST, req.encode())
             )
         assert [r.ok for r in replies] == [True] * 8 + [False] * 2
-        assert replies[-1].payload == (
-            b"upterm: too many sessions on one connection (at most 8)"
-        )
+        assert replies[-1].payload == (b"upterm: too many sessions on one connection (at most 8)")
         many_keys = wire.CreateSessionRequest(
             host_user="m",
             host_public_keys=(Ed25519Key.generate().public.authorized_key_line(),),

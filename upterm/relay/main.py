@@ -18,7 +18,7 @@ from upterm.errors import ConfigError, UptermError
 from upterm.keys import load_or_create_host_key, load_private_key_bytes
 from upterm.relay.gate import GateConfig, parse_networks
 from upterm.relay.guard import RelayLimits
-from upterm.relay.metrics import LoopLagMonitor, RelayMetrics, serve_http
+from upterm.relay.metrics import LoopLagMonitor, serve_http
 from upterm.relay.policy import PenaltyConfig, StartupLimits
 from upterm.relay.server import Relay, RelayIdentity
 from upterm.service import Notifier

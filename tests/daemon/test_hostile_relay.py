@@ -8,7 +8,7 @@ import pytest
 from upterm import sshcompat, wire
 from upterm.daemon.knownhosts import RelayTrust
 from upterm.daemon.tunnel import RelayURL, Tunnel
-from upterm.errors import RelayUnreachable
+from upterm.errors import RelayPermissionDenied, RelayUnreachable
 from upterm.keys import Ed25519Key
 
 pytestmark = pytest.mark.timeout(30)
@@ -56,3 +56,45 @@ async def test_hostile_registration_answers_are_refused(answer, tmp_path) -> Non
     with pytest.raises(RelayUnreachable, match="answered nonsense"):
         await tunnel.connect([])
     server.close()
+
+
+class _RefusingRelay(asyncssh.SSHServer):
+    """Refuses every registration with a reason full of terminal escapes."""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        async def refuse(_payload: bytes) -> sshcompat.GlobalReply:
+            return sshcompat.GlobalReply(False, HOSTILE_TEXT.encode())
+
+        sshcompat.install_global_request_handler(conn, wire.CREATE_SESSION_REQUEST, refuse)
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+#: Sets the window title, clears the screen, rings the bell, rewrites the line.
+HOSTILE_TEXT = "no\x1b]0;pwned\x07\x1b[2J\x9b31m\r\nfake prompt $ \u2028x"
+
+
+async def test_a_relays_refusal_text_reaches_the_host_without_control_characters(
+    tmp_path,
+) -> None:
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=_RefusingRelay,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+    )
+    port = server.sockets[0].getsockname()[1]
+    tunnel = Tunnel(
+        RelayURL("ssh", "127.0.0.1", port),
+        RelayTrust(name=f"[127.0.0.1]:{port}", known_hosts=tmp_path / "kh", accept_new=True),
+        Ed25519Key.generate(),
+        wire.new_session_secret(),
+        on_state=lambda state: None,
+    )
+    with pytest.raises(RelayPermissionDenied) as info:
+        await tunnel.connect([])
+    server.close()
+    message = str(info.value)
+    assert "refused the session: no?]0;pwned??[2J?31m??fake prompt $ ?x" in message
+    assert all(ch.isprintable() for ch in message), repr(message)

@@ -25,6 +25,7 @@ from upterm import sshcompat, wire
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.errors import RemoteProtocolError, UptermError
+from upterm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,6 @@ class Invite:
     def valid(self, now: float) -> bool:
         """Whether it can still be used."""
         return self.uses_left > 0 and now < self.expires_at
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """A peer's text made safe to show in a terminal or a log: no control characters."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
 def _invite_code(username: str) -> str | None:

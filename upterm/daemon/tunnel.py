@@ -35,6 +35,7 @@ from upterm.errors import (
     UptermError,
 )
 from upterm.keys import Ed25519Key
+from upterm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,8 @@ class Tunnel:
                 f"{self.url}: Permission denied (publickey); the relay refused this host"
             ) from exc
         except (OSError, TimeoutError, asyncssh.Error) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            # A relay's disconnect text is its own: shown without control characters.
+            reason = printable(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
             raise RelayUnreachable(
                 f"cannot reach the relay at {self.url}: {reason}; check --server and that "
                 "uptermd is running there"
@@ -302,7 +304,7 @@ class Tunnel:
         except asyncssh.Error as exc:
             raise RelayUnreachable(f"the relay at {self.url} closed the connection") from exc
         if not reply.ok:
-            text = reply.payload.decode("utf-8", "replace").strip() or "no reason given"
+            text = printable(reply.payload.decode("utf-8", "replace").strip()) or "no reason given"
             raise RelayPermissionDenied(f"the relay at {self.url} refused the session: {text}")
         try:
             resp = wire.CreateSessionResponse.decode(reply.payload)
@@ -426,7 +428,7 @@ class Tunnel:
             if self._invites:
                 conn.create_task(self._declare_invites(conn))
         except (UptermError, asyncssh.Error, OSError) as exc:
-            log.info("redial of %s failed: %s", self.url, exc)
+            log.info("redial of %s failed: %s", self.url, printable(str(exc)))
             if conn is not None:
                 conn.close()
             return False

@@ -30,6 +30,7 @@ from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.metrics import RelayMetrics
 from upterm.relay.policy import TokenBucket
 from upterm.relay.registry import Registration, SessionTable, Superseded
+from upterm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,6 @@ DRAIN_JOINER_TEXT = (
 )
 #: The disconnect reason hosts get when the relay drains; our hosts redial at once.
 DRAIN_HOST_TEXT = "uptermd is restarting: reconnect to keep your session"
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """``text`` without control characters, cut to ``limit`` (for logs and messages)."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
 class RelayConnection(asyncssh.SSHServer):
@@ -534,7 +530,7 @@ class RelayConnection(asyncssh.SSHServer):
         reg = Registration(
             session_id=sid,
             node_addr=self.relay.node_addr,
-            host_user=_printable(req.host_user, 64),
+            host_user=printable(req.host_user, 64),
             host_key_blobs=host_blobs,
             client_key_blobs=frozenset(k.blob for k in client_keys if k is not None),
             generation=generation,
@@ -601,7 +597,7 @@ class RelayConnection(asyncssh.SSHServer):
         if not self.is_host or listen_path not in self._owned:
             log.info(
                 "refused forward of %r from %s: not its session",
-                _printable(listen_path, 80),
+                printable(listen_path, 80),
                 self.peer(),
             )
             return False

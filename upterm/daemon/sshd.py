@@ -37,6 +37,9 @@ RECORDED_WITH_INPUT_BANNER = (
 READ_ONLY_BANNER = b"\r\n=== Attached to read-only session ===\r\n\r\n"
 #: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
 MAX_DIM = 10_000
+#: Joiners that may wait for the host's approval at once (per session); one per key. More
+#: are refused at once: each holds a connection on the relay and a line in the host's view.
+MAX_PENDING_APPROVALS = 8
 #: A joiner with this much output unsent skips ahead (output dropped until it catches up).
 SKIP_AHEAD_BYTES = 512 * 1024
 #: After skipping, the joiner gets this much recent output (the end of what it missed).
@@ -152,6 +155,16 @@ class GuestPolicy:
     async def admit(self, client: ClientInfo) -> bool:
         """Decide on an authenticated joiner: its role, and the host's approval if asked."""
         if self.approve:
+            waiting = [c for c, f in self.pending.values() if not f.done()]
+            if len(waiting) >= MAX_PENDING_APPROVALS or any(
+                c.fingerprint == client.fingerprint for c in waiting
+            ):
+                log.info(
+                    "joiner %s refused: %d joiners already wait for approval",
+                    client.fingerprint,
+                    len(waiting),
+                )
+                return False
             answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self.pending[client.client_id] = (client, answer)
             if self.on_pending is not None:

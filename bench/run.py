@@ -146,7 +146,7 @@ class World:
         self.procs.append(proc)
         return proc
 
-    def start_relay(self, name: str = "relay") -> tuple[subprocess.Popen[bytes], int]:
+    def start_relay(self, name: str = "relay", *extra: str) -> tuple[subprocess.Popen[bytes], int]:
         addr = self.root / f"{name}.addr"
         proc = self.spawn(
             [
@@ -157,6 +157,7 @@ class World:
                 str(self.root / name),
                 "--addr-file",
                 str(addr),
+                *extra,
             ]
         )
         deadline = time.monotonic() + 15
@@ -484,17 +485,25 @@ def join_time_ms(argv: list[str], n: int) -> list[float]:
     return samples
 
 
+#: Quotas off, for the capacity figures (one key, one address, thousands of sessions).
+NO_QUOTAS = (
+    "--max-sessions", "0", "--max-sessions-per-key", "0", "--max-sessions-per-source", "0",
+    "--penalty-exempt", "127.0.0.0/8",
+)  # fmt: skip
+
+
 async def relay_memory_per_session_kib(relay_pid: int, port: int, n: int) -> float:
     """uptermd's RSS growth per idle registered session (legacy registrations, each its
-    own host connection, as real hosts)."""
+    own host connection, as real hosts; from 64 loopback addresses in turn)."""
     from upterm import sshcompat, wire
 
     before = rss_kib(relay_pid)
     conns = []
-    for _ in range(n):
+    for i in range(n):
         conn = await asyncssh.connect(
             "127.0.0.1", port, client_version="upterm-host-client", username="bench",
             client_keys=[KEY[0]], known_hosts=None, agent_path=None, config=None,
+            local_addr=(f"127.0.2.{1 + i % 64}", 0),
         )  # fmt: skip
         req = wire.CreateSessionRequest(
             host_user="bench", host_public_keys=(KEY[0].export_public_key(),)
@@ -507,6 +516,34 @@ async def relay_memory_per_session_kib(relay_pid: int, port: int, n: int) -> flo
     for conn in conns:
         conn.close()
     return (after - before) / n
+
+
+async def preauth_held(port: int, sources: int, attempts: int) -> tuple[int, int]:
+    """Idle connections (they never send a byte) from ``sources`` loopback addresses in turn,
+    against a relay with its default pre-auth caps: how many were held when the first was
+    refused, and how many were held in all."""
+    held: list[socket.socket] = []
+    first_refusal = 0
+    try:
+        for i in range(attempts):
+            sock = socket.socket()
+            sock.bind((f"127.0.3.{1 + i % sources}", 0))
+            sock.settimeout(5)
+            try:
+                sock.connect(("127.0.0.1", port))
+                line = sock.recv(256)
+            except OSError:
+                line = b""
+            if line.startswith(b"SSH-2.0-"):
+                held.append(sock)
+                continue
+            sock.close()
+            if not first_refusal:
+                first_refusal = len(held)
+        return first_refusal, len(held)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def daemon_memory_per_session_kib(w: World, server: str, n: int) -> float:
@@ -551,7 +588,7 @@ class Sizes:
     idle_s: float  # full: longer than KEEPALIVE_INTERVAL_S, so keepalives fall inside
 
 
-FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000), 100, 60.0)
+FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0)
 QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0)
 
 
@@ -563,7 +600,8 @@ async def run(quick: bool) -> Report:
     KEY.append(asyncssh.generate_private_key("ssh-ed25519"))
     with world() as w:
         w.key = KEY[0]
-        relay, port = w.start_relay()
+        # Penalties exempt loopback: every joiner here is 127.0.0.1 (no quota is relaxed).
+        relay, port = w.start_relay("relay", "--penalty-exempt", "127.0.0.1")
         sshd_port = w.start_sshd()
         server = f"ssh://127.0.0.1:{port}"
         user = os.environ.get("USER") or "root"
@@ -702,7 +740,7 @@ async def run(quick: bool) -> Report:
 
         for n_mem in sizes.relay_sessions:
             # A fresh uptermd each time: memory freed by an earlier run would be reused.
-            fresh, fresh_port = w.start_relay(f"relay-{n_mem}")
+            fresh, fresh_port = w.start_relay(f"relay-{n_mem}", *NO_QUOTAS)
             report.add(Figure(
                 f"uptermd memory per idle session ({n_mem})",
                 await relay_memory_per_session_kib(fresh.pid, fresh_port, n_mem), "KiB",
@@ -710,6 +748,20 @@ async def run(quick: bool) -> Report:
             ))  # fmt: skip
             fresh.terminate()
             fresh.wait(10)
+        # Defaults (--max-startups 100:30:1000, 32 per source): attempts from 64 addresses.
+        fresh, fresh_port = w.start_relay("relay-preauth")
+        attempts = 1500 if not quick else 200
+        first, held = await preauth_held(fresh_port, 64, attempts)
+        report.add(Figure(
+            "pre-auth connections held at the first refusal", first, "conns",
+            target="start of random early drop (100)",
+        ))  # fmt: skip
+        report.add(Figure(
+            f"pre-auth connections held of {attempts} attempts", held, "conns",
+            target="<= full (1000)",
+        ))  # fmt: skip
+        fresh.terminate()
+        fresh.wait(10)
         n_daemon = sizes.daemon_sessions
         report.add(Figure(
             f"daemon memory per idle session ({n_daemon})",

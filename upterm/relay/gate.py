@@ -482,6 +482,7 @@ class GatedListener:
         self._paused: set[int] = set()
         self._closed = asyncio.Event()
         self._serving = False
+        self._bound_port = port
 
     async def create_server(
         self, session_factory: Callable[[str, int], Any], _host: str, _port: int
@@ -519,14 +520,15 @@ class GatedListener:
                 sock.close()
             self.sockets = []
             raise
+        self._bound_port = int(self.sockets[0].getsockname()[1]) if self.sockets else 0
         self._serving = True
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._on_readable, sock)
         return self
 
     def get_port(self) -> int:
-        """The bound port."""
-        return int(self.sockets[0].getsockname()[1]) if self.sockets else 0
+        """The bound port (still known after the sockets closed)."""
+        return self._bound_port
 
     def is_serving(self) -> bool:
         """Whether new connections are accepted."""

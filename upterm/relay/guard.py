@@ -33,8 +33,9 @@ class RelayLimits:
 
     #: Unauthenticated connections: OpenSSH MaxStartups start:rate:full.
     startups: StartupLimits = field(default_factory=StartupLimits)
-    #: Unauthenticated connections from one source (network block) at once.
-    per_source_startups: int = 16
+    #: Unauthenticated connections from one source (network block) at once: a class
+    #: behind one NAT joining in the same second fits; one address cannot fill the relay.
+    per_source_startups: int = 32
     #: OpenSSH PerSourcePenalties.
     penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
     #: Key exchange and authentication must be done within this.

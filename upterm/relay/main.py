@@ -235,7 +235,7 @@ async def serve(
 )
 @click.option(
     "--per-source-max-startups",
-    default=16,
+    default=32,
     show_default=True,
     type=click.IntRange(min=0),
     help="Unauthenticated connections from one source address block (0: no cap).",

@@ -31,6 +31,7 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert any(n.startswith("join time") for n in names)
     assert any(n.startswith("uptermd memory per idle session") for n in names)
     assert any(n.startswith("daemon memory per idle session") for n in names)
+    assert any(n.startswith("pre-auth connections held at the first refusal") for n in names)
     assert any(n.startswith("per-joiner throughput, 4 joiners (median)") for n in names)
     assert any(n.startswith("live joiner's throughput, another one stopped") for n in names)
     assert any(n.startswith("daemon idle wakeups") for n in names)

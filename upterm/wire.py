@@ -56,6 +56,11 @@ BANNER_NO_HOST_FORMAT = (
     "command will work again once it's back. Try again in a few seconds.\n"
 )
 BANNER_LOOKUP_FAILED = "upterm: the relay can't look up sessions right now. Try again shortly.\n"
+#: Ours: an invite token whose code the host has not declared (revoked, expired or unknown).
+BANNER_UNKNOWN_INVITE = (
+    "upterm: this invite is not valid for session {session_id} (revoked, expired or never "
+    "made); ask the host for a new join line\n"
+)
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_AUTH_FAILED = "ssh: unable to authenticate with the upstream"
 UPSTREAM_HOST_KEY_MISMATCH = "ssh: host key mismatch"

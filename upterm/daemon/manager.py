@@ -255,12 +255,12 @@ class Manager:
             case adminproto.ClientAction():
                 return self._client_action(self._find(req.session, conn), req)
             case adminproto.CreateInvite():
-                return self._invite(self._find(req.session, conn), req)
+                return await self._invite(self._find(req.session, conn), req)
             case adminproto.RevokeInvite():
                 hosted = self._find(req.session, conn)
                 if hosted.policy.invites.pop(req.code, None) is None:
                     raise SessionNotFound(f"no invite {req.code!r} in this session")
-                hosted.tunnel.set_invites(list(hosted.policy.invites))
+                await hosted.tunnel.set_invites(list(hosted.policy.invites))
                 return adminproto.ok(req.id)
             case adminproto.Detach():
                 viewer = _streams(conn).pop(req.stream, None)
@@ -321,7 +321,7 @@ class Manager:
             guest.tell(f"\r\n[upterm: {text}]\r\n".encode())
         return adminproto.ok(req.id)
 
-    def _invite(self, hosted: HostedSession, req: adminproto.CreateInvite) -> dict[str, Any]:
+    async def _invite(self, hosted: HostedSession, req: adminproto.CreateInvite) -> dict[str, Any]:
         keys = _parse_authorized(req.keys)
         code = wire.random_session_id()[:INVITE_CODE_LEN]
         invite = Invite(
@@ -333,7 +333,7 @@ class Manager:
         )
         hosted.policy.invites[code] = invite
         # The relay lets invite tokens past its key check only for codes declared to it.
-        hosted.tunnel.set_invites(list(hosted.policy.invites))
+        await hosted.tunnel.set_invites(list(hosted.policy.invites))
         reg = hosted.tunnel.registered
         assert reg is not None
         token = wire.with_invite(reg.token, code)

@@ -114,6 +114,8 @@ class GuestPolicy:
     on_pending: Callable[[ClientInfo], None] | None = None
     #: Open channels of each joiner, to tell or remove them.
     by_client: dict[str, set[GuestSession]] = field(default_factory=dict)
+    #: Joiners the host removed: no new channel for them while their connection closes.
+    removed: set[str] = field(default_factory=set)
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -222,6 +224,14 @@ class InnerServer(asyncssh.SSHServer):
         self._conn = conn
         sshcompat.on_client_certificate(conn, self._check_certificate)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A joiner's role lives as long as its connection: the relay carries all of one
+        # joiner's channels (an OpenSSH ControlMaster reusing one) on this one connection,
+        # and a channel opened after another closed types as before.
+        if self._client is not None:
+            self._policy.roles.pop(self._client.client_id, None)
+            self._policy.removed.discard(self._client.client_id)
+
     def begin_auth(self, username: str) -> bool:
         return True
 
@@ -302,6 +312,8 @@ class InnerServer(asyncssh.SSHServer):
 
     def session_requested(self) -> Any:
         if self._client is None or not self._admitted:
+            return False
+        if self._client.client_id in self._policy.removed:
             return False
         return GuestSession(self._policy, self._client)
 
@@ -450,7 +462,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             channels.discard(self)
             if not channels:
                 del self._policy.by_client[self._client.client_id]
-                self._policy.roles.pop(self._client.client_id, None)
                 self._policy.on_leave(self._client.client_id)
 
     def tell(self, message: bytes) -> None:
@@ -459,6 +470,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def remove(self, message: bytes) -> None:
         """The host removed this joiner: say so and close its connection."""
+        self._policy.removed.add(self._client.client_id)
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(message)

@@ -324,23 +324,27 @@ class Tunnel:
             resp.session_id, resp.node_addr, token, resp.session_id == derived, version
         )
 
-    def set_invites(self, codes: Sequence[str]) -> None:
+    async def set_invites(self, codes: Sequence[str]) -> None:
         """Tell the relay which invite codes this session honours (again after each redial).
 
         Our uptermd lets an invite token past its key check only for a code declared here
         (as a digest); a relay that does not know the request refuses it, which changes
-        nothing: such a relay routes no invite tokens anyway.
+        nothing: such a relay routes no invite tokens anyway. Returns once the relay has
+        answered (a revoked code is refused there from then on), or at once while the
+        connection is down (the next redial declares them).
         """
         self._invites = tuple(codes)
-        if self._conn is not None and self.registered is not None:
-            self._conn.create_task(self._declare_invites(self._conn))
+        if self._conn is not None and self.registered is not None and self.connected:
+            await self._declare_invites(self._conn)
 
     async def _declare_invites(self, conn: asyncssh.SSHClientConnection) -> None:
         assert self.registered is not None
         payload = wire.encode_invites(self.registered.session_id, self._invites)
         try:
-            reply = await sshcompat.global_request(conn, wire.INVITES_REQUEST, payload)
-        except asyncssh.Error as exc:
+            reply = await asyncio.wait_for(
+                sshcompat.global_request(conn, wire.INVITES_REQUEST, payload), CONNECT_TIMEOUT_S
+            )
+        except (asyncssh.Error, TimeoutError) as exc:
             log.info("could not declare invites to %s: %s", self.url, exc)
             return
         if not reply.ok and self._invites:

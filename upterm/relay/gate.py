@@ -46,9 +46,11 @@ FEED_BUDGET_S = 0.002
 #: The slice of received bytes handed to asyncssh at a time adapts per connection between
 #: these: large for bulk data (few, big packets: cheap per byte), small for floods of tiny
 #: packets (asyncssh's work per call grows with the packets in it).
-FEED_MIN_SLICE_BYTES = 2048
+FEED_MIN_SLICE_BYTES = 256
 FEED_MAX_SLICE_BYTES = 256 * 1024
-FEED_START_SLICE_BYTES = 16 * 1024
+FEED_START_SLICE_BYTES = 4 * 1024
+#: What one piece should cost at this connection's cost per byte: well inside the budget.
+FEED_PIECE_S = FEED_BUDGET_S / 4
 #: Stop reading the socket while this much received data waits to be parsed.
 BACKLOG_HIGH_BYTES = 256 * 1024
 #: Connections accepted per readiness event before other work runs.
@@ -243,6 +245,8 @@ class Gate(asyncio.Protocol):
         self._feeding = False
         self._eof_pending = False
         self._slice = FEED_START_SLICE_BYTES
+        #: Seconds of parsing per received byte, averaged (starts as a bulk connection's).
+        self._cost_s_per_byte = FEED_PIECE_S / FEED_START_SLICE_BYTES
         self._reading_paused = False
         self._closed = False
 
@@ -391,7 +395,7 @@ class Gate(asyncio.Protocol):
         if self.authenticated or self._closed:
             return
         self._timed_out = True
-        log.info("closed %s: no login within %.0f s", self.addr, self._cfg.handshake_timeout_s)
+        log.debug("closed %s: no login within %.0f s", self.addr, self._cfg.handshake_timeout_s)
         self._guard.refused(self.addr, Refusal("handshake-timeout", "login took too long"))
         if self._transport is not None:
             self._transport.abort()
@@ -429,25 +433,26 @@ class Gate(asyncio.Protocol):
         return chunk
 
     def _feed(self) -> None:
-        """Hand asyncssh received bytes for at most FEED_BUDGET_S, then let others run."""
+        """Hand asyncssh received bytes for at most FEED_BUDGET_S, then let others run.
+
+        The budget is checked between pieces, so each piece is sized by what this
+        connection's bytes have cost so far (an average of seconds per byte): a piece of
+        tiny packets is a few hundred bytes, a piece of bulk data up to 256 KiB.
+        """
         self._feeding = False
         inner = self._inner
         if self._closed or inner is None:
             return
-        start = time.perf_counter()
-        fed = 0
+        clock = time.perf_counter
+        start = clock()
         while self._backlog and not self._closed:
             piece = self._take(self._slice)
-            fed += len(piece)
+            t0 = clock()
             inner.data_received(piece)
-            if time.perf_counter() - start >= FEED_BUDGET_S:
+            now = clock()
+            self._learn_cost(now - t0, len(piece))
+            if now - start >= FEED_BUDGET_S:
                 break
-        elapsed = time.perf_counter() - start
-        # Adapt the slice: a slice that alone overran the budget halves, a cheap one doubles.
-        if fed and elapsed > FEED_BUDGET_S * 2 and fed <= self._slice:
-            self._slice = max(FEED_MIN_SLICE_BYTES, self._slice // 2)
-        elif elapsed < FEED_BUDGET_S / 4:
-            self._slice = min(FEED_MAX_SLICE_BYTES, self._slice * 2)
         if self._closed:
             return
         if self._backlog:
@@ -458,6 +463,18 @@ class Gate(asyncio.Protocol):
             if not inner.eof_received() and self._transport is not None:
                 self._transport.close()
         self.update_reading()
+
+    def _learn_cost(self, elapsed_s: float, nbytes: int) -> None:
+        """Update the cost per byte and the next piece's size from one piece's parse time."""
+        if nbytes <= 0:
+            return
+        cost = elapsed_s / nbytes
+        # Quick to rise (a flood shows at once), slower to fall (one cheap piece that only
+        # buffered half a packet says little).
+        weight = 0.5 if cost > self._cost_s_per_byte else 0.1
+        self._cost_s_per_byte += weight * (cost - self._cost_s_per_byte)
+        target = int(FEED_PIECE_S / max(self._cost_s_per_byte, 1e-12))
+        self._slice = max(FEED_MIN_SLICE_BYTES, min(FEED_MAX_SLICE_BYTES, target))
 
 
 class GatedListener:
@@ -555,7 +572,13 @@ class GatedListener:
         await self._closed.wait()
 
     def _on_readable(self, sock: socket.socket) -> None:
+        # A burst of connections takes turns with everyone else too: at most ACCEPT_BATCH
+        # and FEED_BUDGET_S per readiness event (the listening socket stays readable, so
+        # the rest come on the next pass).
+        deadline = time.perf_counter() + FEED_BUDGET_S
         for _ in range(ACCEPT_BATCH):
+            if time.perf_counter() >= deadline:
+                return
             try:
                 conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -9,7 +9,9 @@ what is open now, never what was ever opened.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from upterm.relay.metrics import RelayMetrics
@@ -25,6 +27,11 @@ from upterm.relay.policy import (
 )
 
 log = logging.getLogger(__name__)
+
+#: At most one info line per this many seconds sums up refusals before SSH.
+REFUSAL_SUMMARY_S = 10.0
+#: Parsed addresses remembered: a flood comes from few addresses, parsing each is not free.
+_cached_source_key = functools.lru_cache(maxsize=4096)(source_key)
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,14 @@ class RelayGuard:
         self.joiners_by_session = OpenCounts(limits.joiners_per_session)
         #: Penalty bookkeeping may be switched off (``--penalties no``).
         self._penalties_on = limits.penalties.enabled
+        self._refused: dict[str, int] = {}
+        self._refused_from: set[str] = set()
+        self._summary_at = -REFUSAL_SUMMARY_S
 
     def key(self, addr: str) -> str:
         """The source an address counts under (its network block)."""
         cfg = self.limits.penalties
-        return source_key(addr, cfg.ipv4_prefix, cfg.ipv6_prefix)
+        return _cached_source_key(addr, cfg.ipv4_prefix, cfg.ipv6_prefix)
 
     # -- gate.Guard --
 
@@ -112,14 +122,24 @@ class RelayGuard:
 
     def refused(self, addr: str, refusal: Refusal) -> None:
         self.metrics.refusals.labels(reason=refusal.reason).inc()
-        # A flood is logged as it happens but at debug level for the cheapest refusals, so
-        # the log itself cannot be made the bottleneck.
-        level = (
-            logging.DEBUG
-            if refusal.reason in ("penalty", "startups-random-drop")
-            else (logging.INFO)
-        )
-        log.log(level, "refused %s: %s (%s)", addr, refusal.message, refusal.reason)
+        # Refusals before SSH come in floods: each is logged at debug level, and at most
+        # one summary line per REFUSAL_SUMMARY_S at info, so the log cannot become the
+        # bottleneck (or the disk filler) of an attack.
+        log.debug("refused %s: %s (%s)", addr, refusal.message, refusal.reason)
+        self._refused[refusal.reason] = self._refused.get(refusal.reason, 0) + 1
+        if len(self._refused_from) < 5:
+            self._refused_from.add(addr)
+        now = time.monotonic()
+        if now - self._summary_at >= REFUSAL_SUMMARY_S:
+            self._log_summary(now)
+
+    def _log_summary(self, now: float) -> None:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self._refused.items()))
+        sample = ", ".join(sorted(self._refused_from))
+        log.info("refused before login since the last such line: %s (from %s)", counts, sample)
+        self._refused.clear()
+        self._refused_from.clear()
+        self._summary_at = now
 
     def accept_error(self, name: str) -> None:
         self.metrics.accept_errors.labels(errno=name).inc()

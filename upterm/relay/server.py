@@ -211,17 +211,22 @@ class Relay:
         self.draining = True
         if self._listener is not None:
             self._listener.stop_accepting()
-        log.info("draining: %d connections to close", len(self.connections))
-        joiners = [c for c in self.connections if not c.is_host]
-        hosts = [c for c in self.connections if c.is_host]
-        for conn in joiners:
-            conn.tell_and_close(DRAIN_JOINER_TEXT)
-        for conn in hosts:
-            conn.disconnect(DRAIN_HOST_TEXT)
+        deadline = time.monotonic() + timeout_s
+        # What is already ending (a host that just closed, its joiners' exit statuses in
+        # flight) finishes on its own first: telling those joiners would cut their status.
         self._drained.clear()
         if self.connections:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout_s)
+                await asyncio.wait_for(self._drained.wait(), min(DRAIN_SETTLE_S, timeout_s / 4))
+        log.info("draining: %d connections to close", len(self.connections))
+        for conn in [c for c in self.connections if not c.is_host]:
+            if conn._live_host() is not None:
+                conn.tell_and_close(DRAIN_JOINER_TEXT)
+        for conn in [c for c in self.connections if c.is_host]:
+            conn.disconnect(DRAIN_HOST_TEXT)
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - time.monotonic()))
         for conn in list(self.connections):
             conn.close()
 
@@ -242,6 +247,8 @@ class Relay:
             displaced.close()
 
 
+#: How long a drain first waits for what is already ending to end by itself.
+DRAIN_SETTLE_S = 0.5
 #: What a joiner sees when the relay drains (upgrade, restart, scale-in).
 DRAIN_JOINER_TEXT = (
     "upterm: this relay is restarting; run the same ssh command again in a few seconds"
@@ -294,6 +301,14 @@ class RelayConnection(asyncssh.SSHServer):
         self.relay.connections.discard(self)
         if not self.relay.connections:
             self.relay.drained()
+        if isinstance(exc, asyncssh.ConnectionLost) and "keepalive" in str(exc):
+            # asyncssh's own words when our probes went unanswered.
+            log.info(
+                "dropped %s %s: it stopped answering keepalives",
+                "host" if self.is_host else "joiner",
+                self.peer(),
+            )
+            self.relay.metrics.keepalive_drops.inc()
         for sid in list(self._owned):
             self.drop_session(sid)
         if self._joined is not None:
@@ -428,6 +443,9 @@ class RelayConnection(asyncssh.SSHServer):
             if wire.invite_digest(self._token.invite) in reg.invites:
                 return True
             self.relay.metrics.auth_failures.labels(reason="unknown-invite").inc()
+            if self._refused_text is None and self.conn is not None:
+                self._refused_text = wire.BANNER_UNKNOWN_INVITE.format(session_id=reg.session_id)
+                self.conn.send_auth_banner(self._refused_text)
             return False
         if reg.allows_client(blob):
             return True

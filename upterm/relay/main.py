@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -123,6 +124,7 @@ async def serve(
     metric_addr: tuple[str, int] | None = None,
     drain_timeout_s: float = 10.0,
     authorized_keys: tuple[str, ...] = (),
+    drain_delay_s: float = 0.0,
 ) -> None:
     """Run until SIGINT/SIGTERM, then drain."""
     try:
@@ -179,6 +181,11 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, reload_keys)
     await stop.wait()
     notifier.send(f"STOPPING=1\nSTATUS=draining {len(relay.connections)} connections")
+    relay.draining = True  # /ready says 503 from now on
+    if drain_delay_s > 0:
+        # A load balancer polling /ready takes the node out before it stops accepting.
+        logger.info("stopping: /ready is 503; still accepting for %.1f s", drain_delay_s)
+        await asyncio.sleep(drain_delay_s)
     logger.info("stopping: draining for at most %.0f s", drain_timeout_s)
     await relay.drain(drain_timeout_s)
     notifier.stopping()
@@ -186,6 +193,8 @@ async def serve(
     relay.close()
     if http is not None:
         http.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(http.wait_closed(), 1)
     await relay.wait_closed()
 
 
@@ -328,6 +337,13 @@ async def serve(
     help="On SIGTERM: how long joiners and hosts get to go before the exit.",
 )
 @click.option(
+    "--drain-delay",
+    default="0s",
+    show_default=True,
+    help="On SIGTERM: how long /ready says 503 while the relay still accepts, before the "
+    "drain (give a load balancer polling /ready time to take the node out).",
+)
+@click.option(
     "--addr-file",
     type=click.Path(path_type=Path),
     default=None,
@@ -360,6 +376,7 @@ def main(
     proxy_protocol_from: tuple[str, ...],
     metric_addr: str,
     drain_timeout: str,
+    drain_delay: str,
     addr_file: Path | None,
     debug: bool,
 ) -> None:
@@ -408,6 +425,7 @@ def main(
         )
         metrics_at = split_addr(metric_addr) if metric_addr else None
         drain_s = parse_duration_s(drain_timeout, "--drain-timeout")
+        delay_s = parse_duration_s(drain_delay, "--drain-delay")
         identity = load_identity(state_dir or default_state_dir(), private_key)
         raise_fd_limit()
         relay = Relay(
@@ -425,7 +443,7 @@ def main(
             ),
             host_keys=keys,
         )
-        asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys))
+        asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))
     except UptermError as exc:
         click.echo(f"uptermd: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -422,6 +422,10 @@ class _HttpEndpoint:
             done = True
         except (TimeoutError, OSError) as exc:
             log.debug("metrics endpoint: connection lost: %r", exc)
+        except asyncio.CancelledError:
+            # Shutting down: the request is dropped (finally). Not re-raised: on Python
+            # 3.11 asyncio logs a cancelled client callback as an error with a traceback.
+            log.debug("metrics endpoint: request dropped at shutdown")
         except Exception:
             # Our bug, not the client's: say so once, keep serving.
             log.exception("metrics endpoint: unexpected error")

@@ -37,3 +37,15 @@ async def test_stream_types_are_never_merged_together_and_keep_their_order() -> 
     assert written == [(BIG, None), (b"err", 1), (b"more", None)]
     await asyncio.sleep(0)
     assert len(written) == 3  # the scheduled flush finds nothing left
+
+
+async def test_small_pieces_after_the_first_in_a_pass_are_merged_at_its_end() -> None:
+    written: list[tuple[bytes, int | None]] = []
+    out = _MergedWrites(lambda data, datatype: written.append((data, datatype)))
+    for ch in b"abcdef":  # a flood of one-byte packets read in one pass
+        out.add(bytes([ch]))
+    assert written == [(b"a", None)]  # the first goes at once (a keystroke must not wait)
+    await asyncio.sleep(0)
+    assert written == [(b"a", None), (b"bcdef", None)]  # the rest: one write, not five
+    out.add(b"g")  # a new pass: at once again
+    assert written[-1] == (b"g", None)

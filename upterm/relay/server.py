@@ -789,22 +789,30 @@ class _MergedWrites:
     What one read of the socket brings is passed on in one write at the end of that pass:
     a host's inner SSH packets are a few bytes over an OpenSSH joiner's 32 KiB channel
     packet limit, and written one by one each would become a full packet and a runt,
-    doubling the packets (and the cipher calls) towards the joiner. A small piece arriving
-    with nothing waiting (a keystroke's echo) is written at once. Order is kept, and pieces
-    of different stream types (stdout, stderr) are never merged together.
+    doubling the packets (and the cipher calls) towards the joiner. The first small piece
+    of a pass (a keystroke, its echo) is written at once; the rest of that pass is merged,
+    so a flood of tiny packets costs one write per pass, not one per packet. Order is
+    kept, and pieces of different stream types (stdout, stderr) are never merged together.
     """
 
     def __init__(self, write: Callable[[bytes, int | None], None]) -> None:
         self._write = write
         self._pending: list[tuple[bytes, int | None]] = []
+        self._pass_open = False
 
     def add(self, data: bytes, datatype: int | None = None) -> None:
         self._pending.append((data, datatype))
-        if len(self._pending) == 1:
-            if len(data) < COALESCE_MIN_BYTES:
-                self.flush()
-            else:
-                asyncio.get_running_loop().call_soon(self.flush)
+        if self._pass_open:
+            return  # merged at the end of this pass
+        self._pass_open = True
+        asyncio.get_running_loop().call_soon(self._end_pass)
+        if len(data) < COALESCE_MIN_BYTES:
+            self.flush()
+
+    def _end_pass(self) -> None:
+        self._pass_open = False
+        if self._pending:
+            self.flush()
 
     def flush(self) -> None:
         """Write what is waiting now (before an EOF or a close, which must come after)."""
@@ -897,6 +905,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._pending_eof = False
         self._closed = False
         self._out = _MergedWrites(self._write_host_output)
+        self._in = _MergedWrites(self._write_to_host)
         metrics = link.relay.metrics
         self._in_bytes = metrics.bytes.labels(direction="joiner_to_host")
         self.out_bytes = metrics.bytes.labels(direction="host_to_joiner")
@@ -998,18 +1007,26 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             if self._pending_bytes >= self._link.relay.limits.pending_bytes and self._chan:
                 self._chan.pause_reading()
             return
+        self._in.add(data, datatype)
+
+    def _write_to_host(self, data: bytes, datatype: int | None) -> None:
+        up = self._up
+        if up is None:
+            return
         try:
-            self._up.write(data, datatype)
+            up.write(data, datatype)
         except (OSError, asyncssh.Error):
             return  # the host side is closing; its connection_lost ends this channel
-        if self._up.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._chan:
+        if up.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._chan:
             self._chan.pause_reading()
 
     def eof_received(self) -> bool:
         if self._up is None:
             self._pending_eof = True
         else:
-            self._up.write_eof()
+            self._in.flush()  # input that came before the EOF goes first
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._up.write_eof()
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -1036,6 +1053,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._in.flush()
         self._closed = True
         self._link.channel_closed(self)
         self._pending.clear()

@@ -133,3 +133,68 @@ def test_passive_listener_reports_close_once() -> None:
     listener.close()
     assert closed == [1]
     assert listener.get_port() == 0
+
+
+class _PausedSession(asyncssh.SSHServerSession[bytes]):
+    """Pauses reading at once; keeps what it is later given."""
+
+    def __init__(self, opened: asyncio.Queue) -> None:
+        self.chan = None
+        self.received = bytearray()
+        self.got = asyncio.Event()
+        self._opened = opened
+
+    def connection_made(self, chan) -> None:
+        self.chan = chan
+        sshcompat.merge_receive_buffer(chan)
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        self._opened.put_nowait(self)
+
+    def data_received(self, data: bytes, datatype) -> None:
+        self.received += data
+        if len(self.received) >= 5000:
+            self.got.set()
+
+
+class _SessionServer(asyncssh.SSHServer):
+    def __init__(self, opened: asyncio.Queue) -> None:
+        self._opened = opened
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def session_requested(self):
+        return _PausedSession(self._opened)
+
+
+async def test_a_paused_channel_holds_tiny_packets_merged_not_one_entry_each() -> None:
+    opened: asyncio.Queue = asyncio.Queue()
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _SessionServer(opened),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        encoding=None,
+        line_editor=False,
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None
+    ) as conn:
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, encoding=None)
+        session = await asyncio.wait_for(opened.get(), 10)
+        await asyncio.sleep(0.1)  # asyncssh starts reading once the session has started
+        session.chan.pause_reading()
+        for i in range(5000):  # one SSH packet each
+            chan.write(bytes([48 + i % 10]))
+        await asyncio.sleep(0.5)
+        # asyncssh keeps a list entry per packet; merged, the paused channel holds one run.
+        assert len(session.chan._recv_buf) == 1, len(session.received)
+        session.chan.resume_reading()
+        await asyncio.wait_for(session.got.wait(), 10)
+        assert bytes(session.received) == bytes(48 + i % 10 for i in range(5000))
+    server.close()

@@ -12,6 +12,7 @@ See ``shared/reference/asyncssh-notes.md`` for why each mechanism is shaped as i
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -228,6 +229,51 @@ def limit_global_requests(conn: Any, limit: int, exceeded: Callable[[], None]) -
         _bounded_handlers[cls] = table
     setattr(conn, _LIMIT_ATTR, (limit, exceeded))
     conn._packet_handlers = table
+
+
+class _MergingReceiveBuffer:
+    """Stands in for a channel's ``_recv_buf``: what asyncssh holds while a channel is paused.
+
+    asyncssh keeps one list entry per received packet and takes them out with ``pop(0)``:
+    a peer that sends a paused channel its whole window as one-byte packets makes the relay
+    hold hundreds of thousands of entries (about 90 bytes each) and then spend quadratic
+    time delivering them. Here consecutive data of one stream type is merged into one
+    buffer: memory is what was sent, and every operation is O(1) per byte.
+    """
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        self._runs: collections.deque[list[Any]] = collections.deque()
+
+    def append(self, item: tuple[bytes, Any]) -> None:
+        data, datatype = item
+        runs = self._runs
+        if runs and runs[-1][1] == datatype and isinstance(data, bytes | bytearray):
+            runs[-1][0] += data
+        else:
+            runs.append([bytearray(data) if isinstance(data, bytes) else data, datatype])
+
+    def pop(self, index: int = -1) -> tuple[Any, Any]:
+        if index != 0:
+            raise IndexError("only the oldest run can be taken")
+        data, datatype = self._runs.popleft()
+        return (bytes(data) if isinstance(data, bytearray) else data), datatype
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+def merge_receive_buffer(chan: Any) -> None:
+    """Give a binary (``encoding=None``) channel a receive buffer that merges packets.
+
+    Call from the session's ``connection_made``, before any data arrives.
+    """
+    if isinstance(getattr(chan, "_recv_buf", None), list) and not chan._recv_buf:
+        chan._recv_buf = _MergingReceiveBuffer()
 
 
 class PassiveListener(asyncssh.SSHListener):

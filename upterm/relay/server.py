@@ -280,6 +280,7 @@ class RelayConnection(asyncssh.SSHServer):
         self._throttle_timer: asyncio.TimerHandle | None = None
         self._sessions: set[_JoinerSession] = set()
         self._refused_text: str | None = None
+        self._lost = False
 
     # -- connection lifecycle --
 
@@ -298,6 +299,7 @@ class RelayConnection(asyncssh.SSHServer):
         sshcompat.on_signed_public_key(conn, self._key_proven)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self.relay.connections.discard(self)
         if not self.relay.connections:
             self.relay.drained()
@@ -501,6 +503,9 @@ class RelayConnection(asyncssh.SSHServer):
 
     async def _create_session(self, payload: bytes) -> sshcompat.GlobalReply:
         assert self.conn is not None
+        if self._lost:
+            # Queued before the connection went: nothing may be taken on its behalf now.
+            return sshcompat.GlobalReply(False, b"connection closed")
         if not self.is_host:
             return sshcompat.GlobalReply(False, b"only hosts may create sessions")
         if self.relay.draining:
@@ -585,7 +590,7 @@ class RelayConnection(asyncssh.SSHServer):
 
     async def _invites(self, payload: bytes) -> sshcompat.GlobalReply:
         """A host declares the invite codes (digests) its session honours."""
-        if not self.is_host:
+        if self._lost or not self.is_host:
             return sshcompat.GlobalReply(False, b"only hosts may declare invites")
         try:
             sid, digests = wire.decode_invites(payload)
@@ -848,6 +853,7 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
+        sshcompat.merge_receive_buffer(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
@@ -899,7 +905,9 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._link = link
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
-        self._pending: list[tuple[bytes, int | None]] = []
+        #: Input held until the host answers, as runs of one stream type (merged on arrival:
+        #: memory is what was sent, not an entry per packet).
+        self._pending: list[tuple[bytearray, int | None]] = []
         #: Bytes in _pending, kept as a running count (never re-summed per packet).
         self._pending_bytes = 0
         self._pending_eof = False
@@ -915,6 +923,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        sshcompat.merge_receive_buffer(chan)
 
     def tell(self, text: str) -> None:
         """A line of ours on the joiner's terminal (stderr)."""
@@ -987,7 +996,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             return
         self._up = up_chan
         for data, datatype in self._pending:
-            up_chan.write(data, datatype)
+            up_chan.write(bytes(data), datatype)
         self._pending.clear()
         self._pending_bytes = 0
         chan.resume_reading()
@@ -1002,7 +1011,10 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._in_bytes.inc(len(data))
         if self._up is None:
             # Held until the host answers: bounded, then the joiner's window does the rest.
-            self._pending.append((data, datatype))
+            if self._pending and self._pending[-1][1] == datatype:
+                self._pending[-1][0].extend(data)
+            else:
+                self._pending.append((bytearray(data), datatype))
             self._pending_bytes += len(data)
             if self._pending_bytes >= self._link.relay.limits.pending_bytes and self._chan:
                 self._chan.pause_reading()
@@ -1118,6 +1130,7 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
 
     def connection_made(self, chan: Any) -> None:
         self._chan = chan
+        sshcompat.merge_receive_buffer(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self._joiner.out_bytes.inc(len(data))

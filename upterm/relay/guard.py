@@ -68,6 +68,10 @@ class RelayLimits:
     host_keepalive_count: int = 2
     joiner_keepalive_s: float = 30.0
     joiner_keepalive_count: int = 3
+    #: An authenticated connection with nothing open (no channel for a joiner, no session
+    #: for a host) is closed after this (OpenSSH's UnusedConnectionTimeout): idle
+    #: connections cannot fill a session's joiner slots or a source's quota for free.
+    unused_timeout_s: float = 60.0
     #: Receive window of joiners' channels: what a joiner can make us buffer per channel.
     joiner_window_bytes: int = 512 * 1024
 

@@ -316,6 +316,13 @@ async def serve(
     help="Probe a silent host after this; it is dropped after three unanswered intervals.",
 )
 @click.option(
+    "--unused-timeout",
+    default="60s",
+    show_default=True,
+    help="Close a logged-in connection with nothing open (a joiner without a channel, a host "
+    "without a session) after this (0: never).",
+)
+@click.option(
     "--ssh-proxy-protocol",
     is_flag=True,
     help="Read a PROXY protocol v1/v2 header on the SSH listener (needs --proxy-protocol-from).",
@@ -372,6 +379,7 @@ def main(
     host_rate: str,
     host_burst: str,
     host_keepalive: str,
+    unused_timeout: str,
     ssh_proxy_protocol: bool,
     proxy_protocol_from: tuple[str, ...],
     metric_addr: str,
@@ -422,6 +430,7 @@ def main(
             host_rate_bytes_s=parse_size(host_rate, "--host-rate"),
             host_burst_bytes=parse_size(host_burst, "--host-burst"),
             host_keepalive_s=keepalive_s,
+            unused_timeout_s=parse_duration_s(unused_timeout, "--unused-timeout"),
         )
         metrics_at = split_addr(metric_addr) if metric_addr else None
         drain_s = parse_duration_s(drain_timeout, "--drain-timeout")

@@ -281,6 +281,7 @@ class RelayConnection(asyncssh.SSHServer):
         self._sessions: set[_JoinerSession] = set()
         self._refused_text: str | None = None
         self._lost = False
+        self._unused_timer: asyncio.TimerHandle | None = None
 
     # -- connection lifecycle --
 
@@ -322,6 +323,7 @@ class RelayConnection(asyncssh.SSHServer):
             self._authed_state = None
         if self._throttle_timer is not None:
             self._throttle_timer.cancel()
+        self._disarm_unused()
         if self._upstream is not None:
             self._upstream.cancel()
             if self._upstream.done() and not self._upstream.cancelled():
@@ -350,6 +352,8 @@ class RelayConnection(asyncssh.SSHServer):
             self._owned.discard(sid)
             self.relay.guard.sessions_by_key.give(self._auth_key)
             self.relay.guard.sessions_by_source.give(self.source_key())
+            if not self._owned:
+                self._arm_unused()
         if self.relay.table.release(sid, self):
             log.info("session %s closed", sid)
             self.relay.metrics.sessions.set(len(self.relay.table))
@@ -483,6 +487,34 @@ class RelayConnection(asyncssh.SSHServer):
                 self._joined = reg.session_id
                 self.relay.metrics.joiners.inc()
         self.relay.metrics.connections.labels(state=self._authed_state).inc()
+        self._arm_unused()
+
+    def _arm_unused(self) -> None:
+        """Close this connection if it keeps nothing open for ``unused_timeout_s``."""
+        self._disarm_unused()
+        if not self._lost and self.relay.limits.unused_timeout_s > 0:
+            self._unused_timer = asyncio.get_running_loop().call_later(
+                self.relay.limits.unused_timeout_s, self._unused
+            )
+
+    def _disarm_unused(self) -> None:
+        if self._unused_timer is not None:
+            self._unused_timer.cancel()
+            self._unused_timer = None
+
+    def _unused(self) -> None:
+        self._unused_timer = None
+        what = "session" if self.is_host else "channel"
+        log.info(
+            "closed %s: no %s open for %.0f s",
+            self.peer(),
+            what,
+            self.relay.limits.unused_timeout_s,
+        )
+        self.relay.metrics.refusals.labels(reason="unused-connection").inc()
+        self.disconnect(
+            f"upterm: closed after {self.relay.limits.unused_timeout_s:.0f} s with no {what} open"
+        )
 
     def _key_proven(self, key_blob: bytes) -> None:
         self._auth_key = key_blob
@@ -564,6 +596,7 @@ class RelayConnection(asyncssh.SSHServer):
         except Superseded as exc:
             return sshcompat.GlobalReply(False, str(exc).encode())
         self._owned.add(sid)
+        self._disarm_unused()
         guard.sessions_by_key.take(self._auth_key)
         guard.sessions_by_source.take(self.source_key())
         log.info(
@@ -672,12 +705,15 @@ class RelayConnection(asyncssh.SSHServer):
                 f"upterm: too many open channels on this connection (at most {limit})",
             )
         self.open_channels += 1
+        self._disarm_unused()
 
     def channel_closed(self, session: _JoinerSession | None = None) -> None:
         """A channel counted by :meth:`_take_channel` has closed."""
         self.open_channels = max(0, self.open_channels - 1)
         if session is not None:
             self._sessions.discard(session)
+        if not self.open_channels:
+            self._arm_unused()
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int

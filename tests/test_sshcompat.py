@@ -146,7 +146,7 @@ class _PausedSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan) -> None:
         self.chan = chan
-        sshcompat.merge_receive_buffer(chan)
+        sshcompat.merge_channel_buffers(chan)
 
     def shell_requested(self) -> bool:
         return True
@@ -197,4 +197,43 @@ async def test_a_paused_channel_holds_tiny_packets_merged_not_one_entry_each() -
         session.chan.resume_reading()
         await asyncio.wait_for(session.got.wait(), 10)
         assert bytes(session.received) == bytes(48 + i % 10 for i in range(5000))
+    server.close()
+
+
+async def test_writes_waiting_for_a_closed_window_are_merged_and_sent_in_order() -> None:
+    opened: asyncio.Queue = asyncio.Queue()
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _SessionServer(opened),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        encoding=None,
+        line_editor=False,
+    )
+    port = server.sockets[0].getsockname()[1]
+    received = bytearray()
+    done = asyncio.Event()
+
+    class _Client(asyncssh.SSHClientSession):
+        def data_received(self, data, datatype) -> None:
+            received.extend(data)
+            if len(received) >= 70000:
+                done.set()
+
+    async with asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None
+    ) as conn:
+        # A small window (16 KiB) that the client stops opening: writes pile up.
+        chan, _ = await conn.create_session(_Client, encoding=None, window=16384)
+        session = await asyncio.wait_for(opened.get(), 10)
+        chan.pause_reading()
+        expected = bytes(48 + i % 10 for i in range(70000))
+        for i in range(70000):  # one write() each, as a host's one-byte echoes
+            session.chan.write(expected[i : i + 1])
+        await asyncio.sleep(0.3)
+        # asyncssh keeps an entry per write; merged, a handful of runs wait.
+        assert len(session.chan._send_buf) <= 2
+        chan.resume_reading()
+        await asyncio.wait_for(done.wait(), 10)
+        assert bytes(received) == expected
     server.close()

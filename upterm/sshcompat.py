@@ -267,13 +267,57 @@ class _MergingReceiveBuffer:
         return len(self._runs)
 
 
-def merge_receive_buffer(chan: Any) -> None:
-    """Give a binary (``encoding=None``) channel a receive buffer that merges packets.
+class _MergingSendBuffer:
+    """Stands in for a channel's ``_send_buf``: what waits for the peer's window.
 
-    Call from the session's ``connection_made``, before any data arrives.
+    asyncssh appends one entry per ``write()`` and removes sent ones with ``del buf[0]``: a
+    peer that stops reading while its other side writes one byte at a time makes the relay
+    hold an entry per byte and flush them in quadratic time. Here writes of one stream type
+    are merged into the last run (a bytearray; asyncssh sends from the front of the first
+    run in place, and CPython trims a bytearray's front without moving the rest).
+    """
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        self._runs: collections.deque[tuple[bytearray, Any]] = collections.deque()
+
+    def append(self, item: tuple[bytearray, Any]) -> None:
+        data, datatype = item
+        runs = self._runs
+        if runs and runs[-1][1] == datatype:
+            runs[-1][0].extend(data)
+        else:
+            runs.append((data, datatype))
+
+    def __getitem__(self, index: int) -> tuple[bytearray, Any]:
+        if index != 0:
+            raise IndexError("only the oldest run is looked at")
+        return self._runs[0]
+
+    def __delitem__(self, index: int) -> None:
+        if index != 0:
+            raise IndexError("only the oldest run can be removed")
+        self._runs.popleft()
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+def merge_channel_buffers(chan: Any) -> None:
+    """Give a binary (``encoding=None``) channel send and receive buffers that merge.
+
+    What a channel holds (for a paused reader, or for a peer whose window is closed) then
+    costs what was sent, not an entry per packet or per write, and O(1) per byte to take
+    out. Call from the session's ``connection_made``, before any data flows.
     """
     if isinstance(getattr(chan, "_recv_buf", None), list) and not chan._recv_buf:
         chan._recv_buf = _MergingReceiveBuffer()
+    if isinstance(getattr(chan, "_send_buf", None), list) and not chan._send_buf:
+        chan._send_buf = _MergingSendBuffer()
 
 
 class PassiveListener(asyncssh.SSHListener):

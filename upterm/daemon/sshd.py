@@ -342,6 +342,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        # Output waiting for a joiner that does not read is held merged, not an entry per
+        # PTY read (a program printing a byte at a time would make that quadratic).
+        sshcompat.merge_channel_buffers(chan)
         chan.set_write_buffer_limits(FOLLOW_HIGH_WATER_BYTES)
         self._policy.channel_opened(self)
         self._policy.by_client.setdefault(self._client.client_id, set()).add(self)

@@ -889,7 +889,7 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
-        sshcompat.merge_receive_buffer(chan)
+        sshcompat.merge_channel_buffers(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._relay.observer is not None:
@@ -959,7 +959,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
-        sshcompat.merge_receive_buffer(chan)
+        sshcompat.merge_channel_buffers(chan)
 
     def tell(self, text: str) -> None:
         """A line of ours on the joiner's terminal (stderr)."""
@@ -1166,7 +1166,7 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
 
     def connection_made(self, chan: Any) -> None:
         self._chan = chan
-        sshcompat.merge_receive_buffer(chan)
+        sshcompat.merge_channel_buffers(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self._joiner.out_bytes.inc(len(data))

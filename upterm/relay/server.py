@@ -955,6 +955,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self.out_bytes = metrics.bytes.labels(direction="host_to_joiner")
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._size: tuple[int, int, int, int] | None = None
+        self._size_pending: tuple[int, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
@@ -1078,9 +1079,18 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
-        self._size = (width, height, pixwidth, pixheight)
-        if self._up is not None:
-            self._up.change_terminal_size(width, height, pixwidth, pixheight)
+        # Only the last size of an event-loop pass goes on: a flood of window-change
+        # requests becomes one resize of the host's terminal, not a SIGWINCH storm.
+        pending = self._size_pending
+        self._size = self._size_pending = (width, height, pixwidth, pixheight)
+        if pending is None:
+            asyncio.get_running_loop().call_soon(self._send_size)
+
+    def _send_size(self) -> None:
+        size, self._size_pending = self._size_pending, None
+        if size is not None and self._up is not None and not self._closed:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._up.change_terminal_size(*size)
 
     def signal_received(self, signal: str) -> None:
         if self._up is not None:

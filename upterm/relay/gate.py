@@ -457,7 +457,11 @@ class Gate(asyncio.Protocol):
             return
         if self._backlog:
             self._feeding = True
-            asyncio.get_running_loop().call_soon(self._feed)
+            # call_later(0), not call_soon: asyncio puts expired timers in the ready queue
+            # after the I/O callbacks of the same pass, so whatever other connections
+            # received meanwhile is handled before this connection's next slice (with
+            # call_soon a bystander's packet waited behind two slices of a flood).
+            asyncio.get_running_loop().call_later(0, self._feed)
         elif self._eof_pending:
             self._eof_pending = False
             if not inner.eof_received() and self._transport is not None:

@@ -53,8 +53,10 @@ FEED_START_SLICE_BYTES = 4 * 1024
 FEED_PIECE_S = FEED_BUDGET_S / 4
 #: Stop reading the socket while this much received data waits to be parsed.
 BACKLOG_HIGH_BYTES = 256 * 1024
-#: Connections accepted per readiness event before other work runs.
+#: Connections accepted per readiness event before other work runs, and the time that
+#: may take (a refused connection costs tens of microseconds, mostly the kernel's).
 ACCEPT_BATCH = 64
+ACCEPT_BUDGET_S = 0.001
 #: Back-off of the accept loop when the process or system is out of descriptors.
 ACCEPT_BACKOFF_MIN_S = 0.05
 ACCEPT_BACKOFF_MAX_S = 1.0
@@ -577,9 +579,9 @@ class GatedListener:
 
     def _on_readable(self, sock: socket.socket) -> None:
         # A burst of connections takes turns with everyone else too: at most ACCEPT_BATCH
-        # and FEED_BUDGET_S per readiness event (the listening socket stays readable, so
+        # and ACCEPT_BUDGET_S per readiness event (the listening socket stays readable, so
         # the rest come on the next pass).
-        deadline = time.perf_counter() + FEED_BUDGET_S
+        deadline = time.perf_counter() + ACCEPT_BUDGET_S
         for _ in range(ACCEPT_BATCH):
             if time.perf_counter() >= deadline:
                 return

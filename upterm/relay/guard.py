@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from upterm.relay.metrics import RelayMetrics
 from upterm.relay.policy import (
@@ -90,6 +91,8 @@ class RelayGuard:
         #: Penalty bookkeeping may be switched off (``--penalties no``).
         self._penalties_on = limits.penalties.enabled
         self._refused: dict[str, int] = {}
+        self._preauth_gauge = metrics.connections.labels(state="preauth")
+        self._refusal_counters: dict[str, Any] = {}
         self._refused_from: set[str] = set()
         self._summary_at = -REFUSAL_SUMMARY_S
 
@@ -110,12 +113,13 @@ class RelayGuard:
                     "logins; try again later",
                 )
         refusal = self.admission.try_admit(self.key(addr))
-        self.metrics.connections.labels(state="preauth").set(self.admission.preauth)
+        if refusal is None:
+            self._preauth_gauge.set(self.admission.preauth)
         return refusal
 
     def left_preauth(self, addr: str) -> None:
         self.admission.release(self.key(addr))
-        self.metrics.connections.labels(state="preauth").set(self.admission.preauth)
+        self._preauth_gauge.set(self.admission.preauth)
 
     def penalize(self, addr: str, kind: PenaltyKind, now: float) -> None:
         if not self._penalties_on:
@@ -125,7 +129,12 @@ class RelayGuard:
         self.metrics.penalties_active.set(self.penalties.active(now))
 
     def refused(self, addr: str, refusal: Refusal) -> None:
-        self.metrics.refusals.labels(reason=refusal.reason).inc()
+        counter = self._refusal_counters.get(refusal.reason)
+        if counter is None:
+            counter = self._refusal_counters[refusal.reason] = self.metrics.refusals.labels(
+                reason=refusal.reason
+            )
+        counter.inc()
         # Refusals before SSH come in floods: each is logged at debug level, and at most
         # one summary line per REFUSAL_SUMMARY_S at info, so the log cannot become the
         # bottleneck (or the disk filler) of an attack.

@@ -28,6 +28,7 @@ one-line message a person can read.
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import ipaddress
 import math
@@ -330,6 +331,10 @@ def source_key(addr: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 
 
+#: :func:`source_key`, remembered: a flood comes from few addresses, and parsing is not free.
+_cached_source_key = functools.lru_cache(maxsize=4096)(source_key)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a connection was refused: a reason for metrics and a line for the person."""
@@ -414,7 +419,7 @@ class Penalties:
         return any(ip in net for net in self._exempt6)
 
     def _key(self, addr: str) -> str:
-        return source_key(addr, self._cfg.ipv4_prefix, self._cfg.ipv6_prefix)
+        return _cached_source_key(addr, self._cfg.ipv4_prefix, self._cfg.ipv6_prefix)
 
     def _purge(self, now: float) -> None:
         heap = self._heap

@@ -316,9 +316,10 @@ async def serve(
 )
 @click.option(
     "--host-keepalive",
-    default="9s",
+    default="14s",
     show_default=True,
-    help="Probe a silent host after this; it is dropped after three unanswered intervals.",
+    help="Probe a silent host after this; it is dropped when a second interval passes "
+    "without an answer (28 s by default).",
 )
 @click.option(
     "--unused-timeout",
@@ -419,7 +420,7 @@ def main(
             raise ConfigError("--handshake-timeout must be more than 0, e.g. 30s")
         keepalive_s = parse_duration_s(host_keepalive, "--host-keepalive")
         if keepalive_s <= 0:
-            raise ConfigError("--host-keepalive must be more than 0, e.g. 9s")
+            raise ConfigError("--host-keepalive must be more than 0, e.g. 14s")
         limits = RelayLimits(
             startups=StartupLimits.parse(max_startups),
             per_source_startups=per_source_max_startups,

@@ -311,3 +311,21 @@ def test_startup_confirmation(user_env: UserEnv, joiner_key) -> None:
     joiner.close()
     host.type("exit\r")
     assert host.wait() == 0
+
+
+def test_attaching_the_session_you_are_inside_is_refused(user_env: UserEnv) -> None:
+    """Attached inside itself, a session would feed its output back into itself for ever."""
+    host = attached_host(user_env, "--name", "self")
+    host.expect(b"$ ")
+    host.type("upterm session attach self; echo rc=$?\r")
+    host.expect(b"rc=2")
+    screen = "\n".join(host.display())
+    assert (
+        "you are inside session self: attaching it here would feed its output back into itself"
+        in screen.replace("\n", "")
+    ), screen
+    # The shell goes on.
+    host.type("echo still-$((6*7))\r")
+    host.expect(b"still-42")
+    host.type("exit\r")
+    assert host.wait() == 0

@@ -750,11 +750,27 @@ def session_attach(session_key: str) -> None:
         client = await connect_daemon(autostart=False)
         try:
             await _handshake(client)
+            _refuse_attaching_itself(await client.request("info", session=session_key))
             return await _attached(client, session_key, session_key)
         finally:
             await client.aclose()
 
     _run(run())
+
+
+def _refuse_attaching_itself(info: dict[str, Any]) -> None:
+    """Refuse to attach the session this shell runs in: its output would feed itself."""
+    here = os.environ.get(wire.ADMIN_SOCKET_ENV)
+    session = info.get("session") or {}
+    there = session.get("adminSocket")
+    if not here or not there:
+        return
+    if os.path.realpath(here) == os.path.realpath(str(there)):
+        name = session.get("name") or session.get("sessionId") or "this session"
+        raise UsageError(
+            f"you are inside session {name}: attaching it here would feed its output back "
+            "into itself; detach with ~. first, or attach from another terminal"
+        )
 
 
 @session.command("stop")

@@ -292,3 +292,36 @@ async def test_forced_command_pty_is_released_when_its_joiner_leaves(host: Host)
     while ptys() != before and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert ptys() == before
+
+
+async def test_a_flood_of_window_changes_resizes_the_shared_terminal_a_few_times(
+    host: Host,
+) -> None:
+    session = host.policy.session
+    applied: list[tuple[int, int]] = []
+    real_resize = session.resize
+
+    def recording_resize(viewer_id: str, cols: int, rows: int) -> None:
+        applied.append((cols, rows))
+        real_resize(viewer_id, cols, rows)
+
+    session.resize = recording_resize  # type: ignore[method-assign]
+    conn = await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+    async with conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        proc.stdin.write(b"echo ready-$((2*2))\r")
+        out = b""
+        while b"ready-4" not in out:
+            out += await asyncio.wait_for(proc.stdout.read(4096), 10)
+        applied.clear()
+        start = time.monotonic()
+        for i in range(300):  # a joiner dragging its window, or a hostile one
+            proc.change_terminal_size(40 + i % 50, 10 + i % 20)
+        await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - start
+        # At most one per interval (plus the first and the trailing one), and the last
+        # size the joiner asked for is the one that stays.
+        assert 1 <= len(applied) <= elapsed / 0.1 + 3, (len(applied), elapsed)
+        assert applied[-1] == (40 + 299 % 50, 10 + 299 % 20)
+        assert session.size == applied[-1]
+        proc.close()

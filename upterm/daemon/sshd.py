@@ -47,6 +47,9 @@ CATCH_UP_BYTES = 16 * 1024
 SKIPPED_NOTICE = b"\r\n[upterm: your connection fell behind; output skipped to catch up]\r\n"
 #: A removed joiner's connection closes this long after it was told.
 KICK_CLOSE_DELAY_S = 1.0
+#: A joiner's window changes reach the shared terminal at most once per this interval (the
+#: latest size wins): a flood of them must not become a SIGWINCH storm for the program.
+RESIZE_INTERVAL_S = 0.1
 #: Steps of the hang-up sequence for a forced command whose joiner left.
 HANGUP_STEP_S = 1.0
 #: Joiners arriving before the host accepted connections wait this long, then are refused.
@@ -331,6 +334,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._attached = False
         self._forced: PtyProcess | None = None
         self._skipping = False
+        self._resize_timer: asyncio.TimerHandle | None = None
+        self._resize_pending: tuple[int, int] | None = None
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
@@ -425,6 +430,21 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if not (width and height):
             return
         size = (min(width, MAX_DIM), min(height, MAX_DIM))
+        if self._resize_timer is not None:
+            self._resize_pending = size  # applied when the interval ends
+            return
+        self._apply_resize(size)
+        self._resize_timer = asyncio.get_running_loop().call_later(
+            RESIZE_INTERVAL_S, self._resize_interval_over
+        )
+
+    def _resize_interval_over(self) -> None:
+        self._resize_timer = None
+        size, self._resize_pending = self._resize_pending, None
+        if size is not None:
+            self.terminal_size_changed(size[0], size[1], 0, 0)
+
+    def _apply_resize(self, size: tuple[int, int]) -> None:
         if self._forced is not None:
             self._forced.resize(*size)
         else:
@@ -458,6 +478,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)
+        if self._resize_timer is not None:
+            self._resize_timer.cancel()
+            self._resize_timer = None
         self._leave()
         # The joiner has left when its last channel has: a second channel keeps it listed.
         channels = self._policy.by_client.get(self._client.client_id)

@@ -318,6 +318,7 @@ class Manager:
         policy.roles[req.client] = req.role
         text = "you can type now" if req.role == "typist" else "you are a viewer now"
         for guest in channels:
+            guest.role_changed()
             guest.tell(f"\r\n[upterm: {text}]\r\n".encode())
         return adminproto.ok(req.id)
 

@@ -14,8 +14,9 @@ as the fastest viewer takes it, never faster than every viewer can carry:
 
 Following the fastest joiner matters for throughput: a session nobody watches locally would
 otherwise read the PTY far faster than any SSH path carries it and every joiner would skip.
-The PTY size is the smallest of all attached terminals, recomputed whenever one joins,
-resizes or leaves.
+The PTY size is the smallest of the attached terminals whose viewers may type (a viewer
+does not shrink it for everyone), recomputed whenever one joins, resizes, changes role or
+leaves.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class Session:
         self._proc: PtyProcess | None = None
         self._viewers: dict[str, Viewer] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        #: Viewers whose size does not count (those who cannot type), with the size they
+        #: last asked for, kept in case they may type later.
+        self._unsized: dict[str, tuple[int, int]] = {}
         self._pacing_blocked: set[str] = set()
         #: Joiners that made no progress within JOINER_STALL_S: not followed until drained.
         self._stalled: set[str] = set()
@@ -179,6 +183,7 @@ class Session:
             viewer.finish(status)
         self._viewers.clear()
         self._sizes.clear()
+        self._unsized.clear()
         self._cancel_stall_timer()
         if self._proc is not None:
             self._proc.close()
@@ -189,12 +194,18 @@ class Session:
 
     # -- viewers --
 
-    def attach(self, viewer: Viewer, cols: int, rows: int) -> None:
-        """Add a viewer: it gets recent output, then everything live."""
+    def attach(self, viewer: Viewer, cols: int, rows: int, sized: bool = True) -> None:
+        """Add a viewer: it gets recent output, then everything live.
+
+        ``sized``: whether its terminal's size counts for the shared terminal's. A viewer
+        who cannot type (read-only, or the viewer role) does not shrink it for everyone.
+        """
         if self.exited.done():
             viewer.finish(self.exited.result())
             return
         self._viewers[viewer.viewer_id] = viewer
+        if not sized:
+            self._unsized[viewer.viewer_id] = (cols, rows)
         replay = self.recent_output(REPLAY_BYTES)
         if replay:
             viewer.send(replay)
@@ -209,6 +220,7 @@ class Session:
     def detach(self, viewer_id: str) -> None:
         """Remove a viewer; the PTY size is recomputed without it."""
         self._viewers.pop(viewer_id, None)
+        self._unsized.pop(viewer_id, None)
         self._pacing_blocked.discard(viewer_id)
         self._stalled.discard(viewer_id)
         if self._sizes.pop(viewer_id, None) is not None:
@@ -219,7 +231,21 @@ class Session:
         """A viewer's terminal changed size."""
         if viewer_id not in self._viewers:
             return
+        if viewer_id in self._unsized:
+            self._unsized[viewer_id] = (cols, rows)
+            return
         self._sizes[viewer_id] = (cols, rows)
+        self._apply_size()
+
+    def set_sized(self, viewer_id: str, sized: bool) -> None:
+        """Count a viewer's size for the shared terminal, or stop counting it (its role
+        changed: typists count, viewers do not)."""
+        if viewer_id not in self._viewers or sized == (viewer_id not in self._unsized):
+            return
+        if sized:
+            self._sizes[viewer_id] = self._unsized.pop(viewer_id)
+        else:
+            self._unsized[viewer_id] = self._sizes.pop(viewer_id, self._size)
         self._apply_size()
 
     def _apply_size(self) -> None:

@@ -387,7 +387,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(
                 RECORDED_WITH_INPUT_BANNER if self._policy.recorded == "input" else RECORDED_BANNER
             )
-        self._policy.session.attach(self, *self._pty)
+        # Only those who may type shape the shared terminal; a viewer does not shrink it.
+        self._policy.session.attach(
+            self, *self._pty, sized=self._policy.can_type(self._client.client_id)
+        )
+
+    def role_changed(self) -> None:
+        """The host changed this joiner's role: its size counts only while it may type."""
+        if self._attached:
+            self._policy.session.set_sized(
+                self.viewer_id, self._policy.can_type(self._client.client_id)
+            )
 
     def _start_forced(self, cols: int, rows: int) -> None:
         assert self._chan is not None

@@ -331,3 +331,24 @@ def test_attaching_the_session_you_are_inside_is_refused(user_env: UserEnv) -> N
     host.expect(b"still-42")
     host.type("exit\r")
     assert host.wait() == 0
+
+
+def test_detaching_from_a_full_screen_program_gives_the_terminal_back(user_env: UserEnv) -> None:
+    """~. while a program holds the alternate screen with mouse reporting and bracketed
+    paste on: the host's terminal is taken back to the normal screen with those modes off
+    before the detach line is printed."""
+    host = attached_host(user_env, "--name", "alt")
+    host.expect(b"$ ")
+    # What vim and less do on start, then wait.
+    # (the marker is split in the command line, so only the program's output shows it whole)
+    host.type("printf '\\033[?1049h\\033[?1000h\\033[?2004h\\033[?25lFULL''SCREEN'; read x\r")
+    host.expect(b"FULLSCREEN")
+    host.type("\r~.")
+    host.expect(b"[detached; 'upterm session attach alt' to return]")
+    seen = bytes(host.seen)
+    detach_at = seen.rindex(b"[detached;")
+    tail = seen[seen.rindex(b"FULLSCREEN") : detach_at]
+    for reset in (b"\x1b[?1049l", b"\x1b[?1000l", b"\x1b[?2004l", b"\x1b[?25h"):
+        assert reset in tail, (reset, tail)
+    assert host.wait() == 0
+    headless(user_env, "session", "stop", "alt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from upterm.ctl.terminal import SANE_MODES, ScreenTracker
+from upterm.termstate import SANE_MODES, ScreenTracker
 
 VIM_START = b"\x1b[?1049h\x1b[22;0;0t\x1b[?1h\x1b=\x1b[H\x1b[2J~\r\n~\r\n\x1b[?1000h\x1b[?2004h"
 VIM_END = b"\x1b[?2004l\x1b[?1000l\x1b[?1l\x1b>\x1b[?1049l\x1b[23;0;0t"

@@ -352,3 +352,19 @@ def test_detaching_from_a_full_screen_program_gives_the_terminal_back(user_env: 
         assert reset in tail, (reset, tail)
     assert host.wait() == 0
     headless(user_env, "session", "stop", "alt")
+
+
+def test_a_session_ending_in_a_full_screen_program_gives_joiners_their_terminal_back(
+    user_env: UserEnv, joiner_key
+) -> None:
+    info = detached(user_env, "altend")
+    joiner = join(user_env, info, joiner_key)
+    joiner.expect(b"$ ")
+    # The command ends while the terminal is on the alternate screen with mouse reporting on.
+    joiner.type("printf '\\033[?1049h\\033[?1000hALT''SCREEN'; sleep 0.3; exit 3\r")
+    joiner.expect(b"ALTSCREEN")
+    assert joiner.wait() == 3
+    seen = bytes(joiner.seen)
+    tail = seen[seen.rindex(b"ALTSCREEN") :]
+    for reset in (b"\x1b[?1049l", b"\x1b[?1000l", b"\x1b[?25h"):
+        assert reset in tail, (reset, tail)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
 import select
 import shutil
 import signal
@@ -17,56 +16,10 @@ from typing import Any
 
 from upterm.ctl.client import AdminClient
 from upterm.errors import DaemonUnavailable, UptermError
+from upterm.termstate import ScreenTracker
 
 STDIN_FD = 0
 STDOUT_FD = 1
-
-
-#: DEC private modes that put a terminal in the alternate screen.
-_ALT_SCREEN_MODES = frozenset({b"1049", b"1047", b"47"})
-_PRIVATE_MODE_RE = re.compile(rb"\x1b\[\?([0-9;]*)([hl])")
-#: What the local terminal needs when the program that set its modes is no longer shown
-#: (a detach, the end of the session, a lost daemon): cursor shown, mouse reporting, focus
-#: events and bracketed paste off, cursor and keypad keys normal, attributes reset, the scroll
-#: region whole (DECSC/DECRC around it: setting it moves the cursor home). Each is harmless
-#: when already so.
-SANE_MODES = (
-    b"\x1b[?25h\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1005l\x1b[?1006l\x1b[?1015l"
-    b"\x1b[?1004l\x1b[?2004l\x1b[?1l\x1b>\x1b[0m\x1b7\x1b[r\x1b8"
-)
-
-
-class ScreenTracker:
-    """Follows, from the output shown, whether the terminal is on the alternate screen.
-
-    Sans-I/O and cheap (a C-speed regex over each chunk, with a short tail so a sequence
-    split between chunks is still seen). Leaving the alternate screen is the one reset that
-    must not be sent blindly: ``ESC[?1049l`` also restores a saved cursor position.
-    """
-
-    _TAIL_BYTES = 16
-
-    def __init__(self) -> None:
-        self.alternate = False
-        self._tail = b""
-
-    def feed(self, data: bytes) -> None:
-        """Note what one chunk of output did."""
-        if b"\x1b" not in data and not self._tail:
-            return
-        window = self._tail + data
-        for match in _PRIVATE_MODE_RE.finditer(window):
-            if any(mode in _ALT_SCREEN_MODES for mode in match.group(1).split(b";")):
-                self.alternate = match.group(2) == b"h"
-        # Keep what could be the start of a sequence cut at the chunk's end.
-        cut = window.rfind(b"\x1b", max(0, len(window) - self._TAIL_BYTES))
-        self._tail = window[cut:] if cut >= 0 and not _PRIVATE_MODE_RE.match(window, cut) else b""
-
-    def restore(self) -> bytes:
-        """What brings the terminal back to a sane state (the normal screen first)."""
-        leave = b"\x1b[?1049l" if self.alternate else b""
-        self.alternate = False
-        return leave + SANE_MODES
 
 
 def terminal_size() -> tuple[int, int]:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.recording import Recorder
+from upterm.termstate import ScreenTracker
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class Session:
         self._proc: PtyProcess | None = None
         self._viewers: dict[str, Viewer] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        #: What the output has left terminals in (to give a leaving viewer's back).
+        self.screen = ScreenTracker()
         #: Viewers whose size does not count (those who cannot type), with the size they
         #: last asked for, kept in case they may type later.
         self._unsized: dict[str, tuple[int, int]] = {}
@@ -316,6 +319,7 @@ class Session:
     def _output(self, data: bytes) -> None:
         if self.recorder is not None:
             self.recorder.output(data)
+        self.screen.feed(data)
         self._replay += data
         if len(self._replay) > REPLAY_BYTES:
             del self._replay[: len(self._replay) - REPLAY_BYTES]

@@ -509,6 +509,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._policy.removed.add(self._client.client_id)
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
+                if self._attached:
+                    self._chan.write(self._policy.session.screen.restore_sequence())
                 self._chan.write_stderr(message)
                 self._chan.exit(1)
             # Then the whole connection, once the message and exit status had time to go.
@@ -547,10 +549,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return self._chan.get_write_buffer_size() if self._chan is not None else 0
 
     def finish(self, status: int) -> None:
-        """The shared command ended: pass its exit status on."""
-        self._attached = False
+        """The shared command ended: give the joiner's terminal back, pass the status on."""
+        was_attached, self._attached = self._attached, False
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
+                if was_attached:
+                    self._chan.write(self._policy.session.screen.restore_sequence())
                 self._chan.exit(status)
 
     def cut_off(self, message: bytes) -> None:

@@ -1,4 +1,5 @@
-"""Bounds on logged-in connections that keep nothing open (OpenSSH's UnusedConnectionTimeout)."""
+"""Bounds on logged-in connections: nothing open for too long (OpenSSH's
+UnusedConnectionTimeout), and a host's byte rate (--host-rate)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ import time
 import asyncssh
 import pytest
 
+from tests.relay.test_relay_public import inproc_relay
 from tests.relay.test_relay_security import host_session
-from upterm.keys import Ed25519Key
-from upterm.relay.gate import parse_networks
-from upterm.relay.guard import RelayLimits
-from upterm.relay.policy import PenaltyConfig
-from upterm.relay.server import Relay, RelayIdentity
+from upterm.relay.server import Relay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,20 +20,8 @@ UNUSED_S = 0.6
 
 @pytest.fixture
 async def relay():
-    r = Relay(
-        RelayIdentity.from_key(Ed25519Key.generate()),
-        host="127.0.0.1",
-        port=0,
-        node_addr=None,
-        version="0.1.0",
-        limits=RelayLimits(
-            unused_timeout_s=UNUSED_S,
-            penalties=PenaltyConfig(exempt=parse_networks(["127.0.0.1"])),
-        ),
-    )
-    await r.start()
-    yield r
-    r.close()
+    async with inproc_relay(unused_timeout_s=UNUSED_S) as r:
+        yield r
 
 
 async def _joiner(relay: Relay, token: str) -> asyncssh.SSHClientConnection:
@@ -90,3 +76,42 @@ async def test_a_host_that_registers_nothing_is_closed(relay) -> None:
 def metric_value(relay: Relay, reason: str) -> float:
     value = relay.metrics.registry.get_sample_value("uptermd_refusals_total", {"reason": reason})
     return value or 0.0
+
+
+RATE_B_S = 400 * 1024
+BURST_B = 64 * 1024
+#: Random bytes, base64-encoded on the way: SSH may compress, and the cap counts what the host
+#: sends on its connection, so the flood must not compress below its entropy.
+RANDOM_B = 1_000_000
+#: The cap is charged after each socket read (at most 256 KiB): the last read is not waited for.
+READ_B = 256 * 1024
+
+
+async def test_a_host_over_its_byte_rate_waits_its_turn(tmp_path) -> None:
+    async with inproc_relay(host_rate_bytes_s=RATE_B_S, host_burst_bytes=BURST_B) as relay:
+        tunnel, session, reg = await host_session(relay, tmp_path)
+        conn = await _joiner(relay, reg.token)
+        async with conn:
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+            out = bytearray()
+
+            async def until(marker: bytes) -> None:
+                while marker not in out:
+                    out.extend(await asyncio.wait_for(proc.stdout.read(65536), 20))
+
+            await until(b"$ ")
+            start = time.monotonic()
+            proc.stdin.write(
+                f"head -c {RANDOM_B} /dev/urandom | base64 -w0; echo; echo END-$((1+1))\r".encode()
+            )
+            await until(b"END-2")
+            elapsed = time.monotonic() - start
+            proc.close()
+        # Everything arrives, at no more than the cap after the burst.
+        longest = max(len(line) for line in bytes(out).split(b"\r\n"))
+        assert longest >= RANDOM_B * 4 // 3, longest  # every byte arrived
+        floor_s = (RANDOM_B - BURST_B - READ_B) / RATE_B_S
+        assert elapsed >= floor_s * 0.9, (elapsed, floor_s)
+        assert metric_value(relay, "host-rate") >= 1
+        session.hangup()
+        tunnel.close()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from upterm.relay import proxyproto
-from upterm.relay.policy import PenaltyKind, Refusal
+from upterm.relay.policy import PenaltyKind, Refusal, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ class Gate(asyncio.Protocol):
         self._cost_s_per_byte = FEED_PIECE_S / FEED_START_SLICE_BYTES
         self._reading_paused = False
         self._closed = False
+        self._bucket: TokenBucket | None = None
+        self._throttle: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol --
 
@@ -291,6 +293,8 @@ class Gate(asyncio.Protocol):
             data = rest
         self._backlog.append(data)
         self._backlog_bytes += len(data)
+        if self._bucket is not None:
+            self._charge(len(data))
         if not self._feeding:
             self._feed()
 
@@ -311,6 +315,8 @@ class Gate(asyncio.Protocol):
         self._backlog_bytes = 0
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._throttle is not None:
+            self._throttle.cancel()
         if self._preauth:
             self._preauth = False
             self._guard.left_preauth(self.addr)
@@ -349,8 +355,10 @@ class Gate(asyncio.Protocol):
         """Pause or resume the socket: paused while asyncssh asks or a backlog waits."""
         if self._transport is None or self._closed:
             return
-        want_paused = self._backlog_bytes >= BACKLOG_HIGH_BYTES or (
-            self._view is not None and self._view.inner_paused
+        want_paused = (
+            self._backlog_bytes >= BACKLOG_HIGH_BYTES
+            or self._throttle is not None
+            or (self._view is not None and self._view.inner_paused)
         )
         if want_paused and not self._reading_paused:
             self._reading_paused = True
@@ -358,6 +366,23 @@ class Gate(asyncio.Protocol):
         elif not want_paused and self._reading_paused:
             self._reading_paused = False
             self._transport.resume_reading()
+
+    def limit_rate(self, rate_bytes_s: float, burst_bytes: float) -> None:
+        """Cap what this peer may send (a host's output, ``--host-rate``): over the rate, its
+        socket is not read until the debt is paid, and TCP holds the rest at the sender."""
+        self._bucket = TokenBucket(rate_bytes_s, burst_bytes)
+
+    def _charge(self, nbytes: int) -> None:
+        assert self._bucket is not None
+        wait = self._bucket.take(nbytes, time.monotonic())
+        if wait > 0 and self._throttle is None:
+            self._guard.refused(self.addr, Refusal("host-rate", "over its byte rate"))
+            self._throttle = asyncio.get_running_loop().call_later(wait, self._unthrottle)
+            self.update_reading()
+
+    def _unthrottle(self) -> None:
+        self._throttle = None
+        self.update_reading()
 
     # -- internals --
 

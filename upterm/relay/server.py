@@ -28,7 +28,6 @@ from upterm.keys import Ed25519Key
 from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
 from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.metrics import RelayMetrics
-from upterm.relay.policy import TokenBucket
 from upterm.relay.registry import Registration, SessionTable, Superseded
 from upterm.text import printable
 
@@ -275,9 +274,6 @@ class RelayConnection(asyncssh.SSHServer):
         #: The session this joiner counts against (joiners per session), once authenticated.
         self._joined: str | None = None
         self._authed_state: str | None = None
-        self._bucket: TokenBucket | None = None
-        self._throttled: list[Any] = []
-        self._throttle_timer: asyncio.TimerHandle | None = None
         self._sessions: set[_JoinerSession] = set()
         self._refused_text: str | None = None
         self._lost = False
@@ -321,8 +317,6 @@ class RelayConnection(asyncssh.SSHServer):
         if self._authed_state is not None:
             self.relay.metrics.connections.labels(state=self._authed_state).dec()
             self._authed_state = None
-        if self._throttle_timer is not None:
-            self._throttle_timer.cancel()
         self._disarm_unused()
         if self._upstream is not None:
             self._upstream.cancel()
@@ -472,8 +466,8 @@ class RelayConnection(asyncssh.SSHServer):
             # Probe hosts: one that vanished without closing TCP is dropped within
             # interval x (count + 1), and its joiners are told at once.
             self.conn.set_keepalive(limits.host_keepalive_s, limits.host_keepalive_count)
-            if limits.host_rate_bytes_s > 0:
-                self._bucket = TokenBucket(limits.host_rate_bytes_s, limits.host_burst_bytes)
+            if limits.host_rate_bytes_s > 0 and self.gate is not None:
+                self.gate.limit_rate(limits.host_rate_bytes_s, limits.host_burst_bytes)
         else:
             self._authed_state = "joiner"
             self.conn.set_keepalive(limits.joiner_keepalive_s, limits.joiner_keepalive_count)
@@ -664,27 +658,6 @@ class RelayConnection(asyncssh.SSHServer):
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False
 
-    def charge(self, nbytes: int, chan: Any) -> None:
-        """Count host output against ``--host-rate``; over it, that channel waits its turn."""
-        if self._bucket is None:
-            return
-        wait = self._bucket.take(nbytes, time.monotonic())
-        if wait <= 0:
-            return
-        with contextlib.suppress(Exception):
-            chan.pause_reading()
-        self._throttled.append(chan)
-        if self._throttle_timer is None:
-            self.relay.metrics.refusals.labels(reason="host-rate").inc()
-            self._throttle_timer = asyncio.get_running_loop().call_later(wait, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self._throttle_timer = None
-        chans, self._throttled = self._throttled, []
-        for chan in chans:
-            with contextlib.suppress(Exception):
-                chan.resume_reading()
-
     # -- joiner side: proxy each session channel to the host --
 
     def session_requested(self) -> Any:
@@ -744,11 +717,6 @@ class RelayConnection(asyncssh.SSHServer):
             return None
         owner = reg.owner
         return owner.conn if isinstance(owner, RelayConnection) else None
-
-    def host_link(self) -> RelayConnection | None:
-        """The relay connection of this joiner's host (for its rate cap)."""
-        owner = self._reg.owner if self._reg is not None else None
-        return owner if isinstance(owner, RelayConnection) else None
 
     def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
         """The SSH connection to the host's inner server, opened once per joiner."""
@@ -812,7 +780,7 @@ async def _open_splice(
 ) -> _Splice:
     relay = link.relay
     joiner_side = _Splice(relay, link=link)
-    host_factory: Any = lambda: _Splice(relay, peer=joiner_side, host=link.host_link())  # noqa: E731
+    host_factory: Any = lambda: _Splice(relay, peer=joiner_side)  # noqa: E731
     try:
         _, host_side = await host_conn.create_unix_connection(
             host_factory, session_id, max_pktsize=TUNNEL_MAX_PACKET_BYTES
@@ -866,8 +834,7 @@ class _MergedWrites:
 class _Splice(asyncssh.SSHTCPSession[bytes]):
     """One end of an opaque byte splice between two channels, with flow control.
 
-    The joiner's end (``link`` set) counts as one of its open channels; the host's end
-    (``host`` set) charges what the host sends against the host's rate cap.
+    The joiner's end (``link`` set) counts as one of its open channels.
     """
 
     def __init__(
@@ -875,12 +842,10 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
         relay: Relay,
         peer: _Splice | None = None,
         link: RelayConnection | None = None,
-        host: RelayConnection | None = None,
     ) -> None:
         self._relay = relay
         self.peer = peer
         self._link = link
-        self._host = host
         self.chan: Any = None  # a TCP channel (joiner side) or a UNIX channel (host side)
         self._out = _MergedWrites(self._write)
         self._bytes = relay.metrics.bytes.labels(
@@ -895,8 +860,6 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
         if self._relay.observer is not None:
             self._relay.observer("splice", data)
         self._bytes.inc(len(data))
-        if self._host is not None:
-            self._host.charge(len(data), self.chan)
         self._out.add(data)
 
     def _write(self, data: bytes, _datatype: int | None) -> None:
@@ -1171,17 +1134,12 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
         self._joiner = joiner
         self._status: int | None = None
         self._signal: tuple[str, bool, str] | None = None
-        self._chan: Any = None
-        self._host = joiner._link.host_link()
 
     def connection_made(self, chan: Any) -> None:
-        self._chan = chan
         sshcompat.merge_channel_buffers(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self._joiner.out_bytes.inc(len(data))
-        if self._host is not None:
-            self._host.charge(len(data), self._chan)
         self._joiner.host_data(data, datatype)
 
     def eof_received(self) -> bool:

@@ -9,6 +9,7 @@ import asyncssh
 import pytest
 
 from tests.conftest import SSH_OPTS, make_key, start_shell
+from tests.relay.test_relay_public import inproc_relay
 from upterm import sshcompat, wire
 from upterm.daemon.knownhosts import RelayTrust
 from upterm.daemon.session import Session
@@ -16,29 +17,17 @@ from upterm.daemon.sshd import GuestPolicy
 from upterm.daemon.tunnel import RelayURL, Tunnel
 from upterm.errors import RelayPermissionDenied
 from upterm.keys import Ed25519Key
-from upterm.relay.gate import parse_networks
-from upterm.relay.guard import RelayLimits
-from upterm.relay.policy import PenaltyConfig
-from upterm.relay.server import Relay, RelayIdentity
+from upterm.relay.server import Relay
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 async def relay():
-    r = Relay(
-        RelayIdentity.from_key(Ed25519Key.generate()),
-        host="127.0.0.1",
-        port=0,
-        node_addr=None,
-        version="0.1.0",
-        # Penalties for 127.0.0.1 would end this file's many refused joins early; they are
-        # tested from other loopback addresses in test_relay_public.py.
-        limits=RelayLimits(penalties=PenaltyConfig(exempt=parse_networks(["127.0.0.1"]))),
-    )
-    await r.start()
-    yield r
-    r.close()
+    # 127.0.0.1 is exempt from penalties, which would end this file's many refused joins
+    # early; they are tested from other loopback addresses in test_relay_public.py.
+    async with inproc_relay() as r:
+        yield r
 
 
 class Hosted:

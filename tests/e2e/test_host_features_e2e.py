@@ -368,3 +368,31 @@ def test_a_session_ending_in_a_full_screen_program_gives_joiners_their_terminal_
     tail = seen[seen.rindex(b"ALTSCREEN") :]
     for reset in (b"\x1b[?1049l", b"\x1b[?1000l", b"\x1b[?25h"):
         assert reset in tail, (reset, tail)
+
+
+def test_bursts_of_small_writes_and_keys_leave_every_screen_the_same(
+    user_env: UserEnv, joiner_key
+) -> None:
+    """The relay merges small pieces that arrive in one pass (output towards a joiner, keys
+    towards the host): order and content must be exactly kept, so the joiner's screen model
+    equals the host's cell for cell after a burst of cursor-addressed one-number writes and
+    a burst of keystrokes typed faster than they are echoed."""
+    host = attached_host(user_env, "--quiet", cols=80, rows=24)
+    joiner = join(user_env, session_info(user_env), joiner_key, 80, 24)
+    joiner.expect(b"$ ")
+    host.type("clear\r")
+    # Hundreds of tiny writes, each moving the cursor: any reordering shows on screen.
+    host.type(
+        "for i in $(seq 1 400); do printf '\\033[%d;%dH%03d' $((i%20+2)) $((i%19*4+1)) $i; "
+        "done; printf '\\033[23;1HBURST-''DONE'\r"
+    )
+    host.expect(b"BURST-DONE")
+    joiner.expect(b"BURST-DONE")
+    # The joiner types a whole line in one write: its keys reach the shell in order.
+    joiner.type("echo " + "".join(f"k{i:02d}" for i in range(60)) + " | wc -c\r")
+    host.expect(b"181")  # 60 x 3 characters and the newline
+    host.settle(0.3)
+    joiner.settle(0.3)
+    assert joiner.display() == host.display()
+    host.type("exit\r")
+    assert host.wait() == 0

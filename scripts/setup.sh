@@ -13,6 +13,11 @@ command -v tmux >/dev/null || missing+=(tmux)
 # systemd-analyze and systemd-socket-activate, for the unit tests (not a running systemd).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# Full-screen programs the shared-screen tests run: vim, less, top, htop.
+command -v vim >/dev/null || missing+=(vim)
+command -v less >/dev/null || missing+=(less)
+command -v top >/dev/null || missing+=(procps)
+command -v htop >/dev/null || missing+=(htop)
 # The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if ((${#missing[@]})); then

@@ -50,7 +50,7 @@ def test_read_only_joiner_sees_everything_and_types_nothing(
 ) -> None:
     host = attached_host(user_env, "--read-only")
     joiner = join(user_env, session_info(user_env), joiner_key, 60, 15)
-    joiner.expect(b"=== Attached to read-only session ===")
+    joiner.expect(b"attached to a read-only session")
     # A viewer's smaller window does not shrink the host's shared terminal.
     assert _stty(host, "ro") == "30x100"
     target = tmp_path / "created-by-joiner"

@@ -32,7 +32,7 @@ def test_recording_with_input(user_env: UserEnv, joiner_key: Path, tmp_path: Pat
     host.type("echo host-said-$((1+1))\r")
     host.expect(b"host-said-2")
     joiner = join(user_env, session_info(user_env), joiner_key)
-    joiner.expect(b"=== This session is being recorded, including what you type ===")
+    joiner.expect(b"[upterm: this session is being recorded, including what you type]")
     joiner.expect(b"$ ")
     joiner.type("echo joiner-said-ünï-$((2+2))\r")
     joiner.expect("joiner-said-ünï-4".encode())
@@ -83,7 +83,7 @@ def test_output_only_recording_and_bad_path(user_env: UserEnv, joiner_key, tmp_p
     )
     assert out.returncode == 0, out.stderr
     joiner = join(user_env, session_info(user_env), joiner_key)
-    joiner.expect(b"=== This session is being recorded ===")
+    joiner.expect(b"[upterm: this session is being recorded]")
     joiner.type("echo x-$((3*3))\r")
     joiner.expect(b"x-9")
     joiner.close()

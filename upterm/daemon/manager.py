@@ -41,9 +41,7 @@ log = logging.getLogger(__name__)
 
 #: A stopped command gets SIGHUP, then SIGKILL after this long.
 STOP_GRACE_S = 3
-DAEMON_STOPPING_MESSAGE = (
-    b"\r\nupterm: the host's upterm daemon is shutting down; this session ends now.\r\n"
-)
+DAEMON_STOPPING_MESSAGE = "the host's upterm daemon is shutting down; this session ends now"
 #: Length of invite codes (base62: about 60 bits).
 INVITE_CODE_LEN = 10
 #: After the command exits, joiners get this long to receive its exit status.
@@ -319,7 +317,7 @@ class Manager:
         text = "you can type now" if req.role == "typist" else "you are a viewer now"
         for guest in channels:
             guest.role_changed()
-            guest.tell(f"\r\n[upterm: {text}]\r\n".encode())
+            guest.tell(text)
         return adminproto.ok(req.id)
 
     async def _invite(self, hosted: HostedSession, req: adminproto.CreateInvite) -> dict[str, Any]:
@@ -527,7 +525,7 @@ class Manager:
             "command keeps running but nobody can join",
         }
         if state in notices:
-            hosted.session.notify_host(f"\r\n[upterm: {notices[state]}]\r\n".encode())
+            hosted.session.notify_host(notices[state])
 
     def _joined(self, hosted: HostedSession, client: ClientInfo) -> None:
         if client.client_id in hosted.clients:
@@ -557,9 +555,10 @@ class Manager:
         log.info("session %s: joiner %s waits for approval", hosted.session_id, client.fingerprint)
         # Shown even with --quiet: the host has to answer.
         hosted.session.notify_host(
-            f"\r\n[upterm: {client.addr} ({client.version}, {client.fingerprint}{source}) asks "
+            f"{client.addr} ({client.version}, {client.fingerprint}{source}) asks "
             f"to join: ~y lets in, ~n refuses; or 'upterm session approve {handle} "
-            f"{client.client_id}']\r\n".encode()
+            f"{client.client_id}'",
+            urgent=True,
         )
         hosted.notify_change()
 
@@ -567,7 +566,7 @@ class Manager:
     def _notice(hosted: HostedSession, text: str) -> None:
         """A short line in the host's own terminal (not the joiners'), unless --quiet."""
         if hosted.options is None or not hosted.options.quiet:
-            hosted.session.notify_host(f"\r\n[upterm: {text}]\r\n".encode())
+            hosted.session.notify_host(text)
 
     # -- attach --
 

@@ -17,6 +17,16 @@ otherwise read the PTY far faster than any SSH path carries it and every joiner 
 The PTY size is the smallest of the attached terminals whose viewers may type (a viewer
 does not shrink it for everyone), recomputed whenever one joins, resizes, changes role or
 leaves.
+
+Every terminal shows the same screen (:mod:`upterm.termstate` follows the output's state):
+
+- A newcomer gets a clean screen, the normal screen's recent output, the alternate screen's
+  if a program is on it, then every mode the program set; a SIGWINCH makes it repaint.
+- Terminal queries in the output go to one viewer (the host's terminal, else one typist);
+  the others get the output without them, so exactly one answer reaches the program.
+- Notices (someone joined, you are a viewer now) never write over the program: on a shell
+  line they go above it and the line is written again below; otherwise they wait, shown in
+  the terminal's title meanwhile, until the program is back on the normal screen.
 """
 
 from __future__ import annotations
@@ -24,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.recording import Recorder
-from upterm.termstate import ScreenTracker
+from upterm.termstate import MAX_LINE, SANE_MODES, TerminalState, line_redrawable, strip_spans
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,15 @@ JOINER_STALL_S = 0.5
 #: Recent output replayed to a new viewer so it does not start on a blank screen.
 REPLAY_BYTES = 64 * 1024
 CUT_OFF_MESSAGE = b"\r\nupterm: you fell too far behind the session's output; disconnected.\r\n"
+#: A sequence cut at the end of a read is shown anyway if its end has not come by then.
+PARTIAL_HOLD_S = 0.05
+#: Notices kept for a viewer while they cannot be shown (the oldest are dropped, counted).
+MAX_HELD_NOTICES = 16
+#: Clears a terminal's screen and homes its cursor, modes at their start (before a replay).
+_CLEAN_SCREEN = SANE_MODES + b"\x1b[H\x1b[2J"
+#: xterm's title stack: keep the terminal's title while ours shows a waiting notice.
+_PUSH_TITLE = b"\x1b[22;2t"
+_POP_TITLE = b"\x1b[23;2t"
 
 
 class Viewer(Protocol):
@@ -119,8 +138,23 @@ class Session:
         self._proc: PtyProcess | None = None
         self._viewers: dict[str, Viewer] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
-        #: What the output has left terminals in (to give a leaving viewer's back).
-        self.screen = ScreenTracker()
+        #: What the output has set on its terminal: given to newcomers, taken from leavers.
+        self.screen = TerminalState()
+        #: Recent output of each screen (normal, alternate), and whether it lost its start.
+        self._logs = (bytearray(), bytearray())
+        self._trimmed = [False, False]
+        #: What each screen's current line (since its last newline) was written with.
+        self._lines = (bytearray(), bytearray())
+        self._partial_timer: asyncio.TimerHandle | None = None
+        #: Notices waiting for a moment they can be shown without covering the program.
+        self._held: dict[str, list[str]] = {}
+        self._dropped: dict[str, int] = {}
+        #: Viewers whose title shows a waiting notice (their own title pushed).
+        self._titled: set[str] = set()
+        #: Viewers told their terminal is smaller than the shared one.
+        self._told_small: set[str] = set()
+        #: Said to joiners after their terminal is given back when the session ends.
+        self.farewell = b""
         #: Viewers whose size does not count (those who cannot type), with the size they
         #: last asked for, kept in case they may type later.
         self._unsized: dict[str, tuple[int, int]] = {}
@@ -128,7 +162,6 @@ class Session:
         #: Joiners that made no progress within JOINER_STALL_S: not followed until drained.
         self._stalled: set[str] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._replay = bytearray()
         #: Set by the manager when the session is recorded.
         self.recorder: Recorder | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -188,6 +221,10 @@ class Session:
         self._sizes.clear()
         self._unsized.clear()
         self._cancel_stall_timer()
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        self._held.clear()
         if self._proc is not None:
             self._proc.close()
         if self.recorder is not None:
@@ -209,21 +246,46 @@ class Session:
         self._viewers[viewer.viewer_id] = viewer
         if not sized:
             self._unsized[viewer.viewer_id] = (cols, rows)
-        replay = self.recent_output(REPLAY_BYTES)
-        if replay:
-            viewer.send(replay)
+        catch_up = self.catch_up(REPLAY_BYTES)
+        if catch_up:
+            viewer.send(catch_up)
         before = self._size
         self.resize(viewer.viewer_id, cols, rows)
         if self._size == before and self._proc is not None:
             # No size change means no SIGWINCH from the kernel: nudge the program so a
             # full-screen one repaints for the newcomer.
             self._proc.redraw()
+        self._tell_small()
         self._maybe_resume()  # a newcomer can take output: the PTY need not wait
+
+    def catch_up(self, limit: int) -> bytes:
+        """What brings a terminal to show what the program's terminal shows now.
+
+        A clean screen, the normal screen's last ``limit`` bytes of output, the alternate
+        screen's if a program is on it (so the screen under it is right when it leaves),
+        then every mode, character set, scroll region and title the program set. Nothing
+        before the first output (the host's own terminal keeps what upterm printed).
+        """
+        term = self.screen
+        normal = self._clean_tail(0, limit)
+        if not normal and not term.alternate and not self._logs[0]:
+            return b""
+        out = bytearray(_CLEAN_SCREEN)
+        out += normal
+        if term.alternate:
+            out += b"\x1b[?1049h\x1b[H\x1b[2J"
+            out += self._clean_tail(1, limit)
+        out += term.modes_sequence()
+        return bytes(out)
 
     def detach(self, viewer_id: str) -> None:
         """Remove a viewer; the PTY size is recomputed without it."""
         self._viewers.pop(viewer_id, None)
         self._unsized.pop(viewer_id, None)
+        self._held.pop(viewer_id, None)
+        self._dropped.pop(viewer_id, None)
+        self._titled.discard(viewer_id)
+        self._told_small.discard(viewer_id)
         self._pacing_blocked.discard(viewer_id)
         self._stalled.discard(viewer_id)
         if self._sizes.pop(viewer_id, None) is not None:
@@ -236,9 +298,10 @@ class Session:
             return
         if viewer_id in self._unsized:
             self._unsized[viewer_id] = (cols, rows)
-            return
-        self._sizes[viewer_id] = (cols, rows)
-        self._apply_size()
+        else:
+            self._sizes[viewer_id] = (cols, rows)
+            self._apply_size()
+        self._tell_small()
 
     def set_sized(self, viewer_id: str, sized: bool) -> None:
         """Count a viewer's size for the shared terminal, or stop counting it (its role
@@ -268,6 +331,36 @@ class Session:
                 self._proc.resize(*size)
             if self.recorder is not None:
                 self.recorder.resize(*size)
+            if self.screen.region is not None:
+                # A real terminal makes its scroll region whole when it changes size; the
+                # viewers' terminals did not change, so they are told (a region set for a
+                # small joiner must not stay on the host's terminal after it left).
+                self.screen.resized()
+                for viewer in list(self._viewers.values()):
+                    viewer.send(b"\x1b7\x1b[r\x1b8")
+        self._tell_small()
+
+    def _tell_small(self) -> None:
+        """Tell each viewer smaller than the shared terminal, once, what to do about it."""
+        cols, rows = self._size
+        for viewer_id in list(self._viewers):
+            size = self._sizes.get(viewer_id) or self._unsized.get(viewer_id)
+            if size is None or viewer_id in self._told_small:
+                continue
+            if size[0] < cols or size[1] < rows:
+                self._told_small.add(viewer_id)
+                fix = "make your window larger"
+                if (
+                    self._size_policy != "smallest"
+                    and self._pinned is None
+                    and viewer_id not in self._unsized
+                ):
+                    fix += " (or the host can share with --size-policy smallest)"
+                self.notice(
+                    [viewer_id],
+                    f"your terminal ({size[0]}x{size[1]}) is smaller than the shared one "
+                    f"({cols}x{rows}): full-screen programs will look wrong; {fix}",
+                )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -275,15 +368,21 @@ class Session:
         return self._size
 
     def recent_output(self, limit: int) -> bytes:
-        """The last ``limit`` bytes of output or fewer, starting where a terminal can start.
+        """The last ``limit`` bytes of output to the screen shown now, from a clean start."""
+        return self._clean_tail(1 if self.screen.alternate else 0, limit)
+
+    def _clean_tail(self, screen: int, limit: int) -> bytes:
+        """The last ``limit`` bytes of a screen's output or fewer, starting where a terminal
+        can start.
 
         Starting mid-stream could mean starting inside an escape sequence or a UTF-8
         character. The best start is just after a newline; with none in the window (a
         progress bar redrawn with carriage returns, a full-screen program that only moves
         the cursor), a carriage return or an escape sequence's first byte will do.
         """
-        tail = bytes(self._replay[-limit:])
-        if len(self._replay) > len(tail) or len(self._replay) >= REPLAY_BYTES:
+        log = self._logs[screen]
+        tail = bytes(log[-limit:])
+        if len(log) > len(tail) or self._trimmed[screen]:
             cut = tail.find(b"\n")
             if cut >= 0:
                 return tail[cut + 1 :]
@@ -298,16 +397,79 @@ class Session:
 
     # -- data --
 
-    def notify_host(self, message: bytes) -> None:
+    def notify_host(self, text: str, *, urgent: bool = False) -> None:
         """Show a notice in the host's own attached terminals only."""
-        for viewer in list(self._viewers.values()):
-            if viewer.paces:
-                viewer.send(message)
+        self.notice([v.viewer_id for v in self._viewers.values() if v.paces], text, urgent=urgent)
 
-    def broadcast(self, message: bytes) -> None:
-        """Show every viewer a notice (not part of the command's output or replay)."""
-        for viewer in list(self._viewers.values()):
-            viewer.send(message)
+    def broadcast(self, text: str) -> None:
+        """Say something to everyone as the session ends: a notice on the host's terminals,
+        and to each joiner once its terminal is given back (a notice there could be lost on
+        a full-screen program's screen)."""
+        self.notify_host(text)
+        self.farewell = f"\r\nupterm: {text}.\r\n".encode()
+
+    def notice(self, viewer_ids: Iterable[str], text: str, *, urgent: bool = False) -> None:
+        """Tell viewers something without covering what the program shows.
+
+        On a shell line (nothing but text and colours since the last newline, narrower than
+        the screen) the notice is written above the line, which is written again below it.
+        Otherwise (a full-screen program, a line drawn with cursor moves) it waits until the
+        program is back on such a line, shown in the terminal's title meanwhile. ``urgent``
+        (the host must answer) rings the bell too.
+        """
+        for viewer_id in viewer_ids:
+            viewer = self._viewers.get(viewer_id)
+            if viewer is None:
+                continue
+            held = self._held.setdefault(viewer_id, [])
+            held.append(text)
+            if len(held) > MAX_HELD_NOTICES:
+                del held[0]
+                self._dropped[viewer_id] = self._dropped.get(viewer_id, 0) + 1
+            if self._notice_fits(viewer_id):
+                self._show_notices(viewer_id, viewer, urgent)
+                continue
+            out = bytearray(b"\x07" if urgent else b"")
+            if viewer_id not in self._titled:
+                self._titled.add(viewer_id)
+                out += _PUSH_TITLE
+            out += b"\x1b]2;[upterm: " + text.encode() + b"]\x07"
+            viewer.send(bytes(out))
+
+    def _notice_fits(self, viewer_id: str) -> bool:
+        """Whether a notice can be shown now on this viewer without covering the program."""
+        term = self.screen
+        if term.alternate or term.region is not None:
+            return False
+        cols = self._size[0]
+        size = self._sizes.get(viewer_id) or self._unsized.get(viewer_id)
+        if size is not None:
+            cols = min(cols, size[0])
+        return line_redrawable(bytes(self._lines[0]), cols)
+
+    def _show_notices(self, viewer_id: str, viewer: Viewer, urgent: bool = False) -> None:
+        texts = self._held.pop(viewer_id, [])
+        dropped = self._dropped.pop(viewer_id, 0)
+        out = bytearray(b"\x07" if urgent else b"")
+        if viewer_id in self._titled:
+            self._titled.discard(viewer_id)
+            out += _POP_TITLE
+            if self.screen.title is not None:
+                out += b"\x1b]2;" + self.screen.title + b"\x07"
+        if dropped:
+            texts.insert(0, f"{dropped} earlier notices not shown")
+        for text in texts:
+            out += b"\r\x1b[2K\x1b[0m[upterm: " + text.encode() + b"]\r\n"
+        out += self._lines[0]
+        viewer.send(bytes(out))
+
+    def _show_held(self) -> None:
+        for viewer_id in list(self._held):
+            viewer = self._viewers.get(viewer_id)
+            if viewer is None:
+                self._held.pop(viewer_id, None)
+            elif self._notice_fits(viewer_id):
+                self._show_notices(viewer_id, viewer)
 
     def input(self, data: bytes, who: str = "host") -> None:
         """Keystrokes from a viewer with the keyboard (``who``: "host" or a key fingerprint)."""
@@ -316,18 +478,84 @@ class Session:
                 self.recorder.input(data, who)
             self._proc.write(data)
 
+    def _answerer(self) -> str | None:
+        """The one viewer shown terminal queries: the host's terminal, else the first typist."""
+        typist = None
+        for viewer_id, viewer in self._viewers.items():
+            if viewer.paces:
+                return viewer_id
+            if typist is None and viewer_id not in self._unsized:
+                typist = viewer_id
+        return typist
+
     def _output(self, data: bytes) -> None:
         if self.recorder is not None:
             self.recorder.output(data)
-        self.screen.feed(data)
-        self._replay += data
-        if len(self._replay) > REPLAY_BYTES:
-            del self._replay[: len(self._replay) - REPLAY_BYTES]
+        shown = self.screen.feed(data)
+        if shown:
+            self._show(shown)
+        if self.screen.holding and self._partial_timer is None:
+            self._partial_timer = asyncio.get_running_loop().call_later(
+                PARTIAL_HOLD_S, self._flush_partial
+            )
+
+    def _flush_partial(self) -> None:
+        self._partial_timer = None
+        held = self.screen.flush()
+        if held:
+            self._show(held)
+
+    def _log(self, screen: int, data: bytes) -> None:
+        """Keep output shown on a screen: its recent bytes, and its current line's."""
+        if not data:
+            return
+        log_ = self._logs[screen]
+        log_ += data
+        if len(log_) > REPLAY_BYTES:
+            del log_[: len(log_) - REPLAY_BYTES]
+            self._trimmed[screen] = True
+        line = self._lines[screen]
+        newline = data.rfind(b"\n")
+        if newline >= 0:
+            line[:] = data[newline + 1 : newline + 1 + MAX_LINE]
+        elif len(line) < MAX_LINE:
+            line += data[: MAX_LINE - len(line)]
+
+    def _show(self, data: bytes) -> None:
+        """Show a read of output to every viewer (queries to one) and keep it for newcomers."""
+        term = self.screen
+        shown = data
+        answerer = None
+        if term.queries:
+            shown = strip_spans(data, term.queries)
+            answerer = self._answerer()
+            if answerer is None and term.answers and self._proc is not None:
+                self._proc.write(b"".join(term.answers))  # nobody can answer: we do
+        if term.switches:
+            switches = term.switches
+            if term.queries:
+                switches = [
+                    (_after_strip(a, term.queries), _after_strip(b, term.queries), on)
+                    for a, b, on in switches
+                ]
+            screen = 0 if switches[0][2] else 1
+            pos = 0
+            for start, end, on in switches:
+                self._log(screen, shown[pos:start])
+                screen = 1 if on else 0
+                if on:  # a new alternate screen: nothing before it is on it
+                    self._logs[1].clear()
+                    self._lines[1].clear()
+                    self._trimmed[1] = False
+                pos = end
+            self._log(screen, shown[pos:])
+        else:
+            self._log(1 if term.alternate else 0, shown)
         # Whether some viewer can take more now (then the PTY need not wait): the same test
         # as _must_wait, made here from the backlogs this loop reads anyway.
         ready = False
         for viewer in list(self._viewers.values()):
-            viewer.send(data)
+            viewer.send(data if viewer.viewer_id == answerer else shown)
             backlog = viewer.backlog()
             if viewer.paces:
                 ready = True
@@ -339,6 +567,8 @@ class Session:
                 viewer.cut_off(CUT_OFF_MESSAGE)
             elif backlog <= FOLLOW_HIGH_WATER_BYTES and viewer.viewer_id not in self._stalled:
                 ready = True
+        if self._held:
+            self._show_held()
         if ready and not self._pacing_blocked:
             return
         if self._proc is not None and self._must_wait():
@@ -381,3 +611,8 @@ class Session:
         if self._proc is not None and not self._must_wait():
             self._cancel_stall_timer()
             self._proc.resume_output()
+
+
+def _after_strip(offset: int, spans: list[tuple[int, int]]) -> int:
+    """Where ``offset`` lands once ``spans`` (before it, not overlapping it) are removed."""
+    return offset - sum(end - start for start, end in spans if end <= offset)

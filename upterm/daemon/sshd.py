@@ -30,11 +30,9 @@ from upterm.text import printable
 log = logging.getLogger(__name__)
 
 PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
-RECORDED_BANNER = b"\r\n=== This session is being recorded ===\r\n\r\n"
-RECORDED_WITH_INPUT_BANNER = (
-    b"\r\n=== This session is being recorded, including what you type ===\r\n\r\n"
-)
-READ_ONLY_BANNER = b"\r\n=== Attached to read-only session ===\r\n\r\n"
+RECORDED_BANNER = "this session is being recorded"
+RECORDED_WITH_INPUT_BANNER = "this session is being recorded, including what you type"
+READ_ONLY_BANNER = "attached to a read-only session: what you type is dropped"
 #: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
 MAX_DIM = 10_000
 #: Joiners that may wait for the host's approval at once (per session); one per key. More
@@ -44,7 +42,7 @@ MAX_PENDING_APPROVALS = 8
 SKIP_AHEAD_BYTES = 512 * 1024
 #: After skipping, the joiner gets this much recent output (the end of what it missed).
 CATCH_UP_BYTES = 16 * 1024
-SKIPPED_NOTICE = b"\r\n[upterm: your connection fell behind; output skipped to catch up]\r\n"
+SKIPPED_NOTICE = "your connection fell behind; output skipped to catch up"
 #: A removed joiner's connection closes this long after it was told.
 KICK_CLOSE_DELAY_S = 1.0
 #: A joiner's window changes reach the shared terminal at most once per this interval (the
@@ -381,16 +379,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._start_forced(*self._pty)
             return
         self._attached = True
-        if self._policy.read_only:
-            self._chan.write(READ_ONLY_BANNER)
-        if self._policy.recorded:
-            self._chan.write(
-                RECORDED_WITH_INPUT_BANNER if self._policy.recorded == "input" else RECORDED_BANNER
-            )
         # Only those who may type shape the shared terminal; a viewer does not shrink it.
-        self._policy.session.attach(
-            self, *self._pty, sized=self._policy.can_type(self._client.client_id)
-        )
+        session = self._policy.session
+        session.attach(self, *self._pty, sized=self._policy.can_type(self._client.client_id))
+        # Told after the catch-up (which starts from a clean screen), as notices: above the
+        # shell's line, or in the title until a full-screen program is left.
+        if self._policy.read_only:
+            session.notice([self.viewer_id], READ_ONLY_BANNER)
+        if self._policy.recorded:
+            session.notice(
+                [self.viewer_id],
+                RECORDED_WITH_INPUT_BANNER if self._policy.recorded == "input" else RECORDED_BANNER,
+                urgent=True,
+            )
 
     def role_changed(self) -> None:
         """The host changed this joiner's role: its size counts only while it may type."""
@@ -470,10 +471,13 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._forced.resume_output()
         elif self._attached:
             if self._skipping:
-                # Caught up: carry on live, and have full-screen programs repaint.
+                # Caught up: carry on live from the current screen, and have full-screen
+                # programs repaint.
                 self._skipping = False
-                self.send(SKIPPED_NOTICE + self._policy.session.recent_output(CATCH_UP_BYTES))
-                self._policy.session.redraw()
+                session = self._policy.session
+                self.send(session.catch_up(CATCH_UP_BYTES))
+                session.notice([self.viewer_id], SKIPPED_NOTICE)
+                session.redraw()
             self._policy.session.drained(self.viewer_id)
 
     def eof_received(self) -> bool:
@@ -500,9 +504,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 del self._policy.by_client[self._client.client_id]
                 self._policy.on_leave(self._client.client_id)
 
-    def tell(self, message: bytes) -> None:
+    def tell(self, text: str) -> None:
         """A notice for this joiner only."""
-        self.send(message)
+        if self._attached:
+            self._policy.session.notice([self.viewer_id], text)
 
     def remove(self, message: bytes) -> None:
         """The host removed this joiner: say so and close its connection."""
@@ -554,7 +559,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 if was_attached:
-                    self._chan.write(self._policy.session.screen.restore_sequence())
+                    session = self._policy.session
+                    self._chan.write(session.screen.restore_sequence() + session.farewell)
                 self._chan.exit(status)
 
     def cut_off(self, message: bytes) -> None:

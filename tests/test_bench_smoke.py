@@ -44,3 +44,17 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
             assert figure["value"] > 0, figure
         if figure["baseline"] is not None:
             assert figure["baseline"] > 0
+
+
+def test_terminal_state_bench_quick_run_prints_each_kind_of_output() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.screens", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == {"plain", "coloured", "editor", "monitor"}
+    assert all(float(value) >= 0 for values in rows.values() for value in values)

@@ -62,6 +62,11 @@ _SEQ = re.compile(
     rb"|([=>c])"  # 10 keypad modes, full reset
     rb")"
 )
+#: Private modes alone (see TerminalState._scan).
+_PRIVATE = re.compile(rb"\x1b\[\?([0-9;:]*)([ $!]?)([hlrnctpqwu])")
+_DESIGNATION = re.compile(rb"\x1b([()*+])([ -/]?[0-~])")
+_MARKS = bytes.maketrans(b"hlrnctpqwu]P=>c(?)*+", b"\x01" * 15 + b"\x02\x03" + b"\x04" * 3)
+_UNMARKED = b"[0123456789;:<$! "
 #: A sequence starting at an ESC is complete (else, at the end of a read, it is held back).
 _COMPLETE = re.compile(
     rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[\]P_^X][^\x07\x1b]*(?:\x07|\x1b\\)|[ -/]*[0-OQ-WYZ\\`a-~])"
@@ -146,11 +151,42 @@ class TerminalState:
                 cut = start
             self._held = data[cut:]
             end = cut
-        for match in _SEQ.finditer(data, 0, end):
-            self._note(match)
-        if b"\x0e" in data or b"\x0f" in data:
-            self._note_shift(data[:end])
-        return data if end == len(data) else data[:end]
+        view = data if end == len(data) else data[:end]
+        self._scan(view)
+        if b"\x0e" in view or b"\x0f" in view:
+            self._note_shift(view)
+        return view
+
+    def _scan(self, view: bytes) -> None:
+        """Follow the changes in ``view``, doing as little as its content allows.
+
+        One C-speed translation marks what a read contains: parameters and ``[`` deleted,
+        each final byte we follow made \\x01 (a sequence we follow becomes ESC \\x01), ``?``
+        \\x03 (private modes), ``(`` \\x02 and ``)*+`` \\x04 (character sets). Colours and
+        cursor moves (most of a full-screen program's output) then cost a substring search.
+        Private modes and character sets (vim's cursor hiding at each repaint, ncurses'
+        ``ESC(B`` at each colour reset) have their own fast paths; anything else takes one
+        ordered pass over the read.
+        """
+        marks = view.translate(_MARKS, _UNMARKED)
+        if b"\x1b\x01" in marks:
+            for match in _SEQ.finditer(view):
+                self._note(match)
+            return
+        if b"\x1b\x03" in marks:
+            for match in _PRIVATE.finditer(view):
+                self._csi(match, b"?", match.group(1), match.group(2), match.group(3))
+        if b"\x1b\x02" in marks:
+            self._last_designation(view, ord("("))
+        if b"\x1b\x04" in marks:
+            for slot in b")*+":
+                self._last_designation(view, slot)
+
+    def _last_designation(self, view: bytes, slot: int) -> None:
+        at = view.rfind(b"\x1b" + bytes((slot,)))
+        match = _DESIGNATION.match(view, at) if at >= 0 else None
+        if match is not None:
+            self.charsets[slot] = match.group(2)
 
     @property
     def holding(self) -> bool:

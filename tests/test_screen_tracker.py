@@ -25,7 +25,8 @@ def test_alternate_screen_on_and_off() -> None:
     tracker = ScreenTracker()
     tracker.feed(b"$ vim\r\n" + VIM_START)
     assert tracker.alternate
-    assert tracker.restore() == b"\x1b[?1049l" + SANE_MODES
+    # vim saved the title on the terminal's stack as it started: it is restored too.
+    assert tracker.restore() == b"\x1b[?1049l" + SANE_MODES + b"\x1b[23;0t"
     tracker.feed(VIM_START + b"text" + VIM_END + b"$ ")
     assert not tracker.alternate
     # On the normal screen nothing restores a cursor: only the harmless resets are sent.

@@ -158,3 +158,13 @@ def test_a_line_can_be_written_again_only_if_it_stays_on_its_row() -> None:
     assert not line_redrawable(b"\x1b[5;1Hdrawn", 80)  # moves the cursor elsewhere
     assert not line_redrawable(b"\x1b7saved", 80)
     assert not line_redrawable(b"x" * 5000, 10_000)
+
+
+def test_titles_saved_on_the_stack_are_restored_when_the_terminal_is_given_back() -> None:
+    term = TerminalState()
+    term.feed(VIM_START)  # vim saves the title (22;0;0t) as it starts
+    term.feed(b"\x1b[22;2t\x1b]2;[upterm: a notice]\x07")  # and a notice saved it again
+    assert term.title_pushes == 2
+    assert term.restore().endswith(b"\x1b[23;0t\x1b[23;0t")
+    term.feed(b"\x1b[22;0;0t" * 50)
+    assert term.title_pushes == 10  # bounded, as the terminal's own stack

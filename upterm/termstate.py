@@ -48,6 +48,8 @@ PRIVATE_DEFAULTS: dict[int, bool] = {
 ANSI_DEFAULTS: dict[int, bool] = {4: False, 20: False}
 #: Longest title kept; longest control string (title, query) recognised.
 MAX_TITLE = 256
+#: Title stack depth followed (xterm's stack holds 10).
+MAX_TITLE_PUSHES = 10
 #: A sequence cut at the end of a read is held back at most this long (bytes).
 MAX_HELD = 4096
 
@@ -110,6 +112,9 @@ class TerminalState:
         #: Shifted out (SO): G1 is in use.
         self.shifted = False
         self.title: bytes | None = None
+        #: Titles saved on the terminal's title stack and not restored yet (vim saves the
+        #: title when it starts; upterm saves it while a notice shows in it).
+        self.title_pushes = 0
         self.cursor_style: bytes | None = None
         self.queries: list[tuple[int, int]] = []
         self.switches: list[tuple[int, int, bool]] = []
@@ -256,8 +261,15 @@ class TerminalState:
             elif prefix == b">" and not inter:
                 self.queries.append(match.span())  # XTVERSION
         elif final == b"t":
-            if not prefix and not inter and params.split(b";", 1)[0] in _REPORTING_WINOPS:
+            operation = params.split(b";", 1)[0]
+            if prefix or inter:
+                pass
+            elif operation in _REPORTING_WINOPS:
                 self.queries.append(match.span())
+            elif operation == b"22":  # the title saved on the terminal's stack
+                self.title_pushes = min(self.title_pushes + 1, MAX_TITLE_PUSHES)
+            elif operation == b"23":
+                self.title_pushes = max(self.title_pushes - 1, 0)
         elif final == b"u":
             if prefix == b"?" and not inter:
                 self.queries.append(match.span())  # kitty keyboard flags
@@ -293,6 +305,7 @@ class TerminalState:
         """RIS: everything a terminal starts with (``match``: where, in the last read)."""
         self.soft_reset()
         self.title = None
+        self.title_pushes = 0
         self.cursor_style = None
         if self.alternate:
             self.alternate = False
@@ -325,13 +338,19 @@ class TerminalState:
         return bytes(out)
 
     def restore_sequence(self) -> bytes:
-        """What brings a terminal that showed this output back to a sane state."""
-        return (b"\x1b[?1049l" if self.alternate else b"") + SANE_MODES
+        """What brings a terminal that showed this output back to a sane state (with the
+        title it had, where the terminal keeps a title stack)."""
+        return (
+            (b"\x1b[?1049l" if self.alternate else b"")
+            + SANE_MODES
+            + b"\x1b[23;0t" * self.title_pushes
+        )
 
     def restore(self) -> bytes:
         """:meth:`restore_sequence`, for a terminal that is then given back (forgets it)."""
         sequence = self.restore_sequence()
         self.alternate = False
+        self.title_pushes = 0
         return sequence
 
 

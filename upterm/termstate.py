@@ -292,6 +292,14 @@ class TerminalState:
         elif number in (b"0", b"2") and text is not None:
             self.title = text[:MAX_TITLE]
 
+    def region_whole(self, rows: int) -> bool:
+        """Whether the scroll region is the whole screen of ``rows`` rows (vim leaves one
+        set to all rows when it exits)."""
+        if self.region is None:
+            return True
+        top, _, bottom = self.region.partition(b";")
+        return top in (b"", b"0", b"1") and (not bottom.isdigit() or int(bottom) >= rows)
+
     def soft_reset(self) -> None:
         """DECSTR: modes, keypad, character sets and scroll region back to their start."""
         self.private = dict(PRIVATE_DEFAULTS)
@@ -323,6 +331,10 @@ class TerminalState:
         terminal (on whatever screen it shows) to what the program has set."""
         out = bytearray()
         for mode, on in self.private.items():
+            if mode == 6 and not on:
+                # Setting or resetting origin mode moves the cursor home: left as the clean
+                # screen before the replay set it (and the replay itself changed it).
+                continue
             out += b"\x1b[?%d%c" % (mode, 104 if on else 108)
         for mode, on in self.ansi.items():
             out += b"\x1b[%d%c" % (mode, 104 if on else 108)
@@ -366,10 +378,12 @@ def strip_spans(data: bytes, spans: list[tuple[int, int]]) -> bytes:
 
 
 #: Sequences that stay on the line they are written on (colours, erase and move within the
-#: line, mode changes such as bash's bracketed paste at each prompt, titles): a line made of
-#: these can be written again lower down.
+#: line, mode changes such as bash's bracketed paste at each prompt, character sets as in
+#: ``tput sgr0``, titles and the title stack, which vim and less use as they exit): a line
+#: made of these can be written again lower down.
 _LINE_LOCAL = re.compile(
-    rb"\x1b\[[0-9;:]*[mKCDGPX@]|\x1b\[\?[0-9;]*[hl]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|[\x20-\x7e\x80-\xff\b\t\r]+"
+    rb"\x1b\[[0-9;:]*[mKCDGPX@]|\x1b\[\?[0-9;]*[hl]|\x1b\[>[0-9;]*m|\x1b\[2[23](?:;[0-9]*)*t"
+    rb"|\x1b[()*+][0-~]|\x1b[=>]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|[\x20-\x7e\x80-\xff\b\t\r]+"
 )
 #: Longest current line kept for redrawing.
 MAX_LINE = 2048

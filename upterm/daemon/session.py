@@ -63,6 +63,8 @@ PARTIAL_HOLD_S = 0.05
 MAX_HELD_NOTICES = 16
 #: Clears a terminal's screen and homes its cursor, modes at their start (before a replay).
 _CLEAN_SCREEN = SANE_MODES + b"\x1b[H\x1b[2J"
+#: Makes the scroll region the whole screen, the cursor where it was.
+_WHOLE_REGION = b"\x1b7\x1b[r\x1b8"
 #: xterm's title stack: keep the terminal's title while ours shows a waiting notice.
 _PUSH_TITLE = b"\x1b[22;2t"
 _POP_TITLE = b"\x1b[23;2t"
@@ -337,7 +339,11 @@ class Session:
                 # small joiner must not stay on the host's terminal after it left).
                 self.screen.resized()
                 for viewer in list(self._viewers.values()):
-                    viewer.send(b"\x1b7\x1b[r\x1b8")
+                    viewer.send(_WHOLE_REGION)
+                # Newcomers are replayed the region being set: the reset goes with it.
+                for screen_log in self._logs:
+                    if screen_log:
+                        screen_log += _WHOLE_REGION
         self._tell_small()
 
     def _tell_small(self) -> None:
@@ -439,7 +445,7 @@ class Session:
     def _notice_fits(self, viewer_id: str) -> bool:
         """Whether a notice can be shown now on this viewer without covering the program."""
         term = self.screen
-        if term.alternate or term.region is not None:
+        if term.alternate or not term.region_whole(self._size[1]):
             return False
         cols = self._size[0]
         size = self._sizes.get(viewer_id) or self._unsized.get(viewer_id)

@@ -18,6 +18,9 @@ command -v vim >/dev/null || missing+=(vim)
 command -v less >/dev/null || missing+=(less)
 command -v top >/dev/null || missing+=(procps)
 command -v htop >/dev/null || missing+=(htop)
+# Other SSH clients the joiner tests use: Dropbear's dbclient, PuTTY's plink.
+command -v dbclient >/dev/null || missing+=(dropbear-bin)
+command -v plink >/dev/null || missing+=(putty-tools)
 # The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if ((${#missing[@]})); then

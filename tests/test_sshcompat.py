@@ -237,3 +237,32 @@ async def test_writes_waiting_for_a_closed_window_are_merged_and_sent_in_order()
         await asyncio.wait_for(done.wait(), 10)
         assert bytes(received) == expected
     server.close()
+
+
+def _kexinit(kex: bytes, host_keys: bytes, follows: bool) -> bytes:
+    def string(value: bytes) -> bytes:
+        return len(value).to_bytes(4, "big") + value
+
+    lists = [kex, host_keys] + [b"aes128-ctr", b"aes128-ctr", b"hmac-sha2-256"] * 2 + [b"", b""]
+    lists = lists[:10]
+    return b"\x14" + bytes(16) + b"".join(map(string, lists)) + bytes([follows]) + bytes(4)
+
+
+def test_a_key_exchange_guess_is_right_only_if_both_first_choices_agree() -> None:
+    """RFC 4253 7.1 as OpenSSH and Dropbear apply it: the first key exchange *and* host key
+    algorithms of both lists must be the same, else the guessed packet is ignored."""
+    ours = _kexinit(b"mlkem768x25519-sha256,curve25519-sha256", b"ssh-ed25519", False)
+    # Dropbear 2022.83: its first key exchange is not our first.
+    dropbear = _kexinit(b"curve25519-sha256,kexguess2@matt.ucc.asn.au", b"ssh-ed25519", True)
+    assert sshcompat.wrong_kex_guess(dropbear, ours)
+    assert not sshcompat.wrong_kex_guess(
+        _kexinit(b"mlkem768x25519-sha256", b"ssh-ed25519,rsa-sha2-512", True), ours
+    )
+    assert sshcompat.wrong_kex_guess(
+        _kexinit(b"mlkem768x25519-sha256", b"rsa-sha2-512", True), ours
+    )
+    # No guess follows: nothing to ignore, whatever the lists.
+    assert not sshcompat.wrong_kex_guess(
+        _kexinit(b"curve25519-sha256", b"rsa-sha2-512", False), ours
+    )
+    assert not sshcompat.wrong_kex_guess(b"\x14short", ours)

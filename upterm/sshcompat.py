@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import base64
 import collections
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MSG_GLOBAL_REQUEST, MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
+from asyncssh.constants import (
+    MSG_GLOBAL_REQUEST,
+    MSG_KEXINIT,
+    MSG_REQUEST_FAILURE,
+    MSG_REQUEST_SUCCESS,
+)
 from asyncssh.misc import map_handler_name
 
 log = logging.getLogger(__name__)
@@ -200,7 +206,86 @@ def on_signed_public_key(
 
 
 _LIMIT_ATTR = "_upterm_global_request_limit"
-_bounded_handlers: dict[type, dict[int, Any]] = {}
+_patched_handlers: dict[type, dict[int, Any]] = {}
+
+
+def _handlers(cls: type) -> dict[int, Any]:
+    """The packet dispatch table our server connections use, one per connection class.
+
+    asyncssh's table is a class attribute; a connection given this copy (an instance
+    attribute shadows the class one) gets the fixes below, each a no-op unless asked for.
+    """
+    table = _patched_handlers.get(cls)
+    if table is not None:
+        return table
+    table = dict(cls._packet_handlers)  # type: ignore[attr-defined]
+    global_request = table[MSG_GLOBAL_REQUEST]
+    kexinit = table[MSG_KEXINIT]
+
+    def bounded(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+        bound = getattr(self, _LIMIT_ATTR, None)
+        if bound is not None and len(self._global_request_queue) >= bound[0]:
+            bound[1]()
+            return None
+        return global_request(self, pkttype, pktid, packet)
+
+    def judging_guesses(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+        result = kexinit(self, pkttype, pktid, packet)
+        if not self.is_server():
+            return result
+
+        def judge() -> None:
+            self._ignore_first_kex = wrong_kex_guess(self._client_kexinit, self._server_kexinit)
+
+        if not inspect.isawaitable(result):
+            judge()
+            return result
+
+        async def judged() -> None:  # asyncssh reads no further packet until it is done
+            await result
+            judge()
+
+        return judged()
+
+    table[MSG_GLOBAL_REQUEST] = bounded
+    table[MSG_KEXINIT] = judging_guesses
+    _patched_handlers[cls] = table
+    return table
+
+
+def _first_choices(kexinit: bytes) -> tuple[bytes, bytes, bool]:
+    """A KEXINIT's first key exchange and host key algorithms, and whether a guessed
+    key-exchange packet follows it."""
+    rest = kexinit[17:]  # message type, cookie
+    kex_algs, rest = _read_string(rest)
+    host_key_algs, rest = _read_string(rest)
+    for _ in range(8):
+        _, rest = _read_string(rest)
+    if not rest:
+        raise ValueError("short")
+    return kex_algs.split(b",", 1)[0], host_key_algs.split(b",", 1)[0], rest[0] != 0
+
+
+def wrong_kex_guess(client_kexinit: bytes, server_kexinit: bytes) -> bool:
+    """Whether the client sent a guessed key-exchange packet that must be ignored.
+
+    RFC 4253 7.1, as OpenSSH applies it: the guess is wrong unless both sides list the same
+    key exchange *and* host key algorithm first. asyncssh calls it right whenever the
+    negotiated key exchange is the client's first, processes it, and then fails on the
+    client's real packet ("Key exchange not in progress"): every client that guesses
+    (Dropbear's dbclient) was refused.
+    """
+    try:
+        client_kex, client_host_key, follows = _first_choices(client_kexinit)
+        server_kex, server_host_key, _ = _first_choices(server_kexinit)
+    except ValueError:
+        return False
+    return follows and (client_kex, client_host_key) != (server_kex, server_host_key)
+
+
+def judge_kex_guesses(conn: Any) -> None:
+    """Make a server connection ignore a client's wrongly guessed key-exchange packet."""
+    conn._packet_handlers = _handlers(type(conn))
 
 
 def limit_global_requests(conn: Any, limit: int, exceeded: Callable[[], None]) -> None:
@@ -208,27 +293,10 @@ def limit_global_requests(conn: Any, limit: int, exceeded: Callable[[], None]) -
 
     asyncssh answers global requests one at a time and queues the rest without bound: a peer
     that sends requests faster than a slow handler answers them grows that queue forever.
-    The packet dispatch table is a class attribute; one bounded copy per connection class is
-    shared by every connection (an instance attribute shadows the class one), and the limit
-    itself lives on the connection.
+    The limit lives on the connection; the dispatch table is shared (see :func:`_handlers`).
     """
-    cls = type(conn)
-    table = _bounded_handlers.get(cls)
-    if table is None:
-        table = dict(cls._packet_handlers)
-        original = table[MSG_GLOBAL_REQUEST]
-
-        def bounded(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
-            bound = getattr(self, _LIMIT_ATTR, None)
-            if bound is not None and len(self._global_request_queue) >= bound[0]:
-                bound[1]()
-                return None
-            return original(self, pkttype, pktid, packet)
-
-        table[MSG_GLOBAL_REQUEST] = bounded
-        _bounded_handlers[cls] = table
     setattr(conn, _LIMIT_ATTR, (limit, exceeded))
-    conn._packet_handlers = table
+    conn._packet_handlers = _handlers(type(conn))
 
 
 class _MergingReceiveBuffer:

@@ -223,6 +223,7 @@ class InnerServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        sshcompat.judge_kex_guesses(conn)  # Dropbear's dbclient guesses
         sshcompat.on_client_certificate(conn, self._check_certificate)
 
     def connection_lost(self, exc: Exception | None) -> None:

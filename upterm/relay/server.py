@@ -290,6 +290,7 @@ class RelayConnection(asyncssh.SSHServer):
             conn, wire.CREATE_SESSION_REQUEST, self._create_session
         )
         sshcompat.install_global_request_handler(conn, wire.INVITES_REQUEST, self._invites)
+        # Also makes the connection ignore a wrongly guessed key-exchange packet (dbclient).
         sshcompat.limit_global_requests(
             conn, self.relay.limits.global_requests_pending, self._too_many_requests
         )

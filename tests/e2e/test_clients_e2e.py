@@ -1,0 +1,143 @@
+"""SSH clients other than OpenSSH join, through the relay and end to end.
+
+Each client is the real program from Debian's packages, on a real PTY, joining a real
+session; what it shows is read from its screen model.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import PtyClient, UserEnv
+from tests.e2e.test_host_features_e2e import detached
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+def relay_port(info: dict) -> int:
+    port = urlsplit(str(info["host"])).port
+    assert port is not None
+    return port
+
+
+def dropbear_key(key: Path) -> Path:
+    """The joiner's OpenSSH key in Dropbear's own format."""
+    out = key.with_suffix(".dropbear")
+    subprocess.run(
+        ["dropbearconvert", "openssh", "dropbear", str(key), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def putty_key(key: Path) -> Path:
+    """The joiner's OpenSSH key in PuTTY's format."""
+    out = key.with_suffix(".ppk")
+    subprocess.run(["puttygen", str(key), "-O", "private", "-o", str(out)], check=True)
+    return out
+
+
+def fingerprint(public_key_file: Path) -> str:
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.split()[1]
+
+
+def relay_fingerprint(user_env: UserEnv) -> str:
+    """The built-in relay's host key, as plink -hostkey takes it."""
+    state = Path(user_env.env["XDG_STATE_HOME"]) / "upterm" / "relay"
+    return fingerprint(state / "ssh_host_ed25519_key.pub")
+
+
+def session_fingerprint(info: dict, tmp: Path) -> str:
+    """The session's own host key (the end-to-end hop), from its info."""
+    line = tmp / "session_key.pub"
+    line.write_text(str(info["hostKey"]) + "\n")
+    return fingerprint(line)
+
+
+def shared_shell_works(joiner: PtyClient, marker: str) -> None:
+    joiner.expect(b"$ ", timeout=30)
+    joiner.type(f"echo {marker}-$((40+2))\r")
+    joiner.expect(f"{marker}-42".encode())
+
+
+def test_dropbear_joins_through_the_relay(user_env: UserEnv, joiner_key: Path) -> None:
+    """dbclient sends a guessed key-exchange packet whose host key guess is not ours: it
+    must be ignored, not processed (it was: "Key exchange not in progress")."""
+    info = detached(user_env, "dbrelay")
+    joiner = PtyClient(
+        [
+            "dbclient", "-y", "-i", str(dropbear_key(joiner_key)),
+            "-p", str(relay_port(info)), f"{info['sshUser']}@127.0.0.1",
+        ],
+        user_env.env,
+    )  # fmt: skip
+    shared_shell_works(joiner, "dbclient-relay")
+    joiner.close()
+
+
+def test_dropbear_joins_end_to_end(user_env: UserEnv, joiner_key: Path) -> None:
+    """Dropbear's multi-hop form: the relay hop forwards to the host's own server, which
+    sees the joiner's key itself (the host's inner server gets the guess too)."""
+    info = detached(user_env, "dbe2e")
+    token = info["sshUser"]
+    # Multi-hop runs dbclient again for the first hop, by the path it was started with.
+    joiner = PtyClient(
+        [
+            str(shutil.which("dbclient")), "-y", "-i", str(dropbear_key(joiner_key)),
+            f"{token}@127.0.0.1/{relay_port(info)},{token}@upterm",
+        ],
+        user_env.env,
+    )  # fmt: skip
+    shared_shell_works(joiner, "dbclient-e2e")
+    joiner.close()
+
+
+def plink(user_env: UserEnv, key: Path, *args: str) -> PtyClient:
+    return PtyClient(["plink", "-batch", "-ssh", "-i", str(putty_key(key)), *args], user_env.env)
+
+
+def test_putty_plink_joins_through_the_relay(user_env: UserEnv, joiner_key: Path) -> None:
+    info = detached(user_env, "plinkrelay")
+    joiner = plink(
+        user_env,
+        joiner_key,
+        "-hostkey", relay_fingerprint(user_env), "-P", str(relay_port(info)), "-t",
+        f"{info['sshUser']}@127.0.0.1",
+    )  # fmt: skip
+    shared_shell_works(joiner, "plink-relay")
+    joiner.close()
+
+
+def test_putty_plink_joins_end_to_end(user_env: UserEnv, joiner_key: Path, tmp_path) -> None:
+    """The end-to-end hop through a proxy command (PuTTY has no -J): the session's own key
+    is pinned with -hostkey, as the printed line pins it for OpenSSH."""
+    info = detached(user_env, "plinke2e")
+    token = info["sshUser"]
+    hop = shlex.join(
+        [
+            "plink", "-batch", "-ssh", "-i", str(putty_key(joiner_key)),
+            "-hostkey", relay_fingerprint(user_env), "-P", str(relay_port(info)),
+            "-nc", "upterm:22", f"{token}@127.0.0.1",
+        ]
+    )  # fmt: skip
+    joiner = plink(
+        user_env,
+        joiner_key,
+        "-proxycmd", hop, "-hostkey", session_fingerprint(info, tmp_path), "-t",
+        f"{token}@upterm",
+    )  # fmt: skip
+    shared_shell_works(joiner, "plink-e2e")
+    joiner.close()

@@ -205,6 +205,29 @@ def on_signed_public_key(
     conn.validate_public_key = validate  # type: ignore[method-assign]
 
 
+def decide_on_signed_requests(conn: asyncssh.SSHServerConnection) -> None:
+    """Answer every key query yes, and judge a key only when its holder signed for it.
+
+    A client may ask "would you accept this key?" before signing. asyncssh asks the server
+    object on each query: ours would check authorization (and so tell any client, without
+    proof, which keys the host accepts). Here a query is answered from the key's form
+    alone; the server object is asked only about signed requests, whose signature asyncssh
+    then checks.
+    """
+    original = conn.validate_public_key
+
+    async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        if msg:
+            return await original(username, key_data, msg, signature)
+        try:
+            alg, _ = _read_string(bytes(key_data))
+        except ValueError:
+            return False
+        return bool(alg)
+
+    conn.validate_public_key = validate  # type: ignore[method-assign]
+
+
 _LIMIT_ATTR = "_upterm_global_request_limit"
 _patched_handlers: dict[type, dict[int, Any]] = {}
 

@@ -325,3 +325,45 @@ async def test_a_flood_of_window_changes_resizes_the_shared_terminal_a_few_times
         assert applied[-1] == (40 + 299 % 50, 10 + 299 % 20)
         assert session.size == applied[-1]
         proc.close()
+
+
+class _ForgedSignatures(asyncssh.SSHClient):
+    """A client that offers a real public key but cannot sign with it (it holds another)."""
+
+    def __init__(self, shown: asyncssh.SSHKey) -> None:
+        self._shown = shown
+        self._tried = False
+
+    async def public_key_auth_requested(self):  # type: ignore[override]
+        if self._tried:
+            return None
+        self._tried = True
+        impostor = asyncssh.generate_private_key("ssh-ed25519")
+        pair = asyncssh.load_keypairs([impostor])[0]
+        # The request names the victim's key; the signature is the impostor's.
+        pair.public_data = self._shown.public_data
+        return pair
+
+
+async def test_the_host_is_asked_only_about_a_key_the_joiner_proved_it_holds(
+    host: Host,
+) -> None:
+    """A key query, or a signed request whose signature is not the key's, must not ask the
+    host, spend an invite or say whether the key would be let in."""
+    asked: list[ClientInfo] = []
+    host.policy.approve = True
+    host.policy.on_pending = asked.append
+    victim = asyncssh.generate_private_key("ssh-ed25519")
+    host.policy.authorized = frozenset({bytes(victim.public_data)})
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.port,
+            username="tok",
+            client_factory=lambda: _ForgedSignatures(victim),
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        )
+    await asyncio.sleep(0.2)
+    assert asked == [] and host.policy.pending == {}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PtyClient, UserEnv, make_key, wait_for
+from tests.conftest import SSH_OPTS, PtyClient, UserEnv, make_key, wait_for
 from tests.e2e.test_cli_e2e import headless
 from tests.e2e.test_host_features_e2e import SHELL, detached, join, session_info
 
@@ -25,6 +27,7 @@ def test_approve_and_deny_in_the_host_terminal(user_env: UserEnv, tmp_path: Path
     first = join(user_env, session_info(user_env), make_key(tmp_path / "a"))
     host.expect(b"asks to join: ~y lets in, ~n refuses")
     assert session_info(user_env)["pending"][0]["fingerprint"].startswith("SHA256:")
+    first.expect(b"[upterm: waiting for the host to let you in]")
     time.sleep(0.5)
     assert b"$ " not in first.seen  # still waiting
     host.type("\r~y")
@@ -35,7 +38,7 @@ def test_approve_and_deny_in_the_host_terminal(user_env: UserEnv, tmp_path: Path
     host.expect(b"asks to join")
     host.type("\r~n")
     assert second.wait(20) == 1
-    assert b"upterm: ssh: unable to authenticate with the upstream" in second.seen
+    assert b"upterm: the host did not let you in." in second.seen
     # Nobody waiting: ~y says so, nothing else happens.
     host.type("\r~y")
     host.expect(b"no joiner is waiting for approval")
@@ -55,7 +58,7 @@ def test_approve_from_another_shell_and_timeout(user_env: UserEnv, tmp_path: Pat
     ignored = join(user_env, info_of(user_env, "gate"), make_key(tmp_path / "b"))
     started = time.monotonic()
     assert ignored.wait(20) == 1  # nobody answered: refused
-    assert b"unable to authenticate with the upstream" in ignored.seen
+    assert b"upterm: the host did not answer in time; ask them, then join again." in ignored.seen
     assert 2 < time.monotonic() - started < 15
     bad = headless(user_env, "session", "approve", "gate", "999")
     assert bad.returncode == 1 and "no joiner 999 is waiting for approval" in bad.stderr
@@ -114,3 +117,37 @@ def test_default_role_viewer(user_env: UserEnv, joiner_key: Path, tmp_path: Path
     time.sleep(1)
     assert not (tmp_path / "nope").exists()
     joiner.close()
+
+
+def test_a_key_query_neither_asks_the_host_nor_tells_the_joiner(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    """OpenSSH offers a key before signing with it. With a passphrase it cannot give
+    (BatchMode), it only ever asks: the host is not asked, and the answer is the same "yes"
+    for a key the host would refuse (end to end, the host's own server answers)."""
+    ok = make_key(tmp_path / "ok")
+    detached(user_env, "asked", "--approve", "--authorized-keys", f"{ok}.pub")
+    info = info_of(user_env, "asked")
+    stranger = tmp_path / "stranger"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(stranger)], check=True
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host upterm\n  IdentityFile {stranger}\n"
+        f"Host 127.0.0.1\n  IdentityFile {ok}\n"
+        "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+        "  IdentitiesOnly yes\n  BatchMode yes\n"
+    )
+    e2e = subprocess.run(
+        ["ssh", "-F", str(config), "-v", *shlex.split(info["e2eCommand"])[1:], "true"],
+        capture_output=True, text=True, timeout=30, env=user_env.env,
+    )  # fmt: skip
+    assert e2e.returncode == 255
+    assert f"Server accepts key: {stranger}" in e2e.stderr, e2e.stderr[-2000:]
+    relay = subprocess.run(
+        [*shlex.split(info["sshCommand"]), *SSH_OPTS, "-o", "BatchMode=yes", "-i", str(stranger)],
+        capture_output=True, text=True, timeout=30, env=user_env.env,
+    )  # fmt: skip
+    assert relay.returncode == 255
+    assert info_of(user_env, "asked")["pending"] == []

@@ -24,6 +24,8 @@ from upterm.errors import UptermError
 log = logging.getLogger(__name__)
 
 #: Largest read from the PTY master in one go.
+#: A hang-up is repeated after this long if the command still runs (see PtyProcess.hangup).
+HANGUP_REPEAT_S = 0.5
 READ_CHUNK_BYTES = 64 * 1024
 #: Most output passed on from one readiness callback.
 READ_BATCH_BYTES = 128 * 1024
@@ -221,7 +223,19 @@ class PtyProcess:
                 os.killpg(self.pid, sig)
 
     def hangup(self) -> None:
-        """SIGHUP the command's process group, as a terminal closing would."""
+        """SIGHUP the command's process group, as a terminal closing would.
+
+        Once more a moment later if it is still running: a shell that got the SIGHUP just
+        before it went back to waiting for input (bash right after a SIGWINCH, when a viewer
+        arrived) only acts on it when its wait is interrupted, and a closing terminal's read
+        error, which would interrupt it, never comes while we hold the PTY open.
+        """
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGHUP)
+            self._loop.call_later(HANGUP_REPEAT_S, self._hangup_again)
+
+    def _hangup_again(self) -> None:
         if self._status is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGHUP)

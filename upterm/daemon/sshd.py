@@ -33,6 +33,11 @@ PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
 RECORDED_BANNER = "this session is being recorded"
 RECORDED_WITH_INPUT_BANNER = "this session is being recorded, including what you type"
 READ_ONLY_BANNER = "attached to a read-only session: what you type is dropped"
+WAITING_MESSAGE = b"[upterm: waiting for the host to let you in]\r\n"
+NOT_APPROVED = "the host did not let you in"
+NOT_ANSWERED = "the host did not answer in time; ask them, then join again"
+TOO_MANY_WAITING = "too many joiners are waiting for the host's answer; try again in a minute"
+INVITE_USED_UP = "this invite has been used up; ask the host for a new join line"
 #: Window sizes beyond this are clamped (a hostile joiner cannot make the PTY huge).
 MAX_DIM = 10_000
 #: Joiners that may wait for the host's approval at once (per session); one per key. More
@@ -155,8 +160,9 @@ class GuestPolicy:
             del self.invites[code]
         return True
 
-    async def admit(self, client: ClientInfo) -> bool:
-        """Decide on an authenticated joiner: its role, and the host's approval if asked."""
+    async def admit(self, client: ClientInfo) -> str | None:
+        """Decide on a joiner who proved its key: its role, and the host's approval if
+        asked. Returns None to let it in, else what to tell it."""
         if self.approve:
             waiting = [c for c, f in self.pending.values() if not f.done()]
             if len(waiting) >= MAX_PENDING_APPROVALS or any(
@@ -167,7 +173,7 @@ class GuestPolicy:
                     client.fingerprint,
                     len(waiting),
                 )
-                return False
+                return TOO_MANY_WAITING
             answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self.pending[client.client_id] = (client, answer)
             if self.on_pending is not None:
@@ -175,14 +181,15 @@ class GuestPolicy:
             try:
                 approved = await asyncio.wait_for(answer, self.approve_timeout_s)
             except TimeoutError:
-                approved = False
+                log.info("joiner %s: the host did not answer", client.fingerprint)
+                return NOT_ANSWERED
             finally:
                 self.pending.pop(client.client_id, None)
             if not approved:
                 log.info("joiner %s not approved", client.fingerprint)
-                return False
+                return NOT_APPROVED
         self.roles[client.client_id] = self.source_roles.get(client.source, self.default_role)
-        return True
+        return None
 
     def answer(self, client_id: str | None, approved: bool) -> ClientInfo | None:
         """The host's answer for a waiting joiner (the oldest if ``client_id`` is None)."""
@@ -213,23 +220,37 @@ class GuestPolicy:
 
 
 class InnerServer(asyncssh.SSHServer):
-    """Authenticates one joiner arriving through the relay."""
+    """Authenticates one joiner arriving through the relay (or end to end).
+
+    Authentication decides only whether the key may join at all (authorized, invite valid);
+    it never asks the host or spends anything, and a key query is answered yes whatever the
+    key (see :func:`sshcompat.decide_on_signed_requests`): only a joiner that proved it holds
+    its key gets further. The host's approval, and the invite's use, come after, once per
+    connection, when the joiner opens its terminal; it is told it waits, and why it is
+    refused.
+    """
 
     def __init__(self, policy: GuestPolicy) -> None:
         self._policy = policy
         self._conn: asyncssh.SSHServerConnection | None = None
         self._client: ClientInfo | None = None
-        self._admitted = False
+        self._username = ""
+        self._allowed = False
+        #: The host's decision on this connection: None (let in) or the refusal's words.
+        self._admission: asyncio.Task[str | None] | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         sshcompat.judge_kex_guesses(conn)  # Dropbear's dbclient guesses
+        sshcompat.decide_on_signed_requests(conn)
         sshcompat.on_client_certificate(conn, self._check_certificate)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A joiner's role lives as long as its connection: the relay carries all of one
         # joiner's channels (an OpenSSH ControlMaster reusing one) on this one connection,
         # and a channel opened after another closed types as before.
+        if self._admission is not None and not self._admission.done():
+            self._admission.cancel()
         if self._client is not None:
             self._policy.roles.pop(self._client.client_id, None)
             self._policy.removed.discard(self._client.client_id)
@@ -259,18 +280,14 @@ class InnerServer(asyncssh.SSHServer):
     async def _authorize(
         self, username: str, blob: bytes, mode: str, version: str, addr: str
     ) -> bool:
-        """Decide on a joiner's key, either path; asking the host first with --approve.
-
-        asyncssh asks about a key twice (a query, then the signed request): the host is
-        asked, and an invite used, once per connection and key.
-        """
+        """Whether this key may join under this user name (nothing asked, nothing spent)."""
         fingerprint = wire.fingerprint_sha256(blob)
         if self._client is not None and self._client.fingerprint == fingerprint:
-            return self._admitted
+            return self._allowed
         source = self._policy.key_allowed(username, blob)
         if source is None or not await self._wait_accepting():
             return False
-        client = ClientInfo(
+        self._client = ClientInfo(
             client_id=f"{next(_client_counter)}",
             version=printable(version),
             addr="[redacted]"
@@ -280,11 +297,23 @@ class InnerServer(asyncssh.SSHServer):
             mode=mode,
             source=source,
         )
-        # Decide first, remember after: a decision cancelled half-way admits nobody.
-        self._client, self._admitted = None, False
-        admitted = await self._policy.admit(client) and self._policy.use_invite(username)
-        self._client, self._admitted = client, admitted
-        return admitted
+        self._username = username
+        self._allowed = True
+        return True
+
+    def admission(self) -> asyncio.Task[str | None]:
+        """The host's decision on this joiner (once per connection): None lets it in, else
+        what to tell it."""
+        if self._admission is None:
+            self._admission = asyncio.ensure_future(self._admit())
+        return self._admission
+
+    async def _admit(self) -> str | None:
+        assert self._client is not None
+        refusal = await self._policy.admit(self._client)
+        if refusal is None and not self._policy.use_invite(self._username):
+            refusal = INVITE_USED_UP
+        return refusal
 
     async def _wait_accepting(self) -> bool:
         if self._policy.accepting.is_set():
@@ -307,26 +336,27 @@ class InnerServer(asyncssh.SSHServer):
         except RemoteProtocolError as exc:
             log.info("refused a guest certificate: %s", exc)
             return None
-        admitted = await self._authorize(
+        allowed = await self._authorize(
             username, joiner_key.blob, "relay", cert.auth.client_version, cert.auth.remote_addr
         )
-        return cert.certified_blob if admitted else None
+        return cert.certified_blob if allowed else None
 
     def session_requested(self) -> Any:
-        if self._client is None or not self._admitted:
+        if self._client is None or not self._allowed:
             return False
         if self._client.client_id in self._policy.removed:
             return False
-        return GuestSession(self._policy, self._client)
+        return GuestSession(self._policy, self._client, self)
 
 
 class GuestSession(asyncssh.SSHServerSession[bytes]):
     """A joiner's session channel: a viewer (and typist) of the shared terminal, or, with a
     forced command, the joiner's own process on its own PTY."""
 
-    def __init__(self, policy: GuestPolicy, client: ClientInfo) -> None:
+    def __init__(self, policy: GuestPolicy, client: ClientInfo, server: InnerServer) -> None:
         self._policy = policy
         self._client = client
+        self._server = server
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._pty: tuple[int, int] | None = None
         self._term = "xterm-256color"
@@ -375,7 +405,27 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(PTY_REQUIRED_MESSAGE)
             self._chan.exit(1)
             return
+        admission = self._server.admission()
+        if admission.done():
+            self._admitted(admission)
+            return
+        if self._policy.approve:
+            self._chan.write(WAITING_MESSAGE)
+        admission.add_done_callback(self._admitted)
+
+    def _admitted(self, admission: asyncio.Task[str | None]) -> None:
+        """The host decided: join, or be told why not."""
+        chan = self._chan
+        if chan is None or admission.cancelled():
+            return
+        refusal = admission.result()
+        if refusal is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                chan.write_stderr(f"upterm: {refusal}.\r\n".encode())
+                chan.exit(1)
+            return
         self._policy.on_join(self._client)
+        assert self._pty is not None
         if self._policy.force_command:
             self._start_forced(*self._pty)
             return

@@ -178,10 +178,17 @@ async def test_session_without_pty_is_told_and_exits_1(host: Host) -> None:
     assert result.stdout == PTY_REQUIRED_MESSAGE
 
 
-async def test_exec_requests_are_refused(host: Host) -> None:
+async def test_exec_and_subsystem_requests_are_refused_with_the_reason(
+    host: Host, tmp_path
+) -> None:
+    target = tmp_path / "should-not-exist"
     async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
-        with pytest.raises(asyncssh.ChannelOpenError):
-            await conn.create_process("touch /tmp/should-not-exist", term_type="xterm")
+        proc = await conn.run(f"touch {target}", term_type="xterm")
+        assert proc.exit_status == 1
+        assert "runs no commands" in str(proc.stderr) and "plain ssh" in str(proc.stderr)
+        sftp = await conn.run(subsystem="sftp")
+        assert sftp.exit_status == 1 and "no file transfer" in str(sftp.stderr)
+    assert not target.exists()
 
 
 async def test_go_style_raw_key_id_is_accepted(host: Host, tmp_path) -> None:

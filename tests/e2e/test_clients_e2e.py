@@ -141,3 +141,55 @@ def test_putty_plink_joins_end_to_end(user_env: UserEnv, joiner_key: Path, tmp_p
     )  # fmt: skip
     shared_shell_works(joiner, "plink-e2e")
     joiner.close()
+
+
+def test_commands_and_file_transfers_are_refused_with_the_reason(
+    user_env: UserEnv, joiner_key: Path, tmp_path: Path
+) -> None:
+    """`ssh TOKEN@relay CMD`, scp and sftp reach a shared terminal that runs no commands:
+    each says so (through the relay and end to end), instead of "upstream unavailable"."""
+    from tests.conftest import SSH_OPTS
+    from tests.e2e.test_cli_e2e import Joiner
+
+    info = detached(user_env, "noexec")
+    ssh = ["ssh", *Joiner.ssh_args(info, joiner_key), "-o", "BatchMode=yes"]
+    target = tmp_path / "should-not-exist"
+    out = subprocess.run([*ssh, "touch", str(target)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "runs no commands" in out.stderr and "upstream unavailable" not in out.stderr
+    port, token = str(relay_port(info)), str(info["sshUser"])
+    # The token has a colon, which scp and sftp read as the end of a host name: -o User.
+    opts = [
+        *SSH_OPTS,
+        "-i",
+        str(joiner_key),
+        "-o",
+        "BatchMode=yes",
+        "-P",
+        port,
+        "-o",
+        f"User={token}",
+    ]
+    sftp = subprocess.run(
+        ["sftp", *opts, "-b", "-", "127.0.0.1"],
+        input="ls\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert sftp.returncode != 0 and "no file transfer" in sftp.stderr, sftp.stderr
+    (tmp_path / "file").write_text("x")
+    scp = subprocess.run(
+        ["scp", *opts, str(tmp_path / "file"), "127.0.0.1:/tmp/x"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert scp.returncode != 0 and "no file transfer" in scp.stderr, scp.stderr
+    # End to end: the host's own server says it.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host *\n  IdentityFile {joiner_key}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+    )
+    e2e = subprocess.run(
+        ["ssh", "-F", str(config), *shlex.split(str(info["e2eCommand"]))[1:], "touch", str(target)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert e2e.returncode == 1 and "runs no commands" in e2e.stderr, e2e.stderr
+    assert not target.exists()

@@ -33,6 +33,15 @@ PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
 RECORDED_BANNER = "this session is being recorded"
 RECORDED_WITH_INPUT_BANNER = "this session is being recorded, including what you type"
 READ_ONLY_BANNER = "attached to a read-only session: what you type is dropped"
+COMMAND_REFUSED = (
+    "this session shares a terminal and runs no commands (ssh TOKEN@HOST COMMAND, scp); "
+    "join with a plain ssh line and type them there"
+)
+FILE_TRANSFER_REFUSED = (
+    "this session shares a terminal and has no file transfer (sftp, scp); "
+    "join with a plain ssh line"
+)
+SUBSYSTEM_REFUSED = "this session shares a terminal and has no {} subsystem"
 WAITING_MESSAGE = b"[upterm: waiting for the host to let you in]\r\n"
 NOT_APPROVED = "the host did not let you in"
 NOT_ANSWERED = "the host did not answer in time; ask them, then join again"
@@ -365,6 +374,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._skipping = False
         self._resize_timer: asyncio.TimerHandle | None = None
         self._resize_pending: tuple[int, int] | None = None
+        #: Why this channel is refused (an exec or subsystem request), once it starts.
+        self._refusal = ""
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
@@ -394,13 +405,24 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def exec_requested(self, command: str) -> bool:
-        return False
+        # Accepted only to say why nothing runs: a refused request reaches the joiner as a
+        # bare "exec request failed" (or, through the relay, "upstream unavailable").
+        self._refusal = COMMAND_REFUSED
+        return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        return False
+        self._refusal = (
+            FILE_TRANSFER_REFUSED if subsystem == "sftp" else SUBSYSTEM_REFUSED.format(subsystem)
+        )
+        return True
 
     def session_started(self) -> None:
         assert self._chan is not None
+        if self._refusal:
+            log.info("joiner %s: %s", self._client.fingerprint, self._refusal)
+            self._chan.write_stderr(f"upterm: {self._refusal}\r\n".encode())
+            self._chan.exit(1)
+            return
         if self._pty is None:
             self._chan.write(PTY_REQUIRED_MESSAGE)
             self._chan.exit(1)

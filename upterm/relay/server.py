@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncssh
+from asyncssh.constants import OPEN_REQUEST_PTY_FAILED, OPEN_REQUEST_SESSION_FAILED
 
 from upterm import sshcompat, wire
 from upterm.errors import RemoteProtocolError
@@ -898,6 +899,15 @@ class _Splice(asyncssh.SSHTCPSession[bytes]):
             self.peer.chan.close()
 
 
+#: A host's refusal of a session's request (exec, subsystem, shell, pty), as asyncssh reports it.
+_REQUEST_REFUSED = frozenset({OPEN_REQUEST_SESSION_FAILED, OPEN_REQUEST_PTY_FAILED})
+HOST_REFUSED_COMMAND = (
+    "the host runs no commands and has no file transfer (ssh TOKEN@HOST COMMAND, scp, sftp); "
+    "join with a plain ssh line"
+)
+HOST_REFUSED_TERMINAL = "the host refused to open a terminal for you"
+
+
 class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     """A joiner's session channel, replayed request by request on a host channel."""
 
@@ -990,6 +1000,14 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                 reason = wire.UPSTREAM_AUTH_FAILED  # the host refused this joiner
             elif isinstance(exc, asyncssh.HostKeyNotVerifiable):
                 reason = wire.UPSTREAM_HOST_KEY_MISMATCH
+            elif isinstance(exc, asyncssh.ChannelOpenError) and exc.code in _REQUEST_REFUSED:
+                # The host is there and said no to this request (hosts that say no without
+                # saying why: upstream's, and ours before they did).
+                reason = (
+                    HOST_REFUSED_COMMAND
+                    if command is not None or subsystem is not None
+                    else HOST_REFUSED_TERMINAL
+                )
             else:
                 reason = wire.UPSTREAM_UNAVAILABLE
             chan.write_stderr(f"upterm: {reason}\r\n".encode())

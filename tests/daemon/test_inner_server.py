@@ -118,22 +118,25 @@ async def test_self_signed_or_foreign_certificates_are_refused(host: Host) -> No
     host.policy.authorized = frozenset({victim.public.blob})
     forger = Ed25519Key.generate()
     line = cert_line(forger, "tok", victim, None, b"forged")
-    with pytest.raises(asyncssh.PermissionDenied):
-        await asyncssh.connect(
-            "127.0.0.1",
-            host.port,
-            username="tok",
-            client_keys=[
-                (
-                    asyncssh.import_private_key(forger.private_openssh()),
-                    asyncssh.import_certificate(line),
-                )
-            ],
-            known_hosts=None,
-            agent_path=None,
-            config=None,
-        )
+    # The certificate is refused; the client then proves the forger's own key, which the
+    # host does not authorize: it is told so, and gets nothing else.
+    async with asyncssh.connect(
+        "127.0.0.1",
+        host.port,
+        username="tok",
+        client_keys=[
+            (
+                asyncssh.import_private_key(forger.private_openssh()),
+                asyncssh.import_certificate(line),
+            )
+        ],
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    ) as conn:
+        assert "is not allowed in this session" in await refusal(conn)
     assert host.joined == []
+    assert [r.fingerprint for r in host.policy.refusals] == [forger.public.fingerprint]
 
 
 async def test_wrong_principal_or_expired_certificate_is_refused(host: Host) -> None:
@@ -165,10 +168,19 @@ async def test_bare_key_is_refused(host: Host) -> None:
         )
 
 
-async def test_joiner_key_not_authorized_is_refused(host: Host) -> None:
+async def refusal(conn: asyncssh.SSHClientConnection) -> str:
+    """What a refused joiner is told on its terminal (it must exit 1 and join nothing)."""
+    proc = await conn.run(term_type="xterm", term_size=(80, 24))
+    assert proc.exit_status == 1
+    return str(proc.stderr)
+
+
+async def test_joiner_key_not_authorized_is_refused_with_the_reason(host: Host) -> None:
     host.policy.authorized = frozenset({Ed25519Key.generate().public.blob})
-    with pytest.raises(asyncssh.PermissionDenied):
-        await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        told = await refusal(conn)
+    assert "is not allowed in this session; ask the host to authorize it" in told
+    assert host.joined == [] and len(host.policy.refusals) == 1
 
 
 async def test_session_without_pty_is_told_and_exits_1(host: Host) -> None:
@@ -258,10 +270,14 @@ async def test_bare_key_is_an_end_to_end_joiner_unless_it_is_the_relays(host: Ho
         proc.close()
     assert host.joined[-1].mode == "e2e"
     assert host.joined[-1].addr == "[end-to-end]"
-    # With e2e-only, relay certificates are refused.
+    # With e2e-only, relay certificates are refused, with the line that works.
     host.policy.e2e_only = True
-    with pytest.raises(asyncssh.PermissionDenied):
-        await connect_as(host, host.relay_key)  # type: ignore[attr-defined]
+    host.policy.e2e_line = lambda user: f"ssh -J {user}@relay {user}@upterm"
+    joined = len(host.joined)
+    async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
+        told = await refusal(conn)
+    assert "end-to-end joins only; join with:\r\n  ssh -J tok@relay tok@upterm" in told
+    assert len(host.joined) == joined
 
 
 async def test_two_channels_one_joiner_leaves_once(host: Host) -> None:

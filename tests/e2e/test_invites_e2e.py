@@ -60,12 +60,12 @@ def test_invites(user_env: UserEnv, keys_server, tmp_path: Path) -> None:  # noq
     for_bob = invite(user_env, "--for", "github:bob", "--expires", "10m")
     assert for_bob["sshCommand"] != info["sshCommand"]
     assert f"+{for_bob['code']}:" in for_bob["sshCommand"]
-    status, seen = try_join(for_bob["sshCommand"], stranger)  # not Bob: refused
-    assert status != 0 and "unable to authenticate with the upstream" in seen
+    status, seen = try_join(for_bob["sshCommand"], stranger)  # not Bob: refused, told why
+    assert status != 0 and "upterm: this invite is for someone else's key" in seen
     status, seen = try_join(for_bob["sshCommand"], bob)
     assert (status, "inside-36" in seen) == (0, True), seen
     status, seen = try_join(for_bob["sshCommand"], bob)  # used up
-    assert "unable to authenticate with the upstream" in seen
+    assert "upterm: this invite is no longer valid" in seen
 
     # An invite for anyone, twice; revoked after one use.
     open_invite = invite(user_env, "--uses", "2")
@@ -83,7 +83,7 @@ def test_invites(user_env: UserEnv, keys_server, tmp_path: Path) -> None:  # noq
     short = invite(user_env, "--expires", "1s")
     time.sleep(1.5)
     _, seen = try_join(short["sshCommand"], stranger)
-    assert "unable to authenticate with the upstream" in seen
+    assert "upterm: this invite is no longer valid" in seen
 
     # A made-up code is refused by the relay itself: it never reaches the host (before,
     # any invite-shaped token went past the relay's key check, for any key).

@@ -202,9 +202,9 @@ class RecordingPolicy(GuestPolicy):
         super().__init__(*args, **kw)
         self.key_checks: list[str] = []
 
-    def key_allowed(self, username: str, blob: bytes) -> str | None:
+    def key_refusal(self, username: str, blob: bytes) -> tuple[str, str]:
         self.key_checks.append(username)
-        return super().key_allowed(username, blob)
+        return super().key_refusal(username, blob)
 
 
 def make_tunnel(
@@ -886,11 +886,11 @@ async def test_relay_lets_invite_tokens_through_only_for_declared_codes(tmp_path
             assert rc == 255 and b"Permission denied (publickey)" in err
             assert failures("bad-key") == 1
             # The relay lets a declared code through even when the host no longer honours it:
-            # the host is reached and says no (the relay only carries its answer).
+            # the host is reached and says no, and why (the relay only carries its answer).
             del host.policy.invites[code]
             rc, out, err = await ssh_once(relay.port, invite_token, stranger)
             assert rc != 0 and b"$ " not in out
-            assert b"unable to authenticate with the upstream" in out + err, (out, err)
+            assert b"upterm: this invite is no longer valid" in out + err, (out, err)
             assert checks == [invite_token, invite_token]
             # Revoked at the relay too (set_invites([])): stopped there again.
             await host.tunnel.set_invites([])

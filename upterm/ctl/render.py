@@ -57,6 +57,12 @@ def session_detail(info: dict[str, Any]) -> str:
         )
     for c in info.get("pending") or []:
         lines.append(f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']} (waiting)")
+    refused = info.get("refused") or []
+    if refused:
+        lines.append(_row("Refused", f"the last {len(refused)}"))
+    for r in refused:
+        reason = str(r["reason"]).split("\r\n", 1)[0]
+        lines.append(f"  {r['addr']} {r['fingerprint']}: {reason}")
     return "\n".join(lines)
 
 

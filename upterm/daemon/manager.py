@@ -188,6 +188,10 @@ class HostedSession:
                 }
                 for c, _ in self.policy.pending.values()
             ],
+            "refused": [
+                {"fingerprint": r.fingerprint, "addr": r.addr, "reason": r.reason, "at": r.at}
+                for r in self.policy.refusals
+            ],
             "clients": [
                 {
                     "id": c.client_id,
@@ -464,6 +468,9 @@ class Manager:
                 approve=req.approve,
                 approve_timeout_s=req.approve_timeout_s,
                 on_pending=lambda c: self._ask_host(hosted, c),
+                e2e_line=lambda user: tunnel.url.e2e_join_command(
+                    user, tunnel.session_key.authorized_key_line().decode().strip()
+                ),
             )
             policy.all_closed.set()
             hosted = HostedSession(

@@ -10,6 +10,7 @@ The joiner then attaches to the shared terminal.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -42,6 +43,18 @@ FILE_TRANSFER_REFUSED = (
     "join with a plain ssh line"
 )
 SUBSYSTEM_REFUSED = "this session shares a terminal and has no {} subsystem"
+KEY_NOT_ALLOWED = (
+    "your key {} is not allowed in this session; ask the host to authorize it, or for an invite"
+)
+INVITE_INVALID = (
+    "this invite is no longer valid (used up, revoked or expired); ask the host for a new one"
+)
+INVITE_NOT_YOURS = "this invite is for someone else's key, not {}"
+E2E_ONLY = "this session takes end-to-end joins only; join with:\r\n  {}"
+#: Input a joiner may type before the host decided on it (kept, then played).
+EARLY_INPUT_BYTES = 64 * 1024
+#: Refusals kept for ``upterm session info``.
+MAX_REFUSALS_KEPT = 16
 WAITING_MESSAGE = b"[upterm: waiting for the host to let you in]\r\n"
 NOT_APPROVED = "the host did not let you in"
 NOT_ANSWERED = "the host did not answer in time; ask them, then join again"
@@ -93,6 +106,16 @@ def _invite_code(username: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A joiner refused after it proved its key."""
+
+    fingerprint: str
+    addr: str
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
 @dataclass
 class GuestPolicy:
     """What the inner server needs to know about its hosted session."""
@@ -131,12 +154,19 @@ class GuestPolicy:
     by_client: dict[str, set[GuestSession]] = field(default_factory=dict)
     #: Joiners the host removed: no new channel for them while their connection closes.
     removed: set[str] = field(default_factory=set)
+    #: The end-to-end join line for a user name (shown to relay joiners of --e2e-only).
+    e2e_line: Callable[[str], str] | None = None
+    #: The last joiners refused after proving their key, and why (for the host).
+    refusals: collections.deque[Refusal] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_REFUSALS_KEPT)
+    )
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def key_allowed(self, username: str, blob: bytes) -> str | None:
-        """Whether this key may join under this user name; returns its source label.
+    def key_refusal(self, username: str, blob: bytes) -> tuple[str, str]:
+        """Whether this key may join under this user name: (its source label, "") if so,
+        else ("", why not, in words for the joiner).
 
         A token with an invite code is judged by the invite alone: unknown, expired or used
         up means no, and an invite for an identity admits only that identity's keys.
@@ -145,16 +175,18 @@ class GuestPolicy:
         if code is not None:
             invite = self.invites.get(code)
             if invite is None or not invite.valid(time.time()):
-                log.info("refused a joiner with an unknown, expired or used-up invite")
-                return None
+                return "", INVITE_INVALID
             if invite.keys and blob not in invite.keys:
-                log.info("refused key %s: not the invite's", wire.fingerprint_sha256(blob))
-                return None
-            return f"invite {code}" + (f" for {invite.label}" if invite.label else "")
+                return "", INVITE_NOT_YOURS.format(wire.fingerprint_sha256(blob))
+            return f"invite {code}" + (f" for {invite.label}" if invite.label else ""), ""
         if self.authorized and blob not in self.authorized:
-            log.info("refused joiner key %s: not authorized", wire.fingerprint_sha256(blob))
-            return None
-        return self.sources.get(blob, "")
+            return "", KEY_NOT_ALLOWED.format(wire.fingerprint_sha256(blob))
+        return self.sources.get(blob, ""), ""
+
+    def refused(self, client: ClientInfo, reason: str) -> None:
+        """Note a refusal for the host (its log and ``upterm session info``)."""
+        log.info("refused joiner %s from %s: %s", client.fingerprint, client.addr, reason)
+        self.refusals.append(Refusal(client.fingerprint, client.addr, reason))
 
     def use_invite(self, username: str) -> bool:
         """Spend one use of the invite in ``username`` (True if there is none to spend)."""
@@ -245,6 +277,8 @@ class InnerServer(asyncssh.SSHServer):
         self._client: ClientInfo | None = None
         self._username = ""
         self._allowed = False
+        #: Why this joiner, who may authenticate, gets no terminal (told on its channel).
+        self._refusal = ""
         #: The host's decision on this connection: None (let in) or the refusal's words.
         self._admission: asyncio.Task[str | None] | None = None
 
@@ -289,12 +323,20 @@ class InnerServer(asyncssh.SSHServer):
     async def _authorize(
         self, username: str, blob: bytes, mode: str, version: str, addr: str
     ) -> bool:
-        """Whether this key may join under this user name (nothing asked, nothing spent)."""
+        """Whether this key may authenticate (nothing asked, nothing spent).
+
+        A key the session refuses still authenticates once its holder proved it (asyncssh
+        checks the signature after this): it then gets a channel that only says why, so
+        the joiner reads the reason instead of "Permission denied".
+        """
         fingerprint = wire.fingerprint_sha256(blob)
         if self._client is not None and self._client.fingerprint == fingerprint:
             return self._allowed
-        source = self._policy.key_allowed(username, blob)
-        if source is None or not await self._wait_accepting():
+        source, refusal = self._policy.key_refusal(username, blob)
+        if not refusal and mode == "relay" and self._policy.e2e_only:
+            line = self._policy.e2e_line(username) if self._policy.e2e_line else ""
+            refusal = E2E_ONLY.format(line)
+        if not await self._wait_accepting():
             return False
         self._client = ClientInfo(
             client_id=f"{next(_client_counter)}",
@@ -307,8 +349,14 @@ class InnerServer(asyncssh.SSHServer):
             source=source,
         )
         self._username = username
+        self._refusal = refusal
         self._allowed = True
         return True
+
+    def auth_completed(self) -> None:
+        # Only now has the joiner proved its key: a refusal is worth the host's attention.
+        if self._client is not None and self._refusal:
+            self._policy.refused(self._client, self._refusal)
 
     def admission(self) -> asyncio.Task[str | None]:
         """The host's decision on this joiner (once per connection): None lets it in, else
@@ -334,9 +382,6 @@ class InnerServer(asyncssh.SSHServer):
         return True
 
     async def _check_certificate(self, username: str, blob: bytes) -> bytes | None:
-        if self._policy.e2e_only:
-            log.info("refused a relay-certificate join: the host requires end-to-end joins")
-            return None
         try:
             cert = wire.verify_guest_certificate(
                 blob, self._policy.relay_key_blob, username, int(time.time())
@@ -353,9 +398,46 @@ class InnerServer(asyncssh.SSHServer):
     def session_requested(self) -> Any:
         if self._client is None or not self._allowed:
             return False
+        if self._refusal:
+            return _RefusedSession(self._refusal)
         if self._client.client_id in self._policy.removed:
             return False
         return GuestSession(self._policy, self._client, self)
+
+    def connection_requested(self, *args: Any) -> Any:
+        return False  # no forwarding of any kind, refused joiner or not
+
+
+class _RefusedSession(asyncssh.SSHServerSession[bytes]):
+    """The only channel a refused joiner gets: it says why and closes (exit status 1)."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_stderr(f"upterm: {self._reason}.\r\n".encode())
+                self._chan.exit(1)
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        return  # a refused joiner's keys go nowhere
 
 
 class GuestSession(asyncssh.SSHServerSession[bytes]):
@@ -376,6 +458,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._resize_pending: tuple[int, int] | None = None
         #: Why this channel is refused (an exec or subsystem request), once it starts.
         self._refusal = ""
+        #: What the joiner typed before the host's decision (None once decided), and
+        #: whether it closed its input meanwhile: played once it is let in.
+        self._early: bytearray | None = bytearray()
+        self._early_eof = False
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
@@ -441,11 +527,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if chan is None or admission.cancelled():
             return
         refusal = admission.result()
+        early, self._early = self._early, None
         if refusal is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 chan.write_stderr(f"upterm: {refusal}.\r\n".encode())
                 chan.exit(1)
             return
+        self._join()
+        if early:
+            self.data_received(bytes(early), None)
+        if self._early_eof:
+            self.eof_received()
+
+    def _join(self) -> None:
         self._policy.on_join(self._client)
         assert self._pty is not None
         if self._policy.force_command:
@@ -503,7 +597,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.exit(status)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if datatype is not None or not self._policy.can_type(self._client.client_id):
+        if datatype is not None:
+            return
+        if self._early is not None:  # the host has not decided yet: kept, bounded
+            self._early += data[: max(0, EARLY_INPUT_BYTES - len(self._early))]
+            return
+        if not self._policy.can_type(self._client.client_id):
             return  # viewers' keystrokes are read and dropped, whatever the relay does
         if self._forced is not None:
             self._forced.write(data)
@@ -554,6 +653,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._policy.session.drained(self.viewer_id)
 
     def eof_received(self) -> bool:
+        if self._early is not None:
+            self._early_eof = True  # acted on once the host decided
+            return True
         if self._forced is not None:
             return True  # its own command runs on, to its own end and exit status
         # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.

@@ -558,6 +558,12 @@ def output(stream: int, data: bytes) -> dict[str, Any]:
     return {"type": "output", "stream": stream, "data": data}
 
 
+def waiting(stream: int, count: int) -> dict[str, Any]:
+    """How many joiners wait for the host's approval (sent when it changes): while none do,
+    the client passes ``~y`` and ``~n`` to the program as typed."""
+    return {"type": "waiting", "stream": stream, "count": count}
+
+
 def exited(stream: int, status: int) -> dict[str, Any]:
     """The session's command ended with ``status``; the stream is over."""
     return {"type": "exit", "stream": stream, "status": status}

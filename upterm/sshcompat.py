@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -201,6 +202,58 @@ def on_signed_public_key(
         if ok and msg:
             accepted(bytes(key_data))
         return ok
+
+    conn.validate_public_key = validate  # type: ignore[method-assign]
+
+
+#: Signature algorithms hashing with SHA-1: refused, as current OpenSSH refuses them.
+SHA1_SIGNATURE_ALGS = frozenset(
+    {
+        b"ssh-rsa",
+        b"ssh-dss",
+        b"ssh-rsa-cert-v01@openssh.com",
+        b"ssh-dss-cert-v01@openssh.com",
+        b"x509v3-ssh-rsa",
+        b"x509v3-ssh-dss",
+    }
+)
+SHA1_REFUSED = (
+    "upterm: your client signed with SHA-1 (ssh-rsa), which is refused as current OpenSSH "
+    "refuses it; use an ed25519 or ECDSA key, or an RSA key with rsa-sha2-256/512 (any "
+    "OpenSSH since 7.2; PuTTY since 0.75)\r\n"
+)
+
+
+def signature_algs() -> list[str]:
+    """The signature algorithms our servers advertise (server-sig-algs): asyncssh's
+    defaults without SHA-1 ones."""
+    from asyncssh.public_key import get_default_public_key_algs
+
+    return [alg.decode() for alg in get_default_public_key_algs() if alg not in SHA1_SIGNATURE_ALGS]
+
+
+def refuse_sha1_signatures(conn: asyncssh.SSHServerConnection) -> None:
+    """Refuse a public key signed request whose signature hashes with SHA-1, saying why.
+
+    asyncssh verifies any signature algorithm the key type allows, whatever it advertised;
+    the reason goes in an authentication banner (a failed login has no other text).
+    """
+    original = conn.validate_public_key
+    told: list[bool] = []
+
+    async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        if msg:
+            try:
+                alg, _ = _read_string(bytes(signature))
+            except ValueError:
+                return False
+            if alg in SHA1_SIGNATURE_ALGS:
+                if not told:
+                    told.append(True)
+                    with contextlib.suppress(OSError):
+                        conn.send_auth_banner(SHA1_REFUSED)
+                return False
+        return await original(username, key_data, msg, signature)
 
     conn.validate_public_key = validate  # type: ignore[method-assign]
 

@@ -125,6 +125,8 @@ class PublicKey:
 
     blob: bytes
     comment: str = ""
+    #: The authorized_keys options written before the key type (see upterm.keyopts).
+    options: str = ""
 
     @property
     def algorithm(self) -> str:
@@ -177,8 +179,9 @@ def _split_key_tokens(line: str) -> list[str]:
 def parse_public_key_line(line: str | bytes) -> PublicKey | None:
     """Parse one authorized_keys / ``.keys`` line; None for blank lines and comments.
 
-    Options before the key type (``from="..."``, ``command="..."``) are skipped: they grant
-    nothing here. Raises :class:`RemoteProtocolError` for a line that is not a key.
+    Options before the key type (``from="..."``, ``command="..."``) are kept as written in
+    ``options``; :mod:`upterm.keyopts` says what they mean. Raises
+    :class:`RemoteProtocolError` for a line that is not a key.
     """
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
     text = text.strip()
@@ -196,7 +199,7 @@ def parse_public_key_line(line: str | bytes) -> PublicKey | None:
         except RemoteProtocolError:
             continue
         if inner_alg.decode("ascii", "replace") == alg:
-            return PublicKey(blob, " ".join(tokens[idx + 2 :]))
+            return PublicKey(blob, " ".join(tokens[idx + 2 :]), " ".join(tokens[:idx]))
     raise RemoteProtocolError(f"not an SSH public key line: {text[:60]!r}")
 
 

@@ -267,3 +267,24 @@ def test_command_that_cannot_run_is_one_line_and_shares_nothing(user_env: UserEn
     assert listed.stdout.strip() == "[]"
     # The failed session's socket was removed again.
     assert sorted(p.name for p in user_env.runtime.iterdir()) == ["daemon.lock", "daemon.sock"]
+
+
+def test_a_role_for_a_source_not_given_is_an_error(user_env: UserEnv, tmp_path: Path) -> None:
+    keys = tmp_path / "team"
+    keys.write_text("")
+    out = user_env.run(
+        "upterm", "host", "--accept", "--authorized-keys", str(keys),
+        "--role", "github:bob=viewer", "--", "true",
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == (
+        f"upterm: --role github:bob=viewer: no such source on the command line (sources: "
+        f"{keys}); name it as --authorized-keys or a --*-user gives it\n"
+    )
+    # The file's own label is accepted (and then the empty file fails closed, as always).
+    ok = user_env.run(
+        "upterm", "host", "--accept", "--authorized-keys", str(keys),
+        "--role", f"{keys}=viewer", "--", "true",
+    )  # fmt: skip
+    assert ok.returncode == 1 and "holds no key" in ok.stderr
+    assert not (user_env.runtime / "daemon.sock").exists()

@@ -390,3 +390,44 @@ async def test_the_host_is_asked_only_about_a_key_the_joiner_proved_it_holds(
         )
     await asyncio.sleep(0.2)
     assert asked == [] and host.policy.pending == {}
+
+
+class _BannerClient(asyncssh.SSHClient):
+    def __init__(self) -> None:
+        self.banners: list[str] = []
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        self.banners.append(msg)
+
+
+async def test_sha1_rsa_signatures_are_refused_with_a_banner(host: Host) -> None:
+    """A client that signs with ssh-rsa (SHA-1) although it is not advertised is refused,
+    as current OpenSSH refuses it, and told why; rsa-sha2-256 from the same key gets in."""
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    client = _BannerClient()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.port,
+            username="tok",
+            client_factory=lambda: client,
+            client_keys=[rsa],
+            signature_algs=["ssh-rsa"],
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        )
+    assert any("signed with SHA-1 (ssh-rsa), which is refused" in b for b in client.banners)
+    async with asyncssh.connect(
+        "127.0.0.1",
+        host.port,
+        username="tok",
+        client_keys=[rsa],
+        signature_algs=["rsa-sha2-256"],
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    ) as conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+        await asyncio.wait_for(proc.stdout.read(2), 10)
+        proc.close()

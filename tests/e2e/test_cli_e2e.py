@@ -185,6 +185,9 @@ def test_names_templates_and_quiet_prompt_helper(user_env: UserEnv) -> None:
     # Aliases as upstream: se, i, ls.
     assert headless(user_env, "se", "i", "web.1", "-o", "template={name}").stdout == "web.1"
     assert "web.1" in headless(user_env, "se", "ls").stdout
+    # list takes templates too (a line per session); values print as JSON does.
+    listed = headless(user_env, "session", "list", "-o", "template={name} {accepting}")
+    assert (listed.returncode, listed.stdout) == (0, "web.1 true\n")
     # Names are unique.
     dup = headless(user_env, "host", "--detach", "--accept", "--name", "web.1", "--", "true")
     assert dup.returncode == 2

@@ -193,3 +193,31 @@ def test_commands_and_file_transfers_are_refused_with_the_reason(
     )  # fmt: skip
     assert e2e.returncode == 1 and "runs no commands" in e2e.stderr, e2e.stderr
     assert not target.exists()
+
+
+def test_rsa_keys_sign_with_sha2_and_sha1_is_not_offered(user_env: UserEnv, tmp_path: Path) -> None:
+    """The relay does not advertise ssh-rsa (SHA-1) signatures, so OpenSSH made to use only
+    them finds no mutual algorithm and never signs; the same RSA key with rsa-sha2-512 gets
+    in. (A client that signs with ssh-rsa anyway is refused with a banner: see
+    tests/daemon/test_inner_server.py.)"""
+    rsa = tmp_path / "rsa"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True
+    )
+    info = detached(user_env, "sha1")
+    base = [
+        "ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-i", str(rsa), "-p", str(relay_port(info)), f"{info['sshUser']}@127.0.0.1",
+    ]  # fmt: skip
+    sha1 = subprocess.run(
+        [*base[:1], "-v", "-o", "PubkeyAcceptedAlgorithms=ssh-rsa", *base[1:], "-T"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert sha1.returncode == 255
+    assert "no mutual signature algorithm" in sha1.stderr, sha1.stderr[-1500:]
+    sha2 = PtyClient(
+        [*base[:1], "-o", "PubkeyAcceptedAlgorithms=rsa-sha2-512", *base[1:], "-tt"], user_env.env
+    )
+    shared_shell_works(sha2, "rsa-sha2")
+    sha2.close()

@@ -39,11 +39,11 @@ def test_approve_and_deny_in_the_host_terminal(user_env: UserEnv, tmp_path: Path
     host.type("\r~n")
     assert second.wait(20) == 1
     assert b"upterm: the host did not let you in." in second.seen
-    # Nobody waiting: ~y says so, nothing else happens.
-    host.type("\r~y")
-    host.expect(b"no joiner is waiting for approval")
+    # Nobody waiting: ~y and ~n are not escapes; the program gets them as typed.
+    host.type("\r~yes-$((3+4))\r")
+    host.expect(b"~yes-7: command not found")
     first.close()
-    host.type("exit\r")
+    host.type("exit 0\r")
     assert host.wait() == 0
 
 

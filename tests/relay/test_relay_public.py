@@ -202,9 +202,9 @@ class RecordingPolicy(GuestPolicy):
         super().__init__(*args, **kw)
         self.key_checks: list[str] = []
 
-    def key_refusal(self, username: str, blob: bytes) -> tuple[str, str]:
+    def key_refusal(self, username: str, blob: bytes, addr: str | None = None) -> tuple[str, str]:
         self.key_checks.append(username)
-        return super().key_refusal(username, blob)
+        return super().key_refusal(username, blob, addr)
 
 
 def make_tunnel(

@@ -402,6 +402,7 @@ def host(
             raise UsageError("--record-input needs --record FILE.cast")
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
+        check_role_sources(opts)
     except (UsageError, ValueError) as exc:
         _fail(exc if isinstance(exc, UsageError) else UsageError(f"--force-command: {exc}"))
     _run(_host(opts, command))
@@ -425,6 +426,28 @@ CI_VARIABLES = (
 def in_ci() -> bool:
     """Whether a CI system's variable is set (non-empty)."""
     return any(os.environ.get(name) for name in CI_VARIABLES)
+
+
+def source_labels(opts: HostOptions) -> list[str]:
+    """The label of each authorized-keys source the command line names (nothing fetched)."""
+    labels = [str(Path(name).expanduser()) for name in opts.authorized_files]
+    labels += [f"{forge}:{user}" for forge, users in opts.forge_users.items() for user in users]
+    for spec in opts.authorized_users:
+        forge, user = keysources.parse_authorized_user(spec)
+        labels.append(f"{forge.name}:{user}")
+    return labels
+
+
+def check_role_sources(opts: HostOptions) -> None:
+    """A --role for a source the command line does not give would silently do nothing."""
+    labels = source_labels(opts)
+    for source, role in opts.source_roles.items():
+        if source not in labels:
+            given = ", ".join(labels) if labels else "none"
+            raise UsageError(
+                f"--role {source}={role}: no such source on the command line (sources: "
+                f"{given}); name it as --authorized-keys or a --*-user gives it"
+            )
 
 
 def parse_source_roles(specs: tuple[str, ...]) -> dict[str, str]:
@@ -683,7 +706,7 @@ async def _current(sock: Path, output: str, quiet: bool) -> int:
 
 
 @session.command("list")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@output_option
 def session_list(output: str) -> None:
     """List this user's sessions; * marks the current one (alias: ls).
 
@@ -691,6 +714,7 @@ def session_list(output: str) -> None:
     Examples:
       upterm session list
       upterm session list -o json
+      upterm session list -o template='{name} {clientCount}'   (a line per session)
     """
     _run(_list(output))
 
@@ -700,7 +724,8 @@ async def _list(output: str) -> int:
         client = await connect_daemon(autostart=False)
     except DaemonUnavailable:
         # No daemon means no sessions: that is an answer, not an error.
-        click.echo("[]" if output == "json" else render.session_table([], None))
+        if not output.startswith("template="):
+            click.echo("[]" if output == "json" else render.session_table([], None))
         return 0
     try:
         await _handshake(client)
@@ -710,6 +735,13 @@ async def _list(output: str) -> int:
     current = os.environ.get(wire.ADMIN_SOCKET_ENV)
     if output == "json":
         click.echo(render.as_json(sessions))
+    elif output.startswith("template="):
+        template = output.removeprefix("template=").strip("'\"")
+        for info in sessions:
+            try:
+                click.echo(render.render_template(template, info))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
     else:
         click.echo(render.session_table(sessions, current))
     return 0
@@ -822,16 +854,23 @@ def session_wait(session_key: str, timeout: str | None) -> None:
 
 
 def _client_command(action: str, doc: str) -> None:
-    @session.command(action, help=doc)
-    @click.argument("session_key", metavar="ID|NAME")
-    @click.argument("client", metavar="CLIENT", required=action in ("kick", "role"))
-    @click.argument("role", required=action == "role", type=click.Choice(adminproto.ROLES))
-    def command(session_key: str, client: str | None, role: str | None) -> None:
+    """``upterm session ACTION``: its usage line shows only the arguments it takes."""
+    needs_client = action in ("kick", "role")
+
+    def command(session_key: str, client: str | None = None, role: str | None = None) -> None:
         async def run() -> int:
             await _session_request(action, session_key, client=client, role=role)
             return 0
 
         _run(run())
+
+    if action == "role":
+        command = click.argument("role", type=click.Choice(adminproto.ROLES))(command)
+    command = click.argument(
+        "client", metavar="CLIENT" if needs_client else "[CLIENT]", required=needs_client
+    )(command)
+    command = click.argument("session_key", metavar="ID|NAME")(command)
+    session.command(action, help=doc)(command)
 
 
 for _action, _doc in {

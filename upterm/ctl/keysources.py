@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from upterm import wire
+from upterm import keyopts, wire
 from upterm.errors import AuthorizedKeysError, UsageError
 
 FETCH_TIMEOUT_S = 10
@@ -125,10 +125,21 @@ def from_file(name: str) -> KeySource:
             f"cannot read authorized keys file {path}: {exc.strerror}; fix the path or "
             "its permissions (refusing to share without it)"
         ) from exc
-    try:
-        keys = wire.parse_public_keys(text)
-    except ValueError as exc:
-        raise AuthorizedKeysError(f"{path}: {exc}") from exc
+    keys: list[wire.PublicKey] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            key = wire.parse_public_key_line(line)
+            if key is not None:
+                keyopts.parse_options(key.options)
+        except ValueError as exc:
+            raise AuthorizedKeysError(
+                f"{path} line {number}: {exc}; fix or remove the line (refusing to share "
+                "with a key whose limits would not hold)"
+                if isinstance(exc, keyopts.KeyOptionError)
+                else f"{path} line {number}: {exc}"
+            ) from exc
+        if key is not None:
+            keys.append(key)
     if not keys:
         raise AuthorizedKeysError(
             f"authorized keys file {path} holds no key; refusing to open the session to everyone"
@@ -139,7 +150,10 @@ def from_file(name: str) -> KeySource:
 def as_lines(sources: list[KeySource]) -> list[str]:
     """Key lines for the daemon; each line's comment names its source."""
     return [
-        k.authorized_key_line().decode().strip() + " " + source.label
+        (k.options + " " if k.options else "")
+        + k.authorized_key_line().decode().strip()
+        + " "
+        + source.label
         for source in sources
         for k in source.keys
     ]

@@ -111,6 +111,8 @@ def render_template(template: str, info: dict[str, Any]) -> str:
         value = info[field_name]
         if conversion:
             value = formatter.convert_field(value, conversion)
+        if isinstance(value, bool | list | dict) and not spec:
+            value = json.dumps(value)  # as -o json prints it: true, not True
         out.append(format("" if value is None else value, spec or ""))
     return "".join(out)
 

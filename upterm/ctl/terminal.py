@@ -68,14 +68,17 @@ ESCAPES = {b".": "detach", b"y": "approve", b"n": "deny"}
 class DetachFilter:
     """Spots escapes in typed input, the way ssh does.
 
-    At the start of a line, ``~.`` detaches, ``~y`` / ``~n`` answer the oldest joiner waiting
-    for approval, ``~~`` sends one ``~``; a ``~`` followed by anything else is sent as typed.
+    At the start of a line, ``~.`` detaches, ``~~`` sends one ``~``, and while a joiner waits
+    for approval (:attr:`approvals_waiting`, from the daemon) ``~y`` / ``~n`` answer the
+    oldest; a ``~`` followed by anything else is sent as typed (``~nobody`` stays whole).
     Sans-I/O: bytes in, bytes to forward (and the escapes seen) out.
     """
 
     def __init__(self) -> None:
         self._line_start = True
         self._tilde = False
+        #: Whether a joiner waits for the host's approval (``~y`` and ``~n`` act only then).
+        self.approvals_waiting = False
 
     def feed(self, data: bytes) -> tuple[bytes, list[str]]:
         """Return the bytes to forward and the escapes typed ("detach" ends the input)."""
@@ -86,6 +89,8 @@ class DetachFilter:
             if self._tilde:
                 self._tilde = False
                 action = ESCAPES.get(ch)
+                if action in ("approve", "deny") and not self.approvals_waiting:
+                    action = None
                 if action == "detach":
                     return bytes(out), [*actions, action]
                 if action is not None:
@@ -127,6 +132,8 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
         if kind == "output" and isinstance(frame.get("data"), bytes):
             screen.feed(frame["data"])
             write_all(STDOUT_FD, frame["data"])
+        elif kind == "waiting" and isinstance(frame.get("count"), int):
+            detach_filter.approvals_waiting = frame["count"] > 0
         elif kind == "exit" and not done.done():
             status = frame.get("status")
             done.set_result(status if isinstance(status, int) else 1)

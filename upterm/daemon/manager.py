@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncssh
 
-from upterm import __version__, adminproto, paths, wire
+from upterm import __version__, adminproto, keyopts, paths, wire
 from upterm.daemon.admin import AdminConnection, AdminServer
 from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
 from upterm.daemon.localrelay import LocalRelay
@@ -93,6 +93,11 @@ class AttachedTerminal:
         self._conn.streams.pop(self.stream, None)
         self._conn.send(adminproto.exited(self.stream, status))
 
+    def tell_waiting(self, count: int) -> None:
+        """How many joiners wait for approval (the client's ~y and ~n act only then)."""
+        if not self.done:
+            self._conn.send(adminproto.waiting(self.stream, count))
+
     def cut_off(self, message: bytes) -> None:
         """Local terminals pace instead of being cut off; close if asked anyway."""
         self.done = True
@@ -118,6 +123,14 @@ class HostedSession:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     had_joiner: bool = False
     on_change: Callable[[], None] | None = None
+    #: The host's terminals attached now (told how many joiners wait for approval).
+    terminals: set[AttachedTerminal] = field(default_factory=set)
+
+    def waiting_changed(self) -> None:
+        """Tell every attached terminal how many joiners wait for approval now."""
+        count = sum(1 for _, answer in self.policy.pending.values() if not answer.done())
+        for terminal in list(self.terminals):
+            terminal.tell_waiting(count)
 
     def notify_change(self) -> None:
         """Wake everyone waiting for a change of joiners."""
@@ -269,6 +282,8 @@ class Manager:
                 if viewer is not None:
                     viewer.done = True
                     viewer.session.detach(viewer.viewer_id)
+                    for hosted in self.sessions.values():
+                        hosted.terminals.discard(viewer)
                 return None
             case adminproto.Input():
                 viewer = _streams(conn).get(req.stream)
@@ -317,6 +332,11 @@ class Manager:
                 guest.remove(b"\r\n[upterm: the host removed you from the session]\r\n")
             return adminproto.ok(req.id)
         assert req.role is not None
+        if req.role == "typist" and policy.viewer_only(req.client):
+            raise UsageError(
+                f"joiner {req.client}'s key is restricted to watching (restrict in its "
+                "authorized_keys line); it cannot type"
+            )
         policy.roles[req.client] = req.role
         text = "you can type now" if req.role == "typist" else "you are a viewer now"
         for guest in channels:
@@ -462,12 +482,16 @@ class Manager:
                 force_command=req.force_command,
                 e2e_only=req.e2e_only,
                 sources={k.blob: k.comment for k in authorized},
+                key_rules={
+                    k.blob: keyopts.parse_options(k.options) for k in authorized if k.options
+                },
                 recorded=("input" if req.record_input else "output") if req.record else "",
                 default_role=req.default_role,
                 source_roles=dict(req.source_roles),
                 approve=req.approve,
                 approve_timeout_s=req.approve_timeout_s,
                 on_pending=lambda c: self._ask_host(hosted, c),
+                on_pending_done=lambda: hosted.waiting_changed(),
                 e2e_line=lambda user: tunnel.url.e2e_join_command(
                     user, tunnel.session_key.authorized_key_line().decode().strip()
                 ),
@@ -557,6 +581,7 @@ class Manager:
             self._notice(hosted, f"{client.addr} left ({client.fingerprint})")
 
     def _ask_host(self, hosted: HostedSession, client: ClientInfo) -> None:
+        hosted.waiting_changed()  # before the question: ~y typed on reading it must work
         source = f", {client.source}" if client.source else ""
         handle = hosted.name or hosted.session_id
         log.info("session %s: joiner %s waits for approval", hosted.session_id, client.fingerprint)
@@ -586,6 +611,7 @@ class Manager:
         _streams(conn)[stream] = viewer
 
         def closed() -> None:
+            hosted.terminals.discard(viewer)
             hosted.session.detach(viewer.viewer_id)
             if req.primary and not viewer.done:
                 # The host's terminal went away without detaching: end the session, as
@@ -596,6 +622,9 @@ class Manager:
         conn.on_close(closed)
         conn.send(adminproto.ok(req.id, stream=stream, session=hosted.info()))
         hosted.session.attach(viewer, req.cols, req.rows)
+        hosted.terminals.add(viewer)
+        if hosted.policy.pending:
+            hosted.waiting_changed()
 
     # -- shutdown --
 
@@ -643,7 +672,9 @@ def _parse_authorized(lines: tuple[str, ...]) -> list[wire.PublicKey]:
     for line in lines:
         try:
             key = wire.parse_public_key_line(line)
-        except RemoteProtocolError as exc:
+            if key is not None:
+                keyopts.parse_options(key.options)  # refused here too if not enforced
+        except (RemoteProtocolError, keyopts.KeyOptionError) as exc:
             raise AuthorizedKeysError(f"authorized keys: {exc}") from exc
         if key is not None:
             keys.append(key)

@@ -26,6 +26,7 @@ from upterm import sshcompat, wire
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.errors import RemoteProtocolError, UptermError
+from upterm.keyopts import KeyRules
 from upterm.text import printable
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ INVITE_INVALID = (
 )
 INVITE_NOT_YOURS = "this invite is for someone else's key, not {}"
 E2E_ONLY = "this session takes end-to-end joins only; join with:\r\n  {}"
+E2E_ONLY_NO_LINE = "this session takes end-to-end joins only; ask the host for its -J line"
 #: Input a joiner may type before the host decided on it (kept, then played).
 EARLY_INPUT_BYTES = 64 * 1024
 #: Refusals kept for ``upterm session info``.
@@ -137,6 +139,10 @@ class GuestPolicy:
     recorded: str = ""
     #: Where each authorized key came from ("github:octocat", a file path).
     sources: dict[bytes, str] = field(default_factory=dict)
+    #: What each key's authorized_keys options allow (keys without options: anything).
+    key_rules: dict[bytes, KeyRules] = field(default_factory=dict)
+    #: The rules of each admitted joiner's key, by client id.
+    client_rules: dict[str, KeyRules] = field(default_factory=dict)
     #: Invites by code: join lines that work for a while, a few times, maybe one identity.
     invites: dict[str, Invite] = field(default_factory=dict)
     #: Role of each admitted joiner ("typist" or "viewer"), changed live by the host.
@@ -150,6 +156,8 @@ class GuestPolicy:
     #: Joiners waiting for the host's answer, oldest first.
     pending: dict[str, tuple[ClientInfo, asyncio.Future[bool]]] = field(default_factory=dict)
     on_pending: Callable[[ClientInfo], None] | None = None
+    #: Called when a joiner stops waiting (answered, timed out, gone).
+    on_pending_done: Callable[[], None] | None = None
     #: Open channels of each joiner, to tell or remove them.
     by_client: dict[str, set[GuestSession]] = field(default_factory=dict)
     #: Joiners the host removed: no new channel for them while their connection closes.
@@ -164,7 +172,12 @@ class GuestPolicy:
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def key_refusal(self, username: str, blob: bytes) -> tuple[str, str]:
+    def viewer_only(self, client_id: str) -> bool:
+        """Whether this joiner's key may only watch (``restrict``)."""
+        rules = self.client_rules.get(client_id)
+        return rules is not None and rules.viewer_only
+
+    def key_refusal(self, username: str, blob: bytes, addr: str | None = None) -> tuple[str, str]:
         """Whether this key may join under this user name: (its source label, "") if so,
         else ("", why not, in words for the joiner).
 
@@ -181,6 +194,11 @@ class GuestPolicy:
             return f"invite {code}" + (f" for {invite.label}" if invite.label else ""), ""
         if self.authorized and blob not in self.authorized:
             return "", KEY_NOT_ALLOWED.format(wire.fingerprint_sha256(blob))
+        rules = self.key_rules.get(blob)
+        if rules is not None:
+            refusal = rules.refusal(addr)
+            if refusal:
+                return "", refusal
         return self.sources.get(blob, ""), ""
 
     def refused(self, client: ClientInfo, reason: str) -> None:
@@ -226,10 +244,15 @@ class GuestPolicy:
                 return NOT_ANSWERED
             finally:
                 self.pending.pop(client.client_id, None)
+                if self.on_pending_done is not None:
+                    self.on_pending_done()
             if not approved:
                 log.info("joiner %s not approved", client.fingerprint)
                 return NOT_APPROVED
-        self.roles[client.client_id] = self.source_roles.get(client.source, self.default_role)
+        role = self.source_roles.get(client.source, self.default_role)
+        if self.viewer_only(client.client_id):
+            role = "viewer"
+        self.roles[client.client_id] = role
         return None
 
     def answer(self, client_id: str | None, approved: bool) -> ClientInfo | None:
@@ -286,6 +309,7 @@ class InnerServer(asyncssh.SSHServer):
         self._conn = conn
         sshcompat.judge_kex_guesses(conn)  # Dropbear's dbclient guesses
         sshcompat.decide_on_signed_requests(conn)
+        sshcompat.refuse_sha1_signatures(conn)
         sshcompat.on_client_certificate(conn, self._check_certificate)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -296,6 +320,7 @@ class InnerServer(asyncssh.SSHServer):
             self._admission.cancel()
         if self._client is not None:
             self._policy.roles.pop(self._client.client_id, None)
+            self._policy.client_rules.pop(self._client.client_id, None)
             self._policy.removed.discard(self._client.client_id)
 
     def begin_auth(self, username: str) -> bool:
@@ -332,10 +357,12 @@ class InnerServer(asyncssh.SSHServer):
         fingerprint = wire.fingerprint_sha256(blob)
         if self._client is not None and self._client.fingerprint == fingerprint:
             return self._allowed
-        source, refusal = self._policy.key_refusal(username, blob)
+        source, refusal = self._policy.key_refusal(
+            username, blob, addr if mode == "relay" else None
+        )
         if not refusal and mode == "relay" and self._policy.e2e_only:
             line = self._policy.e2e_line(username) if self._policy.e2e_line else ""
-            refusal = E2E_ONLY.format(line)
+            refusal = E2E_ONLY.format(line) if line else E2E_ONLY_NO_LINE
         if not await self._wait_accepting():
             return False
         self._client = ClientInfo(
@@ -348,6 +375,9 @@ class InnerServer(asyncssh.SSHServer):
             mode=mode,
             source=source,
         )
+        rules = self._policy.key_rules.get(blob)
+        if rules is not None:
+            self._policy.client_rules[self._client.client_id] = rules
         self._username = username
         self._refusal = refusal
         self._allowed = True
@@ -542,6 +572,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def _join(self) -> None:
         self._policy.on_join(self._client)
         assert self._pty is not None
+        rules = self._policy.client_rules.get(self._client.client_id)
+        if rules is not None and rules.command is not None:
+            # The key's own command="...", as sshd runs it: through the user's shell.
+            shell = self._policy.session.env.get("SHELL") or "/bin/sh"
+            self._start_forced(*self._pty, argv=(shell, "-c", rules.command))
+            return
         if self._policy.force_command:
             self._start_forced(*self._pty)
             return
@@ -567,7 +603,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self.viewer_id, self._policy.can_type(self._client.client_id)
             )
 
-    def _start_forced(self, cols: int, rows: int) -> None:
+    def _start_forced(self, cols: int, rows: int, argv: tuple[str, ...] = ()) -> None:
         assert self._chan is not None
         env = self._policy.session.env
         env.pop(wire.ADMIN_SOCKET_ENV, None)
@@ -576,7 +612,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         try:
             procs: list[PtyProcess] = []
             self._forced = PtyProcess(
-                self._policy.force_command,
+                argv or self._policy.force_command,
                 env=env,
                 cwd=self._policy.session.cwd,
                 cols=cols,

@@ -370,6 +370,7 @@ class Tunnel:
                 server_factory=lambda: InnerServer(policy),
                 server_host_keys=[self._ssh_key],
                 server_version=wire.HOST_SERVER_VERSION[len("SSH-2.0-") :],
+                signature_algs=sshcompat.signature_algs(),
                 encoding=None,
                 line_editor=False,
                 allow_scp=False,

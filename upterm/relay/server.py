@@ -172,6 +172,7 @@ class Relay:
             server_factory=lambda: RelayConnection(self),
             server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
+            signature_algs=sshcompat.signature_algs(),
             encoding=None,
             # The gate keeps the real deadline (and penalises it); this is a backstop.
             login_timeout=self.limits.handshake_timeout_s + 5,
@@ -296,6 +297,7 @@ class RelayConnection(asyncssh.SSHServer):
             conn, self.relay.limits.global_requests_pending, self._too_many_requests
         )
         sshcompat.on_signed_public_key(conn, self._key_proven)
+        sshcompat.refuse_sha1_signatures(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -67,7 +67,9 @@ _SEQ = re.compile(
 #: Private modes alone (see TerminalState._scan).
 _PRIVATE = re.compile(rb"\x1b\[\?([0-9;:]*)([ $!]?)([hlrnctpqwu])")
 _DESIGNATION = re.compile(rb"\x1b([()*+])([ -/]?[0-~])")
-_MARKS = bytes.maketrans(b"hlrnctpqwu]P=>c(?)*+", b"\x01" * 15 + b"\x02\x03" + b"\x04" * 3)
+_MARKS = bytes.maketrans(
+    b"hlrnctpqwu]P=>c(?)*+HfdJ", b"\x01" * 15 + b"\x02\x03" + b"\x04" * 3 + b"\x05" * 4
+)
 _UNMARKED = b"[0123456789;:<$! "
 #: A sequence starting at an ESC is complete (else, at the end of a read, it is held back).
 _COMPLETE = re.compile(
@@ -119,6 +121,8 @@ class TerminalState:
         self.queries: list[tuple[int, int]] = []
         self.switches: list[tuple[int, int, bool]] = []
         self.answers: list[bytes] = []
+        #: Whether the last read addressed the cursor absolutely or erased the display.
+        self.addressed = False
         self._held = b""
 
     # -- following output --
@@ -134,6 +138,7 @@ class TerminalState:
             self.switches = []
         if self.answers:
             self.answers = []
+        self.addressed = False
         if self._held:
             data, self._held = self._held + data, b""
         elif b"\x1b" not in data:
@@ -167,13 +172,17 @@ class TerminalState:
 
         One C-speed translation marks what a read contains: parameters and ``[`` deleted,
         each final byte we follow made \\x01 (a sequence we follow becomes ESC \\x01), ``?``
-        \\x03 (private modes), ``(`` \\x02 and ``)*+`` \\x04 (character sets). Colours and
+        \\x03 (private modes), ``(`` \\x02 and ``)*+`` \\x04 (character sets), and the
+        finals of cursor addressing and display erasing \\x05. Colours and
         cursor moves (most of a full-screen program's output) then cost a substring search.
         Private modes and character sets (vim's cursor hiding at each repaint, ncurses'
         ``ESC(B`` at each colour reset) have their own fast paths; anything else takes one
         ordered pass over the read.
         """
         marks = view.translate(_MARKS, _UNMARKED)
+        # Cursor addressing or erasing the display (CUP, HVP, VPA, ED): a full-screen
+        # program drawing on the normal screen (top), where a notice would land anywhere.
+        self.addressed = b"\x1b\x05" in marks
         if b"\x1b\x01" in marks:
             for match in _SEQ.finditer(view):
                 self._note(match)
@@ -364,6 +373,12 @@ class TerminalState:
         self.alternate = False
         self.title_pushes = 0
         return sequence
+
+
+def addresses_cursor(data: bytes) -> bool:
+    """Whether output addresses the cursor absolutely or erases the display (as
+    :attr:`TerminalState.addressed`, for a piece of a read)."""
+    return b"\x1b" in data and b"\x1b\x05" in data.translate(_MARKS, _UNMARKED)
 
 
 def strip_spans(data: bytes, spans: list[tuple[int, int]]) -> bytes:

@@ -200,3 +200,22 @@ async def test_a_viewer_smaller_than_the_shared_terminal_is_told_once(tmp_path: 
     assert b"smaller" not in host.output
     session.hangup()
     await asyncio.wait_for(session.exited, 10)
+
+
+async def test_a_notice_waits_while_a_program_draws_on_the_normal_screen(
+    tmp_path: Path,
+) -> None:
+    """top draws on the normal screen with cursor addressing: even when its last write
+    ended a line, a notice written at the cursor would land in its display."""
+    session = bash(tmp_path)
+    host = RecordingViewer("host", paces=True)
+    session.attach(host, 80, 24)
+    (tmp_path / "top").write_bytes(b"\x1b[H\x1b[2Jtop - load average\x1b[5;1HPID USER\r\n")
+    await run(session, host, "cat top; sleep 0.5; echo AFTER-$((5+5))", "PID USER")
+    mark = len(host.output)
+    session.notify_host("someone joined")
+    assert bytes(host.output[mark:]) == b"\x1b[22;2t\x1b]2;[upterm: someone joined]\x07"
+    await until(lambda: b"[upterm: someone joined]\r\n" in host.output[mark:], "shown later")
+    assert bytes(host.output).index(b"AFTER-10") < bytes(host.output).rindex(b"\x1b[23;2t")
+    session.hangup()
+    await asyncio.wait_for(session.exited, 10)

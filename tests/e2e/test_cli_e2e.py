@@ -517,16 +517,17 @@ def test_sigterm_to_daemon_ends_sessions_cleanly(user_env: UserEnv, joiner_key: 
     joiner = Joiner(info, joiner_key)
     joiner.expect(b"$ ")
     pid = json.loads(headless(user_env, "session", "info", "term", "-o", "json").stdout)["pid"]
-    daemon_pid = int(
-        subprocess.run(
-            ["pgrep", "-f", "-n", "upterm.daemon"], capture_output=True, text=True, env=user_env.env
-        ).stdout.split()[0]
-    )
-    assert (
-        Path(f"/proc/{daemon_pid}/environ")
-        .read_bytes()
-        .count(user_env.env["XDG_RUNTIME_DIR"].encode())
-    )
+    # This user environment's daemon: other tests (or other runs) may have theirs.
+    runtime = f"XDG_RUNTIME_DIR={user_env.env['XDG_RUNTIME_DIR']}\0".encode()
+    candidates = subprocess.run(
+        ["pgrep", "-f", "upterm.daemon"], capture_output=True, text=True
+    ).stdout.split()
+    (daemon_pid,) = [
+        int(p)
+        for p in candidates
+        if Path(f"/proc/{p}/environ").exists()
+        and runtime in Path(f"/proc/{p}/environ").read_bytes()
+    ]
     os.kill(daemon_pid, signal.SIGTERM)
     joiner.expect(b"upterm: the host's upterm daemon is shutting down; this session ends now.")
     assert joiner.proc.wait(15) == 129  # bash ended by SIGHUP: 128 + 1
@@ -569,3 +570,25 @@ def test_nested_session_sees_the_inner_socket(user_env: UserEnv) -> None:
     ).stdout
     marked = [line for line in listed.splitlines() if line.startswith("*")]
     assert len(marked) == 1 and "inner" in marked[0]
+
+
+def test_ctrl_c_or_a_closed_terminal_at_the_accept_prompt_discards_the_session(
+    user_env: UserEnv,
+) -> None:
+    from tests.conftest import PtyClient
+
+    def listed() -> list:
+        return json.loads(headless(user_env, "session", "list", "-o", "json").stdout)
+
+    host = PtyClient(["upterm", "host", "--", "bash", "--norc"], user_env.env)
+    host.expect(b"Accept connections? [y/n]")
+    assert len(listed()) == 1  # created, waiting for the answer
+    host.type("\x03")
+    host.expect(b"upterm: cancelled; the session was discarded")
+    assert host.wait() == 130
+    wait_for(lambda: listed() == [], what="the unaccepted session to go")
+    # The terminal closing at the prompt (SIGHUP to the client) discards it too.
+    again = PtyClient(["upterm", "host", "--", "bash", "--norc"], user_env.env)
+    again.expect(b"Accept connections? [y/n]")
+    again.close()
+    wait_for(lambda: listed() == [], what="the unaccepted session to go")

@@ -46,8 +46,14 @@ def host(user_env: UserEnv, server: str, name: str) -> dict:
     return info(user_env, name)
 
 
-def test_relay_restart_keeps_session_id_and_join_line(user_env: UserEnv, joiner_key) -> None:
-    relay = start_relay(user_env)
+@pytest.mark.parametrize("hostname", [None, "relay.example.test"])
+def test_relay_restart_keeps_session_id_and_join_line(
+    user_env: UserEnv, joiner_key, hostname: str | None
+) -> None:
+    """With --hostname, the relay's certificate names a host other than the address dialed:
+    it was trusted by its plain key the first time, and must be on the redial too."""
+    named = ["--hostname", hostname] if hostname else []
+    relay = start_relay(user_env, None, *named)
     first = host(user_env, relay.url, "r")
     assert first["reconnectSupported"] is True
     joiner = Joiner(first, joiner_key)
@@ -69,6 +75,7 @@ def test_relay_restart_keeps_session_id_and_join_line(user_env: UserEnv, joiner_
             f"127.0.0.1:{relay.port}",
             "--state-dir",
             str(relay.state_dir),
+            *named,
         ],
         env=user_env.env,
         stdout=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from click.shell_completion import get_completion_class
 from upterm import __version__, adminproto, config, wire
 from upterm.ctl import identities, keysources, render
 from upterm.ctl.client import AdminClient, connect_daemon
-from upterm.ctl.terminal import DETACH_HELP, relay_attached, terminal_size
+from upterm.ctl.terminal import DETACH_HELP, STDIN_FD, relay_attached, terminal_size
 from upterm.errors import (
     ConfigError,
     DaemonUnavailable,
@@ -556,19 +556,27 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         except HostKeyUnknown as exc:
             if not sys.stdin.isatty():
                 raise
-            reply = await create(confirmed_host_key=confirm_host_key(exc.details))
+            try:
+                confirmed = await confirm_host_key(exc.details)
+            except asyncio.CancelledError:  # Ctrl-C
+                click.echo("\nupterm: cancelled; nothing was shared", err=True)
+                return 130
+            reply = await create(confirmed_host_key=confirmed)
         for warning in reply.get("warnings", []):
             click.echo(warning, err=True)
         info = reply["session"]
         sid = info["sessionId"]
         click.echo(render.session_detail(info))
         if not accept:
-            answer = click.prompt(
-                "Accept connections? [y/n]",
-                type=click.Choice(["y", "n", "Y", "N"]),
-                show_choices=False,
-            )
-            if answer.lower() != "y":
+            try:
+                answer = ""
+                while answer not in ("y", "n"):
+                    answer = (await ask("Accept connections? [y/n]: ")).strip().lower()
+            except (asyncio.CancelledError, EOFError):  # Ctrl-C, or no more input
+                # The daemon discards a session whose creator leaves before accepting; say so.
+                click.echo("\nupterm: cancelled; the session was discarded", err=True)
+                return 130
+            if answer != "y":
                 await client.request("stop", session=sid)
                 click.echo("Session discarded.")
                 return 0
@@ -583,7 +591,40 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         await client.aclose()
 
 
-def confirm_host_key(details: dict[str, str]) -> str:
+async def ask(prompt: str, *, err: bool = False) -> str:
+    """Print ``prompt`` and read a line from the terminal without blocking the event loop.
+
+    ``asyncio.run`` turns Ctrl-C into a cancellation of the main task, which a blocking
+    ``input()`` would hold off until Enter: read this way, Ctrl-C cancels the question at
+    once (CancelledError here). End of input raises EOFError.
+    """
+    click.echo(prompt, nl=False, err=err)
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+    buffered = bytearray()
+
+    def readable() -> None:
+        try:
+            data = os.read(STDIN_FD, 4096)
+        except OSError:
+            data = b""
+        if line.done():
+            return
+        if not data:
+            line.set_exception(EOFError())
+            return
+        buffered.extend(data)
+        if b"\n" in buffered:
+            line.set_result(buffered[: buffered.index(b"\n")].decode("utf-8", "replace"))
+
+    loop.add_reader(STDIN_FD, readable)
+    try:
+        return await line
+    finally:
+        loop.remove_reader(STDIN_FD)
+
+
+async def confirm_host_key(details: dict[str, str]) -> str:
     """Ask, as OpenSSH does, whether to trust an unknown relay key; return the key line."""
     click.echo(
         f"The authenticity of host '{details.get('name')} ({details.get('addr')})' can't be "
@@ -594,11 +635,10 @@ def confirm_host_key(details: dict[str, str]) -> str:
     click.echo(f"{details.get('type')} key fingerprint is {fingerprint}.", err=True)
     prompt = "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
     while True:
-        click.echo(prompt, nl=False, err=True)
-        answer = sys.stdin.readline()
-        if not answer:
-            raise UptermError("host key verification failed: no answer")
-        answer = answer.strip()
+        try:
+            answer = (await ask(prompt, err=True)).strip()
+        except EOFError:
+            raise UptermError("host key verification failed: no answer") from None
         if answer == "yes" or (fingerprint and answer == fingerprint):
             return details.get("key", "")
         if answer == "no":

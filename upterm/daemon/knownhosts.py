@@ -73,16 +73,23 @@ class RelayTrust:
     confirmed: bytes | None = None
     warnings: list[str] = field(default_factory=list)
     accepted: bytes | None = None
+    #: Whether :attr:`accepted` came as the authority of a host certificate (else a plain key).
+    accepted_as_authority: bool = False
+    #: Whether :attr:`pinned` is to be met as a certificate authority (it was, the first
+    #: time) or as a plain key.
+    pinned_authority: bool = False
     unknown: bytes | None = None
 
     def ca_keys(self) -> list[bytes]:
         """Blobs of ``@cert-authority`` keys whose patterns match the relay's name.
 
-        A pinned key also counts as an authority: a redial accepts the exact key or a host
-        certificate it signed.
+        A pinned key counts as an authority only if it was one when first accepted: a relay
+        whose certificate names another host (``uptermd --hostname``) than the address dialed
+        was first accepted by its plain key, and must be met the same way on a redial (its
+        certificate would be refused for the name).
         """
         if self.pinned is not None:
-            return [self.pinned]
+            return [self.pinned] if self.pinned_authority else []
         found: list[bytes] = []
         for fields in self._lines():
             if (

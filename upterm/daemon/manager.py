@@ -248,7 +248,7 @@ class Manager:
                     pid=os.getpid(),
                 )
             case adminproto.CreateSession():
-                return await self._create(req)
+                return await self._create(req, conn)
             case adminproto.Accept():
                 hosted = self._find(req.session, conn)
                 self._accept(hosted)
@@ -390,7 +390,7 @@ class Manager:
 
     # -- create --
 
-    async def _create(self, req: adminproto.CreateSession) -> dict[str, Any]:
+    async def _create(self, req: adminproto.CreateSession, conn: AdminConnection) -> dict[str, Any]:
         authorized = _parse_authorized(req.authorized_keys)
         if req.name and any(h.name == req.name for h in self.sessions.values()):
             raise UsageError(
@@ -515,6 +515,10 @@ class Manager:
             self.sessions[sid] = hosted
             if req.accept:
                 self._accept(hosted)
+            else:
+                # Until its creator accepts it, a session lives only as long as the client
+                # asking: Ctrl-C at a prompt, or the terminal closing, discards it.
+                conn.on_close(lambda: self._discard_unaccepted(hosted))
         except BaseException:
             tunnel.close()
             if hosted_box and hosted_box[0].admin is not None:
@@ -527,6 +531,11 @@ class Manager:
         log.info("session %s created for %s via %s", sid, req.argv, url)
         self._on_change()
         return adminproto.ok(req.id, session=hosted.info(), warnings=trust.warnings)
+
+    def _discard_unaccepted(self, hosted: HostedSession) -> None:
+        if not hosted.session.started and not hosted.session.exited.done():
+            log.info("session %s discarded: its host left before accepting", hosted.session_id)
+            hosted.session.hangup()
 
     def _accept(self, hosted: HostedSession) -> None:
         if not hosted.session.started:
@@ -605,7 +614,10 @@ class Manager:
     def _attach(self, req: adminproto.Attach, conn: AdminConnection) -> None:
         hosted = self._find(req.session, conn)
         if not hosted.session.started:
-            raise UsageError("the session has not accepted connections yet; accept it first")
+            raise UsageError(
+                "the session is not shared yet: its host has not answered 'Accept "
+                "connections?'; answer it there"
+            )
         stream = conn.new_stream()
         viewer = AttachedTerminal(conn, stream, hosted.session)
         _streams(conn)[stream] = viewer

@@ -24,6 +24,8 @@ from upterm.errors import UptermError
 log = logging.getLogger(__name__)
 
 #: Largest read from the PTY master in one go.
+#: Programs whose being in the foreground means the user is at a prompt.
+SHELLS = frozenset({"bash", "sh", "dash", "zsh", "fish", "ksh", "mksh", "tcsh", "csh", "ash"})
 #: A hang-up is repeated after this long if the command still runs (see PtyProcess.hangup).
 HANGUP_REPEAT_S = 0.5
 READ_CHUNK_BYTES = 64 * 1024
@@ -215,6 +217,19 @@ class PtyProcess:
         if self._status is None and self.master_fd >= 0:
             with contextlib.suppress(OSError):
                 os.killpg(os.tcgetpgrp(self.master_fd), signal.SIGWINCH)
+
+    def foreground_is_shell(self) -> bool:
+        """Whether the terminal's foreground process group is led by a shell (the user is at
+        a prompt, not in a program such as top)."""
+        if self._status is not None or self.master_fd < 0:
+            return False
+        try:
+            leader = os.tcgetpgrp(self.master_fd)
+            with open(f"/proc/{leader}/comm", encoding="utf-8", errors="replace") as comm:
+                name = comm.read().strip()
+        except OSError:
+            return False
+        return name.lstrip("-") in SHELLS
 
     def send_signal(self, sig: int) -> None:
         """Signal the command's process group."""

@@ -40,7 +40,14 @@ from typing import Protocol
 
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.recording import Recorder
-from upterm.termstate import MAX_LINE, SANE_MODES, TerminalState, line_redrawable, strip_spans
+from upterm.termstate import (
+    MAX_LINE,
+    SANE_MODES,
+    TerminalState,
+    addresses_cursor,
+    line_redrawable,
+    strip_spans,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,8 @@ class Session:
         self._dropped: dict[str, int] = {}
         #: Viewers whose title shows a waiting notice (their own title pushed).
         self._titled: set[str] = set()
+        #: Whether the normal screen's last output addressed the cursor (see _show).
+        self._addressed = False
         #: Viewers told their terminal is smaller than the shared one.
         self._told_small: set[str] = set()
         #: Said to joiners after their terminal is given back when the session ends.
@@ -447,6 +456,8 @@ class Session:
         term = self.screen
         if term.alternate or not term.region_whole(self._size[1]):
             return False
+        if self._addressed and not (self._proc is not None and self._proc.foreground_is_shell()):
+            return False  # a program draws on the normal screen (top); a shell's prompt is fine
         cols = self._size[0]
         size = self._sizes.get(viewer_id) or self._unsized.get(viewer_id)
         if size is not None:
@@ -527,6 +538,14 @@ class Session:
         elif len(line) < MAX_LINE:
             line += data[: MAX_LINE - len(line)]
 
+    def _note_addressing(self, normal: bytes, addressed: bool) -> None:
+        """A program drawing with cursor addressing on the normal screen (top) holds notices
+        until plain lines come again (a shell's prompt after it exits)."""
+        if addressed:
+            self._addressed = True
+        elif b"\n" in normal:
+            self._addressed = False
+
     def _show(self, data: bytes) -> None:
         """Show a read of output to every viewer (queries to one) and keep it for newcomers."""
         term = self.screen
@@ -548,6 +567,8 @@ class Session:
             pos = 0
             for start, end, on in switches:
                 self._log(screen, shown[pos:start])
+                if screen == 0:
+                    self._note_addressing(shown[pos:start], addresses_cursor(shown[pos:start]))
                 screen = 1 if on else 0
                 if on:  # a new alternate screen: nothing before it is on it
                     self._logs[1].clear()
@@ -555,8 +576,12 @@ class Session:
                     self._trimmed[1] = False
                 pos = end
             self._log(screen, shown[pos:])
+            if screen == 0:
+                self._note_addressing(shown[pos:], addresses_cursor(shown[pos:]))
         else:
             self._log(1 if term.alternate else 0, shown)
+            if not term.alternate:
+                self._note_addressing(shown, term.addressed)
         # Whether some viewer can take more now (then the PTY need not wait): the same test
         # as _must_wait, made here from the backlogs this loop reads anyway.
         ready = False

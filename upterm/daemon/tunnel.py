@@ -111,6 +111,7 @@ class _RelayClient(asyncssh.SSHClient):
         blob = bytes(key.public_data)
         if blob in self.trust.ca_keys():
             self.trust.accepted = blob
+            self.trust.accepted_as_authority = True
             return True
         return False
 
@@ -419,7 +420,11 @@ class Tunnel:
 
     async def _redial(self) -> bool:
         assert self.registered is not None
-        pinned = RelayTrust(name=self.trust.name, pinned=self.relay_key_blob)
+        pinned = RelayTrust(
+            name=self.trust.name,
+            pinned=self.relay_key_blob,
+            pinned_authority=self.trust.accepted_as_authority,
+        )
         conn: asyncssh.SSHClientConnection | None = None
         try:
             conn = await self._dial(pinned, redial=True)

@@ -592,3 +592,28 @@ def test_ctrl_c_or_a_closed_terminal_at_the_accept_prompt_discards_the_session(
     again.expect(b"Accept connections? [y/n]")
     again.close()
     wait_for(lambda: listed() == [], what="the unaccepted session to go")
+
+
+def test_session_names_and_ids_complete_in_bash_zsh_and_fish(user_env: UserEnv) -> None:
+    info = host_detached(user_env, "web.9")
+
+    def complete(shell: str, words: str, cword: int | str) -> str:
+        env = {
+            **user_env.env,
+            "_UPTERM_COMPLETE": f"{shell}_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+        }
+        out = subprocess.run(["upterm"], env=env, capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "plain,web.9" in complete("bash", "upterm session attach we", 3).splitlines()
+    sid = info["sessionId"]
+    assert f"plain,{sid}" in complete("bash", f"upterm session stop {sid[:4]}", 3).splitlines()
+    assert "web.9" in complete("zsh", "upterm session kick w", 3).splitlines()
+    # fish passes the word being completed itself, not its index.
+    assert any(
+        line.startswith("plain,web.9")
+        for line in complete("fish", "upterm se i w", "w").splitlines()
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from click.shell_completion import get_completion_class
+from click.shell_completion import CompletionItem, get_completion_class
 
 from upterm import __version__, adminproto, config, wire
 from upterm.ctl import identities, keysources, render
@@ -66,6 +66,36 @@ def collect_key_sources(
     sources = [keysources.from_file(name) for name in files]
     sources += [keysources.from_forge(forge, user) for forge, user in wanted]
     return sources
+
+
+def complete_sessions(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion (bash, zsh, fish) of session names and ids, from the running daemon;
+    nothing at all without one (completion never starts a daemon)."""
+
+    async def listed() -> list[dict[str, Any]]:
+        try:
+            client = await connect_daemon(autostart=False)
+        except DaemonUnavailable:
+            return []
+        try:
+            await _handshake(client)
+            sessions: list[dict[str, Any]] = (await client.request("list"))["sessions"]
+            return sessions
+        finally:
+            await client.aclose()
+
+    try:
+        sessions = asyncio.run(asyncio.wait_for(listed(), 2))
+    except (UptermError, OSError, TimeoutError):
+        return []
+    items: list[CompletionItem] = []
+    for info in sessions:
+        for value in (info.get("name"), info.get("sessionId")):
+            if value and str(value).startswith(incomplete):
+                items.append(CompletionItem(str(value), help=str(info.get("command", ""))))
+    return items
 
 
 def parse_duration(text: str) -> float:
@@ -788,7 +818,7 @@ async def _list(output: str) -> int:
 
 
 @session.command("info")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 @output_option
 def session_info(session_key: str, output: str) -> None:
     """Show one session (alias: i).
@@ -807,7 +837,7 @@ def session_info(session_key: str, output: str) -> None:
 
 
 @session.command("attach")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 def session_attach(session_key: str) -> None:
     """Attach this terminal to a running session (~. detaches again).
 
@@ -846,7 +876,7 @@ def _refuse_attaching_itself(info: dict[str, Any]) -> None:
 
 
 @session.command("stop")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 def session_stop(session_key: str) -> None:
     """End a session: its command gets SIGHUP, joiners are disconnected.
 
@@ -863,7 +893,7 @@ def session_stop(session_key: str) -> None:
 
 
 @session.command("wait")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 @click.option("--timeout", default=None, help="Give up after this long (90s, 30m, 2h).")
 def session_wait(session_key: str, timeout: str | None) -> None:
     """Block until the last joiner leaves (after at least one joined), or the session ends.
@@ -909,7 +939,9 @@ def _client_command(action: str, doc: str) -> None:
     command = click.argument(
         "client", metavar="CLIENT" if needs_client else "[CLIENT]", required=needs_client
     )(command)
-    command = click.argument("session_key", metavar="ID|NAME")(command)
+    command = click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)(
+        command
+    )
     session.command(action, help=doc)(command)
 
 
@@ -927,7 +959,7 @@ for _action, _doc in {
 
 
 @session.command("invite")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 @click.option(
     "--for",
     "for_source",
@@ -986,7 +1018,7 @@ def session_invite(
 
 
 @session.command("revoke")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 @click.argument("code")
 def session_revoke(session_key: str, code: str) -> None:
     """Make an invite's join line stop working.
@@ -1004,7 +1036,7 @@ def session_revoke(session_key: str, code: str) -> None:
 
 
 @session.command("ssh-config")
-@click.argument("session_key", metavar="ID|NAME")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
 def session_ssh_config(session_key: str) -> None:
     """Print an OpenSSH config stanza for joiners (editor remote plugins use it).
 

@@ -58,3 +58,15 @@ def test_terminal_state_bench_quick_run_prints_each_kind_of_output() -> None:
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[1:]}
     assert set(rows) == {"plain", "coloured", "editor", "monitor"}
     assert all(float(value) >= 0 for values in rows.values() for value in values)
+
+
+def test_prompt_bench_quick_run_prints_its_figures() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.prompt", "--runs", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "prompt, in a session" in out.stdout and "full client" in out.stdout

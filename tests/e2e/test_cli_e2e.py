@@ -156,6 +156,9 @@ def test_names_templates_and_quiet_prompt_helper(user_env: UserEnv) -> None:
         timeout=20,
     )
     assert (out.returncode, out.stdout) == (0, "[web.1 0] ")
+    # The same answer through the full client (the prompt's fast path must agree with it).
+    full = headless(user_env, "session", "info", "web.1", "-o", "template=[{name} {clientCount}] ")
+    assert full.stdout == out.stdout
     # Outside any session, for PS1: nothing at all, status 0.
     quiet = headless(user_env, "session", "current", "-q", "-o", "template={name}")
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")

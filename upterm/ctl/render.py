@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-import string
 from typing import Any
 from urllib.parse import urlsplit
+
+from upterm.ctl.template import render_template
+
+__all__ = ["render_template"]
 
 LABEL_WIDTH = 20
 
@@ -92,29 +95,6 @@ def session_table(sessions: list[dict[str, Any]], current: str | None) -> str:
 def as_json(value: Any) -> str:
     """Pretty JSON (two-space indent, as upstream)."""
     return json.dumps(value, indent=2, sort_keys=False)
-
-
-def render_template(template: str, info: dict[str, Any]) -> str:
-    """Fill ``{field}`` placeholders (``{{`` for a brace) from a session's JSON fields.
-
-    Only plain field names are allowed, so a template cannot reach into Python objects.
-    """
-    formatter = string.Formatter()
-    out = []
-    for literal, field_name, spec, conversion in formatter.parse(template):
-        out.append(literal)
-        if field_name is None:
-            continue
-        if field_name not in info:
-            known = ", ".join(sorted(info))
-            raise ValueError(f"unknown field {{{field_name}}} in the template; fields: {known}")
-        value = info[field_name]
-        if conversion:
-            value = formatter.convert_field(value, conversion)
-        if isinstance(value, bool | list | dict) and not spec:
-            value = json.dumps(value)  # as -o json prints it: true, not True
-        out.append(format("" if value is None else value, spec or ""))
-    return "".join(out)
 
 
 def ssh_config(info: dict[str, Any]) -> str:

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Set-up shared by scripts/try.sh and scripts/test.sh, for a fresh Debian 12 machine with
-# only Python 3.11: the Debian packages upterm and its tests use, then a venv in .venv with
-# upterm installed (editable) and its test and lint tools. Safe to run again: it only adds
-# what is missing.
+# only Python 3.11. Without arguments (try.sh): what running upterm needs, the OpenSSH
+# client and a venv in .venv with upterm installed (editable). With --dev (test.sh): also
+# the Debian packages the tests use and the test and lint tools. Safe to run again: it only
+# adds what is missing, and says what it does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dev=""
+[ "${1:-}" = "--dev" ] && dev=1
+say() { echo "setup: $*" >&2; }
 
 missing=()
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ -n "$dev" ]; then
 command -v tmux >/dev/null || missing+=(tmux)
 # systemd-analyze and systemd-socket-activate, for the unit tests (not a running systemd).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
-python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # Full-screen programs the shared-screen tests run: vim, less, top, htop.
 command -v vim >/dev/null || missing+=(vim)
 command -v less >/dev/null || missing+=(less)
@@ -23,6 +28,7 @@ command -v dbclient >/dev/null || missing+=(dropbear-bin)
 command -v plink >/dev/null || missing+=(putty-tools)
 # The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+fi
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -42,11 +48,19 @@ if ((${#missing[@]})); then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+  say "creating the virtual environment in .venv"
   python3 -m venv .venv
 fi
-stamp=.venv/.upterm-installed
+stamp=.venv/.upterm-installed${dev:+-dev}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "upgrading pip"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  if [ -n "$dev" ]; then
+    say "installing upterm with its test and lint tools into .venv (a minute or two)"
+    .venv/bin/python -m pip install -q -e '.[dev]'
+  else
+    say "installing upterm into .venv"
+    .venv/bin/python -m pip install -q -e .
+  fi
   touch "$stamp"
 fi

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k e2e
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --dev
 .venv/bin/ruff check upterm tests bench
 .venv/bin/ruff format --check upterm tests bench
 .venv/bin/mypy

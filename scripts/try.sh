@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/upterm host "$@"
+# The shared shell (and you, for 'upterm session ...') find upterm in .venv/bin.
+export PATH="$PWD/.venv/bin:$PATH"
+echo "setup: upterm is $PWD/.venv/bin/upterm; in other shells: export PATH=\"$PWD/.venv/bin:\$PATH\"" >&2
+exec upterm host "$@"

@@ -179,6 +179,8 @@ async def test_joiner_key_not_authorized_is_refused_with_the_reason(host: Host) 
     host.policy.authorized = frozenset({Ed25519Key.generate().public.blob})
     async with await connect_as(host, host.relay_key) as conn:  # type: ignore[attr-defined]
         told = await refusal(conn)
+        # Then the host closes the connection: a refused joiner keeps nothing open.
+        await asyncio.wait_for(conn.wait_closed(), 5)
     assert "is not allowed in this session; ask the host to authorize it" in told
     assert host.joined == [] and len(host.policy.refusals) == 1
 

@@ -465,6 +465,10 @@ class _RefusedSession(asyncssh.SSHServerSession[bytes]):
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(f"upterm: {self._reason}.\r\n".encode())
                 self._chan.exit(1)
+            # The connection goes too, once the reason had time to arrive: a refused joiner
+            # must not keep an authenticated connection open (or open channel after channel).
+            conn = self._chan.get_extra_info("connection")
+            asyncio.get_running_loop().call_later(KICK_CLOSE_DELAY_S, conn.close)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         return  # a refused joiner's keys go nowhere

@@ -567,8 +567,10 @@ def test_screens_queries_nobody_can_answer(user_env: UserEnv, tmp_path: Path) ->
     """Host detached, only a viewer: the session answers device attributes and status
     itself, once each."""
     go = tmp_path / "go"
+    # Echo off throughout: the session answers at once, possibly before `read -s` would
+    # have turned echo off, and the tty would echo the answer.
     script = (
-        f"while [ ! -e {go} ]; do sleep 0.1; done; "
+        f"stty -echo; while [ ! -e {go} ]; do sleep 0.1; done; "
         "printf '\\033[c'; read -rs -d c -t 3 da; "
         "printf '\\033[5n'; read -rs -d n -t 3 st; "
         "read -rs -t 1 extra; "

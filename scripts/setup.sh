@@ -28,6 +28,10 @@ command -v dbclient >/dev/null || missing+=(dropbear-bin)
 command -v plink >/dev/null || missing+=(putty-tools)
 # The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+# To build OpenSSH 10's client for the joiner matrix (scripts/openssh10.sh).
+for pkg in gcc make curl libssl-dev zlib1g-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
 fi
 if ((${#missing[@]})); then
   sudo=""
@@ -63,4 +67,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e .
   fi
   touch "$stamp"
+fi
+
+if [ -n "$dev" ] && [ ! -x .cache/openssh-10.0p1/ssh ]; then
+  scripts/openssh10.sh >/dev/null
 fi

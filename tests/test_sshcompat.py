@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.constants import MSG_EXT_INFO
 
 from upterm import sshcompat
 
@@ -266,3 +268,153 @@ def test_a_key_exchange_guess_is_right_only_if_both_first_choices_agree() -> Non
         _kexinit(b"curve25519-sha256", b"rsa-sha2-512", False), ours
     )
     assert not sshcompat.wrong_kex_guess(b"\x14short", ours)
+
+
+class _PreferringServer(asyncssh.SSHServer):
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        sshcompat.prefer_host_key(conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+_KEYS = [asyncssh.generate_private_key(alg) for alg in ("ssh-ed25519", "ecdsa-sha2-nistp256")]
+_KEYS.append(asyncssh.generate_private_key("ssh-rsa", key_size=2048))
+
+
+async def _preferring_server() -> tuple[asyncssh.SSHAcceptor, int]:
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=_PreferringServer,
+        server_host_keys=_KEYS,
+        # Our order would not matter: SSH lets the client's order pick.
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("client_algs", "expected"),
+    [
+        # Go's order (ECDSA before ed25519): ed25519 all the same.
+        (["ecdsa-sha2-nistp256", "rsa-sha2-512", "ssh-ed25519"], "ssh-ed25519"),
+        (["rsa-sha2-256", "ssh-ed25519"], "ssh-ed25519"),
+        # Clients without ed25519 get what they take.
+        (["ecdsa-sha2-nistp256"], "ecdsa-sha2-nistp256"),
+        (["rsa-sha2-512", "rsa-sha2-256"], "ssh-rsa"),
+    ],
+)
+async def test_the_ed25519_host_key_is_used_whenever_the_client_takes_it(
+    client_algs: list[str], expected: str
+) -> None:
+    server, port = await _preferring_server()
+    seen: list[str] = []
+
+    class Client(asyncssh.SSHClient):
+        def validate_host_public_key(
+            self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+        ) -> bool:
+            seen.append(key.get_algorithm())
+            return True
+
+    conn = await asyncssh.connect(
+        "127.0.0.1",
+        port,
+        client_factory=Client,
+        username="u",
+        known_hosts=([], [], []),
+        agent_path=None,
+        config=None,
+        server_host_key_algs=client_algs,
+    )
+    conn.close()
+    assert seen == [expected]
+    server.close()
+
+
+async def test_a_client_that_waits_for_the_servers_kexinit_still_gets_it() -> None:
+    """The server holds its KEXINIT for the client's; a client that sends none first gets
+    the server's after the hold, with every host key offered."""
+    server, port = await _preferring_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"SSH-2.0-Patient_1.0\r\n")
+    await writer.drain()
+    version = await reader.readline()
+    assert version.startswith(b"SSH-2.0-")
+    start = asyncio.get_running_loop().time()
+    header = await asyncio.wait_for(reader.readexactly(6), 5)
+    waited = asyncio.get_running_loop().time() - start
+    length, padding, msg = int.from_bytes(header[:4], "big"), header[4], header[5]
+    body = await reader.readexactly(length - 2)
+    assert msg == 20  # KEXINIT
+    assert sshcompat.KEXINIT_HOLD_S * 0.8 <= waited < sshcompat.KEXINIT_HOLD_S + 2
+    host_keys = sshcompat._name_lists(bytes([msg]) + body[: len(body) - padding])[1]
+    assert set(host_keys.split(b",")) >= {b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"rsa-sha2-256"}
+    writer.close()
+    server.close()
+
+
+class _PingServer(asyncssh.SSHServer):
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        sshcompat.answer_pings(conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+
+async def test_pings_are_answered_with_their_data_within_bounds() -> None:
+    """OpenSSH's ping@openssh.com: advertised, answered in order with the same data; a ping
+    too large to echo, or one while replies pile up unread, gets no pong (never memory)."""
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=_PingServer,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+    )
+    port = server.sockets[0].getsockname()[1]
+    pongs: asyncio.Queue[bytes] = asyncio.Queue()
+    advertised: list[bytes] = []
+
+    def on_pong(self: Any, pkttype: int, pktid: int, packet: Any) -> bool:
+        pongs.put_nowait(packet.get_string())
+        return True
+
+    class Client(asyncssh.SSHClient):
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            table = dict(type(conn)._packet_handlers)  # type: ignore[attr-defined]
+            ext_info = table[MSG_EXT_INFO]
+
+            def on_ext_info(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+                raw = packet.get_remaining_payload()
+                count, rest = int.from_bytes(raw[:4], "big"), raw[4:]
+                for _ in range(count):
+                    name, rest = sshcompat._read_string(rest)
+                    _, rest = sshcompat._read_string(rest)
+                    advertised.append(name)
+                return ext_info(self, pkttype, pktid, packet)
+
+            table[MSG_EXT_INFO] = on_ext_info
+            table[sshcompat.MSG_PONG] = on_pong
+            conn._packet_handlers = table  # type: ignore[attr-defined]
+
+    conn = await asyncssh.connect(
+        "127.0.0.1",
+        port,
+        client_factory=Client,
+        username="u",
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    )
+    assert b"ping@openssh.com" in advertised
+    client: Any = conn
+    ping = lambda data: client.send_packet(sshcompat.MSG_PING, len(data).to_bytes(4, "big") + data)  # noqa: E731
+    ping(b"PING!")
+    ping(b"")
+    assert await asyncio.wait_for(pongs.get(), 5) == b"PING!"
+    assert await asyncio.wait_for(pongs.get(), 5) == b""
+    ping(b"x" * (sshcompat.PING_REPLY_MAX_BYTES + 1))
+    ping(b"after")
+    assert await asyncio.wait_for(pongs.get(), 5) == b"after"
+    conn.close()
+    server.close()

@@ -11,6 +11,7 @@ See ``shared/reference/asyncssh-notes.md`` for why each mechanism is shaped as i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import contextlib
@@ -282,6 +283,32 @@ def decide_on_signed_requests(conn: asyncssh.SSHServerConnection) -> None:
 
 
 _LIMIT_ATTR = "_upterm_global_request_limit"
+_PING_ATTR = "_upterm_answers_pings"
+#: OpenSSH's transport-level ping (PROTOCOL 1.9), used for keystroke-timing chaff.
+MSG_PING, MSG_PONG = 192, 193
+#: Pings answered only with at most this much data, and while at most this much waits to
+#: be sent to the peer.
+PING_REPLY_MAX_BYTES = 1024
+PING_REPLY_BUFFER_BYTES = 64 * 1024
+
+
+def _ssh_string(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def answer_pings(conn: asyncssh.SSHServerConnection) -> None:
+    """Advertise and answer OpenSSH's ``ping@openssh.com`` transport pings.
+
+    OpenSSH 9.5 and later hide the timing of keystrokes behind chaff (pings sent at a steady
+    rate while typing), but only to servers that advertise the extension; without it, a
+    joiner's keystrokes are timed by anyone who sees the packets. The advertisement rides
+    in EXT_INFO after the first key exchange.
+    """
+    setattr(conn, _PING_ATTR, True)
+    conn._extensions_to_send[b"ping@openssh.com"] = b"0"
+    conn._packet_handlers = _handlers(type(conn))
+
+
 _patched_handlers: dict[type, dict[int, Any]] = {}
 
 
@@ -306,6 +333,9 @@ def _handlers(cls: type) -> dict[int, Any]:
         return global_request(self, pkttype, pktid, packet)
 
     def judging_guesses(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+        held = getattr(self, _PREFER_ATTR, None)
+        if held is not None and held.waiting:
+            held.answer(self, bytes(packet._packet))
         result = kexinit(self, pkttype, pktid, packet)
         if not self.is_server():
             return result
@@ -323,10 +353,108 @@ def _handlers(cls: type) -> dict[int, Any]:
 
         return judged()
 
+    def ping(self: Any, pkttype: int, pktid: int, packet: Any) -> bool:
+        if not getattr(self, _PING_ATTR, False):
+            return False  # not advertised: "unimplemented", as before
+        data = packet.get_string()
+        packet.check_end()
+        transport = self._transport
+        # Replies are owed, but never at the cost of memory: a peer that pings without
+        # reading the pongs, or with large data, gets none (OpenSSH's chaff is a few bytes,
+        # and its client ignores pongs).
+        if (
+            len(data) <= PING_REPLY_MAX_BYTES
+            and transport is not None
+            and transport.get_write_buffer_size() <= PING_REPLY_BUFFER_BYTES
+        ):
+            self.send_packet(MSG_PONG, _ssh_string(data))
+        return True
+
+    def pong(self: Any, pkttype: int, pktid: int, packet: Any) -> bool:
+        return bool(getattr(self, _PING_ATTR, False))
+
     table[MSG_GLOBAL_REQUEST] = bounded
     table[MSG_KEXINIT] = judging_guesses
+    table[MSG_PING] = ping
+    table[MSG_PONG] = pong
     _patched_handlers[cls] = table
     return table
+
+
+#: How long a server holds its KEXINIT for the client's (see :func:`prefer_host_key`).
+#: Clients send theirs right after the version line; one that waits for ours still gets
+#: it, this much later.
+KEXINIT_HOLD_S = 1.0
+_PREFER_ATTR = "_upterm_host_key_preference"
+
+
+class _HeldKexinit:
+    """A server's first KEXINIT, held until the client's says which host keys it takes."""
+
+    def __init__(self, conn: Any, preferred: tuple[bytes, ...]) -> None:
+        self.preferred = preferred
+        self.waiting = False
+        self._send = conn._send_kexinit
+        self._timer: Any = None
+
+    def hold(self, conn: Any) -> None:
+        if conn._session_id or self._timer is not None:
+            self._send()  # a later key exchange: the first one settled the list
+            return
+        self.waiting = True
+        self._timer = asyncio.get_running_loop().call_later(KEXINIT_HOLD_S, self.give_up, conn)
+
+    def give_up(self, conn: Any) -> None:
+        if self.waiting and not is_closed(conn):
+            self.waiting = False
+            self._send()
+
+    def answer(self, conn: Any, client_kexinit: bytes) -> None:
+        self.waiting = False
+        self._timer.cancel()
+        try:
+            offered = _name_lists(client_kexinit)[1].split(b",")
+        except ValueError:
+            offered = []
+        ours = [alg for alg in conn._server_host_key_algs if alg in self.preferred]
+        if ours and any(alg in offered for alg in ours):
+            # The list goes in our KEXINIT; the table (shared, so replaced) picks the key.
+            conn._server_host_key_algs = ours
+            conn._server_host_keys = {alg: conn._server_host_keys[alg] for alg in ours}
+        self._send()
+
+
+#: The session's and the relay's own key: what both hops prefer.
+ED25519_HOST_KEY_ALGS = (b"ssh-ed25519-cert-v01@openssh.com", b"ssh-ed25519")
+
+
+def prefer_host_key(
+    conn: asyncssh.SSHServerConnection, algorithms: tuple[bytes, ...] = ED25519_HOST_KEY_ALGS
+) -> None:
+    """Use a host key of ``algorithms`` with every client that supports one.
+
+    In SSH the *client's* order picks the host key, so a server offering several keys
+    cannot prefer one. Ours must: the session's ed25519 key is the one the end-to-end line
+    pins and the one the relay registered (Go's client lists ECDSA first, and upstream's
+    relay refuses any key it did not register). So the server's first KEXINIT waits for the
+    client's (at most :data:`KEXINIT_HOLD_S`) and offers only ``algorithms`` when the client
+    takes one, every key otherwise (clients limited to RSA or ECDSA). Clients send their
+    KEXINIT without waiting for ours, so this adds no round trip.
+    """
+    held = _HeldKexinit(conn, algorithms)
+    setattr(conn, _PREFER_ATTR, held)
+    conn._send_kexinit = lambda: held.hold(conn)  # type: ignore[method-assign]
+    conn._packet_handlers = _handlers(type(conn))
+
+
+def _name_lists(kexinit: bytes) -> list[bytes]:
+    """A KEXINIT's ten name-lists (after the message type and cookie)."""
+    rest = kexinit[17:]
+    lists = []
+    for _ in range(10):
+        names, rest = _read_string(rest)
+        lists.append(names)
+    return lists
 
 
 def _first_choices(kexinit: bytes) -> tuple[bytes, bytes, bool]:

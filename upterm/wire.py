@@ -61,6 +61,12 @@ BANNER_UNKNOWN_INVITE = (
     "upterm: this invite is not valid for session {session_id} (revoked, expired or never "
     "made); ask the host for a new join line\n"
 )
+#: Ours: a joiner key that the session's authorized keys do not list (said once per
+#: connection, at the first such key: OpenSSH goes on to try the others it has).
+BANNER_KEY_NOT_ALLOWED = (
+    "upterm: session {session_id} does not let in key {fingerprint}; only keys the host "
+    "authorized may join (ssh -i the key they allowed)\n"
+)
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_AUTH_FAILED = "ssh: unable to authenticate with the upstream"
 UPSTREAM_HOST_KEY_MISMATCH = "ssh: host key mismatch"

@@ -221,3 +221,48 @@ def test_rsa_keys_sign_with_sha2_and_sha1_is_not_offered(user_env: UserEnv, tmp_
     )
     shared_shell_works(sha2, "rsa-sha2")
     sha2.close()
+
+
+@pytest.mark.parametrize(
+    ("algorithms", "host_key_type"),
+    [
+        ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256"),
+        ("rsa-sha2-512", "ssh-rsa"),
+        ("rsa-sha2-256", "ssh-rsa"),
+        # Go's order, ECDSA first: ed25519 is used all the same (the key the line pins).
+        ("ecdsa-sha2-nistp256,ssh-ed25519", "ssh-ed25519"),
+    ],
+)
+def test_clients_limited_to_one_host_key_type_join_in_both_modes(
+    user_env: UserEnv, joiner_key: Path, tmp_path: Path, algorithms: str, host_key_type: str
+) -> None:
+    """FIPS-mode OpenSSH and old libraries take only RSA or ECDSA host keys: both hops offer
+    those too, the relay's kept in its state directory, the session's pinned by the
+    end-to-end stanza of `upterm session ssh-config`. Every key is checked strictly."""
+    from tests.e2e.test_cli_e2e import headless
+
+    info = detached(user_env, "fips")
+    port = relay_port(info)
+    state = Path(user_env.env["XDG_STATE_HOME"]) / "upterm" / "relay"
+    known = tmp_path / "known_hosts"
+    relay_key = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(host_key_type, "ecdsa")
+    known.write_text(f"[127.0.0.1]:{port} {(state / f'ssh_host_{relay_key}_key.pub').read_text()}")
+    stanza = headless(user_env, "session", "ssh-config", "fips").stdout
+    assert len(info["hostKeys"]) == 3 and "Host fips-e2e\n" in stanza
+    config = tmp_path / "ssh_config"
+    # Host * comes last: the stanza's settings win, these fill in (for the jump too).
+    config.write_text(
+        stanza + f"\nHost *\n  IdentityFile {joiner_key}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n"
+        f"  HostKeyAlgorithms {algorithms}\n"
+    )
+    for alias in ("fips", "fips-e2e"):
+        joiner = PtyClient(["ssh", "-F", str(config), "-v", alias], user_env.env)
+        shared_shell_works(joiner, alias.replace("-", ""))
+        joiner.close()
+        used = {
+            line.split(b"Server host key: ")[1].split()[0].decode()
+            for line in joiner.seen.splitlines()
+            if b"Server host key: " in line
+        }
+        assert used == {host_key_type}, (alias, used)

@@ -100,8 +100,13 @@ def test_authorized_keys_refuse_wrong_key(
     assert known.read_text().startswith(f"[127.0.0.1]:{relay.port} ssh-ed25519 ")
 
     joiner_pane = tmux.split()
-    tmux.send(joiner_pane, ssh_join_command(join_line, bad) + " -o BatchMode=yes")
-    tmux.wait_text(joiner_pane, "Permission denied (publickey)")
+    # LogLevel INFO (set first, so it wins): OpenSSH shows the relay's banner, as it does
+    # by default.
+    tmux.send(
+        joiner_pane, ssh_join_command(join_line + " -o LogLevel=INFO", bad) + " -o BatchMode=yes"
+    )
+    refused = tmux.wait_text(joiner_pane, "Permission denied (publickey)")
+    assert "does not let in key SHA256:" in refused and "only keys the host authorized" in refused
 
     tmux.send(joiner_pane, "clear; " + ssh_join_command(join_line, good) + "; echo joiner-rc=$?")
     tmux.wait_text(joiner_pane, "$ ")

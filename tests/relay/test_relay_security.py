@@ -147,6 +147,11 @@ async def test_relay_refuses_keys_the_host_did_not_authorize(relay, tmp_path) ->
     tunnel, session, reg = await host_session(relay, tmp_path, [good_pub])
     rc, _, err = await ssh_join(relay.port, reg.token, bad, b"")
     assert rc == 255 and b"Permission denied (publickey)" in err
+    # The joiner is told why, naming the key it tried, once.
+    bad_fp = wire.parse_public_key_line((tmp_path / "bad.pub").read_text())
+    assert bad_fp is not None
+    said = f"upterm: session {reg.session_id} does not let in key {bad_fp.fingerprint};"
+    assert err.count(said.encode()) == 1, err
     rc, out, _ = await ssh_join(relay.port, reg.token, good, b"echo in-$((2+3))\r", b"in-5")
     assert b"in-5" in out
     session.hangup()

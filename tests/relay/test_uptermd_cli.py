@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 
 from tests.conftest import VENV_BIN, UserEnv, start_relay
 
@@ -13,9 +14,9 @@ def banner(port: int) -> bytes:
         return s.makefile("rb").readline()
 
 
-def host_key_line(port: int) -> str:
+def host_key_line(port: int, kind: str = "ed25519") -> str:
     out = subprocess.run(
-        ["ssh-keyscan", "-t", "ed25519", "-p", str(port), "127.0.0.1"],
+        ["ssh-keyscan", "-t", kind, "-p", str(port), "127.0.0.1"],
         capture_output=True,
         text=True,
         timeout=10,
@@ -28,16 +29,20 @@ def test_banner_and_host_key_persist_across_restarts(user_env: UserEnv) -> None:
     first = start_relay(user_env)
     try:
         assert banner(first.port) == b"SSH-2.0-uptermd-0.1.0\r\n"
-        key1 = host_key_line(first.port)
+        # ssh-keyscan asks for one type per connection: each is served.
+        keys = {kind: host_key_line(first.port, kind) for kind in ("ed25519", "ecdsa", "rsa")}
     finally:
         first.proc.terminate()
         first.proc.wait(5)
-    key_file = first.state_dir / "ssh_host_ed25519_key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
-    assert (first.state_dir / "ssh_host_ed25519_key.pub").read_text().strip() == key1
+    assert keys["ecdsa"].startswith("ecdsa-sha2-nistp256 ") and keys["rsa"].startswith("ssh-rsa ")
+    for kind, line in keys.items():
+        key_file = first.state_dir / f"ssh_host_{kind}_key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.with_suffix(".pub").read_text().strip() == line
     second = start_relay(user_env, first.state_dir)
     try:
-        assert host_key_line(second.port) == key1
+        for kind, line in keys.items():
+            assert host_key_line(second.port, kind) == line
     finally:
         second.proc.terminate()
         second.proc.wait(5)
@@ -64,3 +69,37 @@ def test_port_in_use_is_one_line(user_env: UserEnv) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith(f"uptermd: cannot listen on 127.0.0.1:{port}: ")
     assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_private_key_files_need_one_ed25519_key_and_one_of_each_type(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    """`--private-key` is repeatable (a node set shares its keys); ed25519 is required, as it
+    signs the certificates hosts check, and two keys of one type are a mistake."""
+    for name, kind in (("rsa", "rsa"), ("rsa2", "rsa"), ("ed", "ed25519")):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(tmp_path / name)], check=True
+        )
+    uptermd = str(VENV_BIN / "uptermd")
+    only_rsa = user_env.run(uptermd, "--private-key", str(tmp_path / "rsa"))
+    assert only_rsa.returncode != 0
+    assert only_rsa.stderr.count("\n") == 1 and "needs an ed25519 key" in only_rsa.stderr
+    twice = user_env.run(
+        uptermd, "--private-key", str(tmp_path / "rsa"), "--private-key", str(tmp_path / "rsa2")
+    )
+    assert twice.returncode != 0 and "second ssh-rsa key" in twice.stderr
+    both = start_relay(
+        user_env,
+        None,
+        "--private-key",
+        str(tmp_path / "ed"),
+        "--private-key",
+        str(tmp_path / "rsa"),
+    )
+    try:
+        kind, blob = (tmp_path / "rsa.pub").read_text().split()[:2]
+        assert host_key_line(both.port, "rsa") == f"{kind} {blob}"
+        assert host_key_line(both.port, "ed25519").split()[1] in (tmp_path / "ed.pub").read_text()
+    finally:
+        both.proc.terminate()
+        both.proc.wait(5)

@@ -98,19 +98,37 @@ def as_json(value: Any) -> str:
 
 
 def ssh_config(info: dict[str, Any]) -> str:
-    """An OpenSSH ``Host`` stanza for joining the session, plus the relay's known_hosts line."""
+    """OpenSSH ``Host`` stanzas for joining the session (through the relay, and end to end
+    with every host key pinned), plus the relay's known_hosts line."""
     parts = urlsplit(str(info.get("host", "")))
     host, port = parts.hostname or "", parts.port or 22
     alias = str(info.get("name") or info.get("sessionId"))
     known_name = host if port == 22 else f"[{host}]:{port}"
-    lines = [
-        f"# upterm session {info.get('sessionId')}",
-        f"Host {alias}",
-        f"    HostName {host}",
-        f"    Port {port}",
-        f"    User {info.get('sshUser')}",
-        "    RequestTTY yes",
-    ]
+    token = str(info.get("sshUser"))
+    lines = [f"# upterm session {info.get('sessionId')}"]
+    if not info.get("e2eOnly"):
+        lines += [
+            f"Host {alias}",
+            f"    HostName {host}",
+            f"    Port {port}",
+            f"    User {token}",
+            "    RequestTTY yes",
+        ]
+    host_keys = [str(k) for k in info.get("hostKeys") or [info.get("hostKey")] if k]
+    if host_keys:
+        jump_host = f"[{host}]" if ":" in host else host
+        # One known_hosts line per key type, so clients limited to ECDSA or RSA host keys
+        # pin too. printf repeats its format for each pair; %% is ssh_config's escape.
+        pins = " ".join(host_keys)
+        lines += [
+            "# End to end: the relay carries only ciphertext; the host's keys are pinned.",
+            f"Host {alias}-e2e",
+            "    HostName upterm",
+            f"    User {token}",
+            f"    ProxyJump {token}@{jump_host}" + ("" if port == 22 else f":{port}"),
+            f'    KnownHostsCommand /usr/bin/printf "upterm %%s %%s\\n" {pins}',
+            "    RequestTTY yes",
+        ]
     key = info.get("relayHostKey")
     if key:
         lines += [

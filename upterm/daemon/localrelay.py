@@ -33,7 +33,7 @@ import asyncssh
 
 from upterm import wire
 from upterm.errors import ConfigError, RelayUnreachable, UptermError
-from upterm.keys import Ed25519Key, load_or_create_host_key
+from upterm.keys import EXTRA_KEY_TYPES, Ed25519Key, load_or_create_host_key, load_or_create_key
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class LocalRelay:
         self._addr = addr
         self._dir = state_dir
         self._key_path = state_dir / HOST_KEY_NAME
+        self._extra_key_paths = {kind: state_dir / name for kind, name in EXTRA_KEY_TYPES.items()}
         self._pid_file = state_dir / PID_FILE_NAME
         self._log_path = state_dir / "uptermd.log"
         # Where ours last listened: restarts go back there, so redialling sessions find it.
@@ -184,6 +185,10 @@ class LocalRelay:
     async def _start(self) -> LocalRelayInfo:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = load_or_create_host_key(self._key_path)
+        # Beside it, ECDSA and RSA keys for joiners limited to those (RSA takes a moment).
+        await asyncio.to_thread(
+            lambda: [load_or_create_key(p, kind) for kind, p in self._extra_key_paths.items()]
+        )
         await self._stop_orphan()
         host, port = self._bound or _split_addr(self._addr)
         bound = await self._spawn(host, port)
@@ -231,6 +236,7 @@ class LocalRelay:
                 _join_addr(host, port),
                 "--private-key",
                 str(self._key_path),
+                *(arg for p in self._extra_key_paths.values() for arg in ("--private-key", str(p))),
                 "--addr-file",
                 str(addr_file),
                 # Every joiner of a loopback relay comes from this machine's loopback

@@ -166,6 +166,8 @@ class HostedSession:
             "e2eCommand": self.tunnel.url.e2e_join_command(reg.token, host_key),
             "hostKey": host_key,
             "hostKeyFingerprint": self.tunnel.session_key.fingerprint,
+            # The session key first, then the ECDSA and RSA keys for clients without ed25519.
+            "hostKeys": [k.authorized_key_line().decode().strip() for k in self.tunnel.host_keys],
             "e2eOnly": self.policy.e2e_only,
             "recording": self.options.record if self.options else None,
             "adminSocket": str(paths.session_socket_path(self.session_id)),

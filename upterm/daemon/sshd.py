@@ -308,6 +308,8 @@ class InnerServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         sshcompat.judge_kex_guesses(conn)  # Dropbear's dbclient guesses
+        sshcompat.prefer_host_key(conn)  # the session key, when the client takes ed25519
+        sshcompat.answer_pings(conn)  # OpenSSH's keystroke-timing chaff needs them
         sshcompat.decide_on_signed_requests(conn)
         sshcompat.refuse_sha1_signatures(conn)
         sshcompat.on_client_certificate(conn, self._check_certificate)

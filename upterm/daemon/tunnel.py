@@ -34,7 +34,7 @@ from upterm.errors import (
     RemoteProtocolError,
     UptermError,
 )
-from upterm.keys import Ed25519Key
+from upterm.keys import EXTRA_KEY_TYPES, Ed25519Key, KeyPair
 from upterm.text import printable
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,9 @@ class Tunnel:
         self.trust = trust
         self._key = session_key
         self._ssh_key = asyncssh.import_private_key(session_key.private_openssh())
+        #: The session's ECDSA and RSA keys, for joiners limited to those host key types.
+        self._extra_keys: list[KeyPair] = []
+        self._extra_ssh_keys: list[asyncssh.SSHKey] = []
         self._secret = secret
         self._generation = 0
         self._on_state = on_state
@@ -207,6 +210,11 @@ class Tunnel:
         return self._key.public
 
     @property
+    def host_keys(self) -> list[wire.PublicKey]:
+        """Every host key the inner server presents: the session key first."""
+        return [self.session_key, *(k.public for k in self._extra_keys)]
+
+    @property
     def relay_key_blob(self) -> bytes:
         """The relay key accepted on connect: the only signer of guest certificates we trust."""
         assert self.trust.accepted is not None
@@ -220,9 +228,17 @@ class Tunnel:
     async def connect(self, authorized: list[wire.PublicKey]) -> Registered:
         """Connect for the first time and register the session; return its identity."""
         self._authorized = authorized
+        # RSA key generation takes a fifth of a second: done while the relay answers.
+        extras = asyncio.ensure_future(
+            asyncio.to_thread(lambda: [KeyPair.generate(kind) for kind in EXTRA_KEY_TYPES])
+        )
         conn = await self._dial(self.trust, redial=False)
         try:
             self.registered = await self._register(conn)
+            self._extra_keys = await extras
+            self._extra_ssh_keys = [
+                asyncssh.import_private_key(k.private_openssh()) for k in self._extra_keys
+            ]
         except BaseException:
             conn.close()
             raise
@@ -369,7 +385,7 @@ class Tunnel:
             self._acceptor = await asyncssh.listen(
                 tunnel=_StreamForwardTunnel(conn, sid),
                 server_factory=lambda: InnerServer(policy),
-                server_host_keys=[self._ssh_key],
+                server_host_keys=[self._ssh_key, *self._extra_ssh_keys],
                 server_version=wire.HOST_SERVER_VERSION[len("SSH-2.0-") :],
                 signature_algs=sshcompat.signature_algs(),
                 encoding=None,

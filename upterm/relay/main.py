@@ -14,10 +14,19 @@ import sys
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from upterm import __version__, log, wire
 from upterm.errors import ConfigError, UptermError
-from upterm.keys import load_or_create_host_key, load_private_key_bytes
+from upterm.keys import (
+    EXTRA_KEY_TYPES,
+    Ed25519Key,
+    KeyPair,
+    PrivateHostKey,
+    load_any_private_key,
+    load_or_create_host_key,
+    load_or_create_key,
+)
 from upterm.relay.gate import GateConfig, parse_networks
 from upterm.relay.guard import RelayLimits
 from upterm.relay.metrics import LoopLagMonitor, serve_http
@@ -68,15 +77,38 @@ def parse_size(text: str, flag: str) -> float:
 
 
 def load_identity(state_dir: Path, private_keys: tuple[str, ...]) -> RelayIdentity:
-    """The first ``--private-key``, else the persistent key in the state directory."""
-    if private_keys:
-        path = Path(private_keys[0])
+    """The ``--private-key`` files, else the persistent keys in the state directory.
+
+    One ed25519 key is required (it signs the certificates hosts check); ECDSA and RSA keys
+    beside it serve clients limited to those types. In the state directory all three are
+    created on first use, as OpenSSH's ``ssh-keygen -A`` does.
+    """
+    if not private_keys:
+        extra = [
+            load_or_create_key(state_dir / name, kind) for kind, name in EXTRA_KEY_TYPES.items()
+        ]
+        return RelayIdentity.from_key(load_or_create_host_key(state_dir / HOST_KEY_NAME), extra)
+    keys: dict[bytes, PrivateHostKey] = {}
+    for name in private_keys:
+        path = Path(name)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read --private-key {path}: {exc.strerror}") from exc
-        return RelayIdentity.from_key(load_private_key_bytes(data, str(path)))
-    return RelayIdentity.from_key(load_or_create_host_key(state_dir / HOST_KEY_NAME))
+        key = load_any_private_key(data, str(path))
+        kind = KeyPair(key).public.algorithm.encode()
+        if kind in keys:
+            raise ConfigError(
+                f"--private-key {path} is a second {kind.decode()} key; give one key of each type"
+            )
+        keys[kind] = key
+    signer = keys.pop(b"ssh-ed25519", None)
+    if not isinstance(signer, ed25519.Ed25519PrivateKey):
+        raise ConfigError(
+            "--private-key: uptermd needs an ed25519 key among them (it signs the "
+            "certificates hosts check); create one with ssh-keygen -t ed25519"
+        )
+    return RelayIdentity.from_key(Ed25519Key(signer), list(keys.values()))
 
 
 def load_host_keys(paths: tuple[str, ...]) -> frozenset[bytes] | None:
@@ -221,7 +253,8 @@ async def serve(
 @click.option(
     "--private-key",
     multiple=True,
-    help="Host key file (ed25519); default: created in the state dir.",
+    help="Host key file, repeatable: one ed25519 key, plus ECDSA and RSA keys if wanted; "
+    "default: all three, created in the state dir.",
 )
 @click.option(
     "--hostname",

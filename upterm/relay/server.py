@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ from asyncssh.constants import OPEN_REQUEST_PTY_FAILED, OPEN_REQUEST_SESSION_FAI
 
 from upterm import sshcompat, wire
 from upterm.errors import RemoteProtocolError
-from upterm.keys import Ed25519Key
+from upterm.keys import Ed25519Key, KeyPair, PrivateHostKey
 from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
 from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.metrics import RelayMetrics
@@ -67,15 +67,21 @@ def format_addr(peer: Any) -> str:
 
 @dataclass(frozen=True)
 class RelayIdentity:
-    """The relay's host key in both forms it needs: for asyncssh and for signing certs."""
+    """The relay's host keys: its ed25519 key in both forms it needs (for asyncssh and for
+    signing certificates), and the ECDSA and RSA keys offered to clients without ed25519."""
 
     key: Ed25519Key
     ssh_key: asyncssh.SSHKey
+    extra: tuple[asyncssh.SSHKey, ...] = ()
 
     @classmethod
-    def from_key(cls, key: Ed25519Key) -> RelayIdentity:
-        """Wrap an ed25519 key."""
-        return cls(key, asyncssh.import_private_key(key.private_openssh()))
+    def from_key(cls, key: Ed25519Key, extra: Sequence[PrivateHostKey] = ()) -> RelayIdentity:
+        """Wrap an ed25519 key and any others."""
+        return cls(
+            key,
+            asyncssh.import_private_key(key.private_openssh()),
+            tuple(asyncssh.import_private_key(KeyPair(k).private_openssh()) for k in extra),
+        )
 
 
 class _ForwardedStreamTunnel:
@@ -166,6 +172,7 @@ class Relay:
             cert = wire.build_host_certificate(self.identity.key.private, list(self._hostnames))
             # The pair offers both the certificate and the plain key algorithm.
             host_keys = [(self.identity.ssh_key, asyncssh.import_certificate(cert))]
+        host_keys += self.identity.extra
         self._listener = GatedListener(self._host, self._port, self.guard, self.gate_cfg)
         self._server = await asyncssh.listen(
             tunnel=self._listener,
@@ -298,6 +305,10 @@ class RelayConnection(asyncssh.SSHServer):
         )
         sshcompat.on_signed_public_key(conn, self._key_proven)
         sshcompat.refuse_sha1_signatures(conn)
+        # ed25519 whenever the client takes it: the key hosts pin and guest certificates
+        # are signed with.
+        sshcompat.prefer_host_key(conn)
+        sshcompat.answer_pings(conn)  # OpenSSH's keystroke-timing chaff needs them
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -454,6 +465,11 @@ class RelayConnection(asyncssh.SSHServer):
         if reg.allows_client(blob):
             return True
         self.relay.metrics.auth_failures.labels(reason="bad-key").inc()
+        if self._refused_text is None and self.conn is not None:
+            self._refused_text = wire.BANNER_KEY_NOT_ALLOWED.format(
+                session_id=reg.session_id, fingerprint=wire.fingerprint_sha256(blob)
+            )
+            self.conn.send_auth_banner(self._refused_text)
         return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:

@@ -58,6 +58,7 @@ def user_manager(user_env: UserEnv) -> Iterator[dict[str, str]]:
         "PATH": "/usr/bin:/bin",
         "HOME": user_env.env["HOME"],
         "XDG_RUNTIME_DIR": user_env.env["XDG_RUNTIME_DIR"],
+        "XDG_CONFIG_HOME": user_env.env["XDG_CONFIG_HOME"],
     }
     enter = "; ".join(f"echo $$ > {g}/cgroup.procs" for g in groups)
     manager = subprocess.Popen(
@@ -105,28 +106,25 @@ def user_manager(user_env: UserEnv) -> Iterator[dict[str, str]]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def test_upterm_service_under_systemd_user(
-    user_manager: dict[str, str], user_env: UserEnv, tmp_path: Path
-) -> None:
+def test_upterm_service_under_systemd_user(user_manager: dict[str, str], user_env: UserEnv) -> None:
     env = user_manager
-    units = tmp_path / "units"
-    units.mkdir()
-    for unit in ("upterm.service", "upterm.socket"):
-        text = (
-            (ROOT / "systemd" / unit).read_text().replace("/usr/bin/upterm ", f"{VENV_BIN}/upterm ")
-        )
-        (units / unit).write_text(text)
 
     def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["systemctl", "--user", *args], env=env, capture_output=True, text=True
         )
 
-    assert (
-        systemctl("link", str(units / "upterm.socket"), str(units / "upterm.service")).returncode
-        == 0
+    # The README's steps from a checkout, as written.
+    installed = subprocess.run(
+        [str(ROOT / "scripts" / "install-user-units.sh")], env=env, capture_output=True, text=True
     )
-    assert systemctl("start", "upterm.socket").returncode == 0
+    assert installed.returncode == 0, installed.stderr
+    unit = Path(env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "upterm.service"
+    assert f"ExecStart={VENV_BIN}/upterm daemon" in unit.read_text()
+    assert systemctl("daemon-reload").returncode == 0
+    enabled = systemctl("enable", "--now", "upterm.socket")
+    assert enabled.returncode == 0, enabled.stderr
+    assert systemctl("is-enabled", "upterm.socket").stdout.strip() == "enabled"
     assert systemctl("is-active", "upterm.service").stdout.strip() == "inactive"
     # The first `upterm` command starts the daemon through the socket.
     hosted = user_env.run(

@@ -268,7 +268,7 @@ async def test_proven_session_id_is_derived_and_replayed_proof_is_useless(relay,
     )
     reg = await tunnel.connect([])
     assert reg.session_id == wire.derive_session_id(key.public.blob, secret)
-    assert reg.reconnect_supported
+    assert reg.reconnect_supported and reg.e2e_supported  # our relay: -J works
     # The same proof sent on another connection does not verify (it binds the session id H).
     async with await _raw_host(relay) as other:
         stolen = wire.CreateSessionRequest(

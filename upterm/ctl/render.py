@@ -115,7 +115,7 @@ def ssh_config(info: dict[str, Any]) -> str:
             "    RequestTTY yes",
         ]
     host_keys = [str(k) for k in info.get("hostKeys") or [info.get("hostKey")] if k]
-    if host_keys:
+    if host_keys and info.get("e2eCommand"):
         jump_host = f"[{host}]" if ":" in host else host
         # One known_hosts line per key type, so clients limited to ECDSA or RSA host keys
         # pin too. printf repeats its format for each pair; %% is ssh_config's escape.

@@ -163,7 +163,9 @@ class HostedSession:
             "nodeAddr": reg.node_addr,
             "sshUser": reg.token,
             "sshCommand": self.tunnel.url.join_command(reg.token),
-            "e2eCommand": self.tunnel.url.e2e_join_command(reg.token, host_key),
+            "e2eCommand": (
+                self.tunnel.url.e2e_join_command(reg.token, host_key) if reg.e2e_supported else ""
+            ),
             "hostKey": host_key,
             "hostKeyFingerprint": self.tunnel.session_key.fingerprint,
             # The session key first, then the ECDSA and RSA keys for clients without ed25519.
@@ -368,7 +370,9 @@ class Manager:
             req.id,
             code=code,
             sshCommand=hosted.tunnel.url.join_command(token),
-            e2eCommand=hosted.tunnel.url.e2e_join_command(token, host_key),
+            e2eCommand=(
+                hosted.tunnel.url.e2e_join_command(token, host_key) if reg.e2e_supported else ""
+            ),
             expiresAt=invite.expires_at,
             uses=invite.uses_left,
         )
@@ -445,6 +449,13 @@ class Manager:
         if sid in self.sessions:
             tunnel.close()
             raise UptermError(f"the relay handed out session id {sid} twice; try again")
+        if req.e2e_only and not reg.e2e_supported:
+            tunnel.close()
+            raise UptermError(
+                f"the relay at {url} does not carry end-to-end joins (upstream's uptermd "
+                "refuses ssh -J), so an --e2e-only session could not be joined; use a relay "
+                "running this project's uptermd, or drop --e2e-only"
+            )
         try:
             sock_path = paths.session_socket_path(sid)
             env = dict(req.env)

@@ -147,6 +147,9 @@ class Registered:
     token: str
     reconnect_supported: bool
     relay_version: str | None
+    #: The relay carries end-to-end joins (``ssh -J``): this project's uptermd does,
+    #: upstream's does not (it refuses the jump), so its join card has no such line.
+    e2e_supported: bool = True
 
 
 def backoff_delay_s(attempt: int, rng: random.Random) -> float:
@@ -316,10 +319,25 @@ class Tunnel:
             generation=self._generation,
             host_key_proof=wire.sign_proof(self._key.private, payload),
         )
+        derived = wire.derive_session_id(self._key.public.blob, self._secret)
+        create = asyncio.ensure_future(
+            sshcompat.global_request(conn, wire.CREATE_SESSION_REQUEST, req.encode())
+        )
+        # Right behind it, in the same round trip (requests are answered in order): an empty
+        # invite list for the id the session will have. Only our relay knows the request,
+        # and only our relay carries end-to-end joins.
+        probe = asyncio.ensure_future(
+            sshcompat.global_request(conn, wire.INVITES_REQUEST, wire.encode_invites(derived, ()))
+        )
         try:
-            reply = await sshcompat.global_request(conn, wire.CREATE_SESSION_REQUEST, req.encode())
+            reply = await create
         except asyncssh.Error as exc:
+            probe.cancel()
             raise RelayUnreachable(f"the relay at {self.url} closed the connection") from exc
+        try:
+            e2e = (await probe).ok
+        except asyncssh.Error:
+            e2e = False
         if not reply.ok:
             text = printable(reply.payload.decode("utf-8", "replace").strip()) or "no reason given"
             raise RelayPermissionDenied(f"the relay at {self.url} refused the session: {text}")
@@ -335,10 +353,9 @@ class Tunnel:
                 raise RemoteProtocolError("its node address is not printable")
         except RemoteProtocolError as exc:
             raise RelayUnreachable(f"the relay at {self.url} answered nonsense: {exc}") from exc
-        derived = wire.derive_session_id(self._key.public.blob, self._secret)
         version = wire.parse_relay_banner(conn.get_extra_info("server_version") or "")
         return Registered(
-            resp.session_id, resp.node_addr, token, resp.session_id == derived, version
+            resp.session_id, resp.node_addr, token, resp.session_id == derived, version, e2e
         )
 
     async def set_invites(self, codes: Sequence[str]) -> None:

@@ -78,6 +78,11 @@ class KeyPair:
         """``TYPE AAAA...`` without a trailing newline."""
         return _public_line(self.private)
 
+    def private_pkcs8(self) -> bytes:
+        """The private key as PKCS#8 PEM: how it is handed to asyncssh (2.10, Debian 12's,
+        cannot read the OpenSSH form of an ECDSA key that cryptography 38 writes)."""
+        return self.private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
     @property
     def public(self) -> PublicKey:
         """The public half as a :class:`PublicKey`."""

@@ -1107,6 +1107,31 @@ def config_edit() -> None:
 cli.add_command(config_cmd, "config")
 
 
+# --- proxy ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("url", metavar="wss://TOKEN@RELAY")
+def proxy(url: str) -> None:
+    """Carry an SSH connection over WebSocket: an OpenSSH ProxyCommand for joiners whose
+    network lets only HTTP(S) out.
+
+    \b
+    Examples:
+      ssh -o ProxyCommand='upterm proxy wss://TOKEN@relay.example.com' TOKEN@relay.example.com:443
+      ssh -o ProxyCommand='upterm proxy ws://TOKEN@127.0.0.1:8080' TOKEN@127.0.0.1
+    """
+    from upterm import wire, wsclient
+
+    try:
+        target = wsclient.WebSocketURL.parse(url)
+    except UptermError as exc:
+        _fail(exc)
+    if not target.user:
+        _fail(ConfigError(f"{url!r} carries no token; use wss://TOKEN@RELAY"))
+    _run(wsclient.run_proxy(target, wire.CLIENT_CLIENT_VERSION))
+
+
 # --- daemon, version, completion ------------------------------------------------------------
 
 

@@ -449,6 +449,12 @@ class Manager:
         if sid in self.sessions:
             tunnel.close()
             raise UptermError(f"the relay handed out session id {sid} twice; try again")
+        if req.e2e_only and url.websocket:
+            tunnel.close()
+            raise UptermError(
+                "--e2e-only needs an ssh:// relay: end-to-end joins over WebSocket are not "
+                "carried yet"
+            )
         if req.e2e_only and not reg.e2e_supported:
             tunnel.close()
             raise UptermError(

@@ -36,6 +36,7 @@ from upterm.errors import (
 )
 from upterm.keys import EXTRA_KEY_TYPES, Ed25519Key, KeyPair
 from upterm.text import printable
+from upterm.wsclient import WebSocketTunnel, WebSocketURL
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,13 @@ HOST_KEY_ALGORITHMS = (
 )
 
 
+_WS_PORTS = {"ws": 80, "wss": 443}
+
+
 @dataclass(frozen=True)
 class RelayURL:
-    """A relay address: ``ssh://host:port`` (ws/wss come with the WebSocket transport)."""
+    """A relay address: ``ssh://host:port``, or ``ws://`` / ``wss://`` (SSH over WebSocket,
+    for networks that let only HTTP(S) out)."""
 
     scheme: str
     host: str
@@ -73,10 +78,12 @@ class RelayURL:
     def parse(cls, text: str) -> RelayURL:
         """Parse ``--server``; raises :class:`ConfigError` naming what is wrong."""
         parts = urlsplit(text if "://" in text else "ssh://" + text)
-        if parts.scheme != "ssh":
-            raise ConfigError(f"unsupported relay URL scheme in {text!r}; use ssh://HOST:PORT")
+        if parts.scheme not in ("ssh", "ws", "wss"):
+            raise ConfigError(
+                f"unsupported relay URL scheme in {text!r}; use ssh://HOST:PORT or wss://HOST"
+            )
         try:
-            port = parts.port
+            port = parts.port or _WS_PORTS.get(parts.scheme)
         except ValueError:
             port = None
         if not parts.hostname or port is None:
@@ -85,15 +92,32 @@ class RelayURL:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if _WS_PORTS.get(self.scheme) == self.port:
+            return f"{self.scheme}://{host}"
         return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def websocket(self) -> bool:
+        """Whether SSH runs over a WebSocket to this relay."""
+        return self.scheme != "ssh"
+
+    def websocket_url(self, user: str, password: str = "") -> WebSocketURL:
+        """The WebSocket address with credentials (Basic auth, as upstream sends them)."""
+        return WebSocketURL(self.scheme == "wss", self.host, self.port, "/", user, password)
 
     def join_command(self, token: str) -> str:
         """The line a joiner types."""
+        if self.websocket:
+            proxy = shlex.quote(f"upterm proxy {self}".replace("://", f"://{token}@", 1))
+            return f"ssh -o ProxyCommand={proxy} {token}@{self.host}"
         port = "" if self.port == 22 else f" -p {self.port}"
         return f"ssh {token}@{self.host}{port}"
 
     def e2e_join_command(self, token: str, host_key_line: str) -> str:
-        """The end-to-end join: the relay as a jump host, the host's key pinned inline."""
+        """The end-to-end join: the relay as a jump host, the host's key pinned inline
+        (over SSH only, so far: "" for a WebSocket relay)."""
+        if self.websocket:
+            return ""
         jump = f"{token}@{self.host}" + ("" if self.port == 22 else f":{self.port}")
         pin = shlex.quote(f"/bin/echo {E2E_HOST_NAME} {host_key_line}")
         return f"ssh -J {jump} -o KnownHostsCommand={pin} {token}@{E2E_HOST_NAME}"
@@ -240,7 +264,7 @@ class Tunnel:
             self.registered = await self._register(conn)
             self._extra_keys = await extras
             self._extra_ssh_keys = [
-                asyncssh.import_private_key(k.private_openssh()) for k in self._extra_keys
+                asyncssh.import_private_key(k.private_pkcs8()) for k in self._extra_keys
             ]
         except BaseException:
             conn.close()
@@ -274,6 +298,13 @@ class Tunnel:
                     keepalive_interval=self._keepalive_s,
                     keepalive_count_max=KEEPALIVE_COUNT_MAX,
                     encoding=None,
+                    tunnel=(
+                        WebSocketTunnel(
+                            self.url.websocket_url(getpass.getuser()), wire.HOST_CLIENT_VERSION
+                        )
+                        if self.url.websocket
+                        else ()
+                    ),
                 ),
                 CONNECT_TIMEOUT_S,
             )

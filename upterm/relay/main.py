@@ -165,7 +165,7 @@ async def serve(
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {relay.bind_host}:{relay.port}: {exc.strerror}; "
-            "choose another --ssh-addr"
+            "choose another --ssh-addr (or --ws-addr)"
         ) from exc
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     logger.info("descriptor limit %d (hard %d)", soft, hard)
@@ -243,6 +243,12 @@ async def serve(
     }
 )
 @click.option("--ssh-addr", default=DEFAULT_SSH_ADDR, show_default=True, help="SSH listen address.")
+@click.option(
+    "--ws-addr",
+    default="",
+    help="WebSocket listen address (HTTP: /health, a how-to page, and SSH over WebSocket "
+    "for hosts and joiners behind firewalls). Off by default.",
+)
 @click.option("--node-addr", default="", help="Address other nodes and tokens use for this node.")
 @click.option(
     "--state-dir",
@@ -399,6 +405,7 @@ async def serve(
 @click.version_option(__version__, prog_name="uptermd")
 def main(
     ssh_addr: str,
+    ws_addr: str,
     node_addr: str,
     state_dir: Path | None,
     private_key: tuple[str, ...],
@@ -438,6 +445,7 @@ def main(
     log.setup(debug)
     try:
         host, port = split_addr(ssh_addr)
+        ws_at = split_addr(ws_addr) if ws_addr else None
         keys = load_host_keys(authorized_keys)
         if ssh_proxy_protocol and not proxy_protocol_from:
             raise ConfigError(
@@ -490,6 +498,7 @@ def main(
                 proxy_from=proxies,
             ),
             host_keys=keys,
+            ws_addr=ws_at,
         )
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))
     except UptermError as exc:

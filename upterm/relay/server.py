@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -30,6 +31,7 @@ from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
 from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.metrics import RelayMetrics
 from upterm.relay.registry import Registration, SessionTable, Superseded
+from upterm.relay.wsdoor import WebSocketListener
 from upterm.text import printable
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class RelayIdentity:
         return cls(
             key,
             asyncssh.import_private_key(key.private_openssh()),
-            tuple(asyncssh.import_private_key(KeyPair(k).private_openssh()) for k in extra),
+            tuple(asyncssh.import_private_key(KeyPair(k).private_pkcs8()) for k in extra),
         )
 
 
@@ -115,8 +117,13 @@ class Relay:
         gate: GateConfig | None = None,
         host_keys: frozenset[bytes] | None = None,
         metrics: RelayMetrics | None = None,
+        ws_addr: tuple[str, int] | None = None,
     ) -> None:
         self.identity = identity
+        #: Where the WebSocket listener binds (``--ws-addr``); None: no WebSocket.
+        self._ws_addr = ws_addr
+        self._ws_listener: WebSocketListener | None = None
+        self._ws_server: asyncssh.SSHAcceptor | None = None
         self._hostnames = hostnames
         #: Sees every byte the relay carries for joiners ("relay" mode: terminal data it
         #: can read; "splice" mode: opaque end-to-end SSH). For byte accounting and tests.
@@ -174,8 +181,44 @@ class Relay:
             host_keys = [(self.identity.ssh_key, asyncssh.import_certificate(cert))]
         host_keys += self.identity.extra
         self._listener = GatedListener(self._host, self._port, self.guard, self.gate_cfg)
-        self._server = await asyncssh.listen(
-            tunnel=self._listener,
+        self._server = await self._listen(self._listener, host_keys)
+        log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
+        if self._ws_addr is not None:
+            # The same SSH service behind the same gate; connections start as HTTP.
+            # No PROXY header there: an HTTP proxy in front says who the client is.
+            self._ws_listener = WebSocketListener(
+                *self._ws_addr,
+                self.guard,
+                dataclasses.replace(self.gate_cfg, proxy_protocol=False),
+                refuse_user=self._ws_refusal,
+            )
+            self._ws_server = await self._listen(self._ws_listener, host_keys)
+            log.info("uptermd WebSocket listener on %s:%d", self._ws_addr[0], self.ws_port)
+
+    @property
+    def ws_port(self) -> int:
+        """The WebSocket listener's bound port (0 when there is none)."""
+        return self._ws_listener.get_port() if self._ws_listener is not None else 0
+
+    def _ws_refusal(self, user: str, is_host: bool) -> str | None:
+        """Why a WebSocket upgrade is refused before any SSH: a joiner's token must name a
+        session on this node (nothing is dialled for any other)."""
+        if is_host:
+            return None
+        try:
+            token = wire.decode_token(user)
+        except RemoteProtocolError:
+            return "upterm: that is not a session token"
+        if self.table.get(token.session_id) is None or token.node_addr not in (
+            None,
+            self.node_addr,
+        ):
+            return wire.BANNER_NO_HOST_FORMAT.format(session_id=token.session_id).strip()
+        return None
+
+    async def _listen(self, listener: GatedListener, host_keys: list[Any]) -> asyncssh.SSHAcceptor:
+        return await asyncssh.listen(
+            tunnel=listener,
             server_factory=lambda: RelayConnection(self),
             server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
@@ -195,19 +238,20 @@ class Relay:
             gss_host=None,
             window=self.limits.joiner_window_bytes,
         )
-        log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
         for conn in list(self.connections):
             conn.close()
 
     async def wait_closed(self) -> None:
         """Wait for the listener to close."""
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                await server.wait_closed()
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, tell every joiner and host why, and wait for them to go.
@@ -217,8 +261,9 @@ class Relay:
         the same ssh command again. Returns when all are gone or after ``timeout_s``.
         """
         self.draining = True
-        if self._listener is not None:
-            self._listener.stop_accepting()
+        for listener in (self._listener, self._ws_listener):
+            if listener is not None:
+                listener.stop_accepting()
         deadline = time.monotonic() + timeout_s
         # What is already ending (a host that just closed, its joiners' exit statuses in
         # flight) finishes on its own first: telling those joiners would cut their status.

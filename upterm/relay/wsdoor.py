@@ -1,0 +1,139 @@
+"""uptermd's WebSocket listener: HTTP first, then SSH in WebSocket frames.
+
+Each accepted connection passes the same gate as the SSH listener's (per-source caps,
+penalties, the handshake deadline, fair turns on the event loop); behind the gate a
+:class:`WebSocketDoor` reads one HTTP request:
+
+- ``GET /health``: ``OK`` (load balancers; not penalised).
+- ``GET /`` or ``/getting-started``: a short plain-text page saying how to join.
+- anything else: upstream's upgrade, which needs ``Upterm-Client-Version`` and Basic auth
+  carrying the token (``user:password`` = session id and node). A joiner's token must name a
+  session on this node: any other is refused before the upgrade, and nothing is ever dialled
+  for it. After ``101`` the connection is the same asyncssh server as the SSH listener's,
+  its bytes carried in binary messages (upterm.wsproto frames them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from upterm import wire, wsproto
+from upterm.relay.gate import GATE_INFO, GatedListener
+from upterm.wsconn import WebSocketCarrier
+
+log = logging.getLogger(__name__)
+
+#: Upstream's texts for a bad upgrade (HTTP 400).
+MISSING_VERSION = "missing upterm client version"
+BASIC_AUTH_FAILED = "basic auth failed"
+
+
+def getting_started(host: str) -> str:
+    """The plain-text page at ``/``: how to host and join over WebSocket."""
+    host = host if host.isprintable() and " " not in host else "YOUR_SERVER"
+    return (
+        "upterm relay (uptermd): terminal sharing over SSH, here over WebSocket.\n\n"
+        "1. Host a terminal:\n"
+        f"     upterm host --server wss://{host} -- YOUR_COMMAND\n"
+        "2. Give the join line it prints to whoever joins.\n"
+        "3. Join from any SSH client, through this WebSocket listener:\n"
+        f"     ssh -o ProxyCommand='upterm proxy wss://TOKEN@{host}' TOKEN@{host}:443\n"
+    )
+
+
+class WebSocketDoor(WebSocketCarrier):
+    """One gated connection of the WebSocket listener (see the module docstring)."""
+
+    def __init__(
+        self,
+        ssh_factory: Callable[[], asyncio.Protocol],
+        refuse_user: Callable[[str, bool], str | None],
+    ) -> None:
+        super().__init__(client=False)
+        self._ssh_factory = ssh_factory
+        self._refuse_user = refuse_user
+
+    def refused(self, exc: wsproto.HandshakeError) -> None:
+        self._answer(exc.status, exc.text + "\n", penalise=True)
+
+    # -- HTTP --
+
+    def handshake(self, head: wsproto.Head, rest: bytes) -> None:
+        _method, target, _ = head.start
+        path = urlsplit(target).path
+        upgrade = head.has_token("upgrade", "websocket")
+        if path == "/health" and not upgrade:
+            self._answer(200, "OK", penalise=False)
+            return
+        if (path == "/" or path.startswith("/getting-started")) and not upgrade:
+            self._answer(200, getting_started(head.header("host")), penalise=False)
+            return
+        version = head.header("upterm-client-version")
+        if not version:
+            raise wsproto.HandshakeError(400, MISSING_VERSION)
+        user = _basic_user(head.header("authorization"))
+        if user is None:
+            raise wsproto.HandshakeError(400, BASIC_AUTH_FAILED)
+        key = wsproto.check_upgrade(head)
+        refusal = self._refuse_user(user, version == wire.HOST_CLIENT_VERSION)
+        if refusal is not None:
+            raise wsproto.HandshakeError(404, refusal)
+        assert self._transport is not None
+        self._transport.write(wsproto.upgrade_response(key))
+        self.start_ssh(self._ssh_factory(), rest)
+
+    def _answer(self, status: int, body: str, *, penalise: bool) -> None:
+        """Answer a plain HTTP request and close (a health check costs no penalty)."""
+        transport = self._transport
+        if transport is None:
+            return
+        if not penalise:
+            gate = transport.get_extra_info(GATE_INFO)
+            if gate is not None:
+                gate.no_penalty = True
+        self.closed = True
+        with contextlib.suppress(Exception):
+            transport.write(wsproto.http_response(status, body))
+        transport.close()
+
+
+def _basic_user(header: str) -> str | None:
+    """``user:password`` from a Basic ``Authorization`` header ("user" alone when the password
+    is empty, as upstream's hosts send); None when there is none or it is malformed."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return f"{user}:{password}" if password else user
+
+
+class WebSocketListener(GatedListener):
+    """The WebSocket listener: a gated listener whose connections start as HTTP."""
+
+    def __init__(self, *args: Any, refuse_user: Callable[[str, bool], str | None], **kw: Any):
+        super().__init__(*args, **kw)
+        self._refuse_user = refuse_user
+
+    async def create_server(
+        self, session_factory: Callable[[str, int], Any], host: str, port: int
+    ) -> GatedListener:
+        """Bind and accept; each connection gets a :class:`WebSocketDoor` in front of SSH."""
+        refuse = self._refuse_user
+
+        def door(peer_host: str, peer_port: int) -> WebSocketDoor:
+            return WebSocketDoor(lambda: session_factory(peer_host, peer_port), refuse)
+
+        return await super().create_server(door, host, port)

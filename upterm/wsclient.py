@@ -1,0 +1,274 @@
+"""The client side of SSH over WebSocket: dialling ``ws://`` and ``wss://`` relays, and the
+``upterm proxy`` byte pipe that OpenSSH runs as a ProxyCommand.
+
+Upstream's conventions: the URL's user and password (the session id and node of a token)
+travel as Basic auth, ``Upterm-Client-Version`` says who dials, and every write is one binary
+message. ``wss://`` certificates are verified against the system store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from upterm import wsproto
+from upterm.errors import ConfigError, UptermError
+from upterm.wsconn import WebSocketCarrier
+
+CONNECT_TIMEOUT_S = 15
+READ_CHUNK = 65536
+
+
+class WebSocketRefused(UptermError):
+    """The relay answered the upgrade with something other than 101."""
+
+    code = "websocket_refused"
+
+
+@dataclass(frozen=True)
+class WebSocketURL:
+    """A ``ws://`` or ``wss://`` relay address, with the credentials it carries."""
+
+    secure: bool
+    host: str
+    port: int
+    path: str
+    user: str
+    password: str
+
+    @classmethod
+    def parse(cls, text: str) -> WebSocketURL:
+        """Parse a URL; raises :class:`ConfigError` naming what is wrong."""
+        parts = urlsplit(text)
+        if parts.scheme not in ("ws", "wss"):
+            raise ConfigError(f"{text!r} is not a ws:// or wss:// URL")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{text!r} has a bad port") from None
+        if not parts.hostname:
+            raise ConfigError(f"{text!r} needs a host, e.g. wss://relay.example.com")
+        secure = parts.scheme == "wss"
+        return cls(
+            secure,
+            parts.hostname,
+            port or (443 if secure else 80),
+            parts.path or "/",
+            unquote(parts.username or ""),
+            unquote(parts.password or ""),
+        )
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as the Host header gives it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.secure else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass
+class WebSocketStream:
+    """An upgraded connection: its streams, its framer, and bytes read past the upgrade."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    framer: wsproto.Framer
+    pending: bytes
+
+
+async def open_websocket(url: WebSocketURL, client_version: str) -> WebSocketStream:
+    """Dial and upgrade; raises :class:`UptermError` subclasses with one-line reasons."""
+    context = ssl.create_default_context() if url.secure else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                url.host, url.port, ssl=context, server_hostname=url.host if context else None
+            ),
+            CONNECT_TIMEOUT_S,
+        )
+    except ssl.SSLCertVerificationError as exc:
+        raise UptermError(
+            f"the certificate of {url.authority} is not trusted: {exc.verify_message}"
+        ) from exc
+    except (OSError, TimeoutError) as exc:
+        reason = getattr(exc, "strerror", None) or "timed out"
+        raise UptermError(f"cannot reach {url.authority}: {reason}") from exc
+    key = wsproto.new_key()
+    writer.write(_upgrade(url, key, client_version))
+    buf = bytearray()
+    try:
+        while (parsed := wsproto.parse_head(buf)) is None:
+            chunk = await asyncio.wait_for(reader.read(READ_CHUNK), CONNECT_TIMEOUT_S)
+            if not chunk:
+                raise UptermError(f"{url.authority} closed the connection during the upgrade")
+            buf += chunk
+        head, used = parsed
+        try:
+            wsproto.check_upgrade_response(head, key)
+        except wsproto.HandshakeError as exc:
+            raise WebSocketRefused(_refusal_text(url, exc, bytes(buf[used:]))) from exc
+    except (OSError, TimeoutError) as exc:
+        writer.close()
+        raise UptermError(f"the WebSocket upgrade to {url.authority} failed: {exc}") from exc
+    except BaseException:
+        writer.close()
+        raise
+    return WebSocketStream(reader, writer, wsproto.Framer(client=True), bytes(buf[used:]))
+
+
+async def run_proxy(url: WebSocketURL, client_version: str) -> int:
+    """Pipe stdin to the relay and the relay to stdout until either side ends."""
+    stream = await open_websocket(url, client_version)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=READ_CHUNK)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stdin),
+        os.fdopen(sys.stdin.fileno(), "rb", 0, closefd=False),
+    )
+    out_fd = sys.stdout.fileno()
+
+    def emit(chunk: bytes) -> None:
+        # stdout is ssh's pipe, blocking: this process has nothing else to do meanwhile.
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out_fd, view) :]
+
+    async def upstream() -> None:
+        while chunk := await stdin.read(READ_CHUNK):
+            stream.writer.write(stream.framer.binary(chunk))
+            await stream.writer.drain()
+        stream.writer.write(stream.framer.close())
+        with contextlib.suppress(OSError):
+            await stream.writer.drain()
+
+    async def downstream() -> None:
+        data = stream.pending
+        while True:
+            events = stream.framer.feed(data)
+            for chunk in events.data:
+                emit(chunk)
+            for reply in events.replies:
+                stream.writer.write(reply)
+            if events.closed is not None:
+                return
+            data = await stream.reader.read(READ_CHUNK)
+            if not data:
+                return
+
+    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, wsproto.FrameError):
+                raise UptermError(f"{url.authority} broke the WebSocket framing: {exc}")
+    finally:
+        for task in tasks:
+            task.cancel()
+        stream.writer.close()
+    return 0
+
+
+class _DialledCarrier(WebSocketCarrier):
+    """Our end of a dialled WebSocket: sends the upgrade, then carries asyncssh's client."""
+
+    def __init__(
+        self,
+        url: WebSocketURL,
+        client_version: str,
+        ssh_factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        super().__init__(client=True)
+        self._url = url
+        self._version = client_version
+        self._ssh_factory = ssh_factory
+        self._key = wsproto.new_key()
+        self.ready: asyncio.Future[asyncio.Protocol] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self._transport is not None
+        self._transport.write(_upgrade(self._url, self._key, self._version))
+
+    def handshake(self, head: wsproto.Head, rest: bytes) -> None:
+        try:
+            wsproto.check_upgrade_response(head, self._key)
+        except wsproto.HandshakeError as exc:
+            raise wsproto.HandshakeError(exc.status, _refusal_text(self._url, exc, rest)) from exc
+        ssh = self._ssh_factory()
+        self.start_ssh(ssh, rest)
+        if not self.ready.done():
+            self.ready.set_result(ssh)
+
+    def refused(self, exc: wsproto.HandshakeError) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(WebSocketRefused(exc.text))
+        super().refused(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(
+                UptermError(f"{self._url.authority} closed the connection during the upgrade")
+            )
+        super().connection_lost(exc)
+
+
+class WebSocketTunnel:
+    """asyncssh's ``tunnel=`` for ``connect``: the SSH connection runs over a WebSocket."""
+
+    def __init__(self, url: WebSocketURL, client_version: str) -> None:
+        self._url = url
+        self._version = client_version
+
+    async def create_connection(
+        self, session_factory: Callable[[], asyncio.Protocol], _host: str, _port: int
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        """Dial, upgrade, and hand the upgraded stream to asyncssh's connection."""
+        url = self._url
+        context = ssl.create_default_context() if url.secure else None
+        loop = asyncio.get_running_loop()
+        try:
+            transport, carrier = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _DialledCarrier(url, self._version, session_factory),
+                    url.host,
+                    url.port,
+                    ssl=context,
+                    server_hostname=url.host if context else None,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise UptermError(
+                f"the certificate of {url.authority} is not trusted: {exc.verify_message}"
+            ) from exc
+        try:
+            ssh = await asyncio.wait_for(carrier.ready, CONNECT_TIMEOUT_S)
+        except BaseException:
+            transport.close()
+            raise
+        return transport, ssh
+
+
+def _upgrade(url: WebSocketURL, key: str, client_version: str) -> bytes:
+    credentials = base64.b64encode(f"{url.user}:{url.password}".encode()).decode("ascii")
+    return wsproto.upgrade_request(
+        url.authority,
+        url.path,
+        key,
+        (("Upterm-Client-Version", client_version), ("Authorization", f"Basic {credentials}")),
+    )
+
+
+def _refusal_text(url: WebSocketURL, exc: wsproto.HandshakeError, body: bytes) -> str:
+    """One line: who refused, the status, and the first line of its explanation."""
+    text = body[:512].decode("utf-8", "replace").strip()
+    first = "".join(ch for ch in text.splitlines()[0] if ch.isprintable()) if text else ""
+    return f"{url.authority} refused the WebSocket: {exc.text}" + (f": {first}" if first else "")

@@ -12,9 +12,10 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -83,22 +84,176 @@ class WebSocketStream:
     pending: bytes
 
 
-async def open_websocket(url: WebSocketURL, client_version: str) -> WebSocketStream:
-    """Dial and upgrade; raises :class:`UptermError` subclasses with one-line reasons."""
-    context = ssl.create_default_context() if url.secure else None
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                url.host, url.port, ssl=context, server_hostname=url.host if context else None
-            ),
-            CONNECT_TIMEOUT_S,
+@dataclass(frozen=True)
+class HTTPProxy:
+    """An HTTP proxy that tunnels with CONNECT (``http://[user:password@]host:port``)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> HTTPProxy:
+        """Parse a proxy URL; ``where`` names its source in errors (a flag or variable)."""
+        parts = urlsplit(text if "://" in text else "http://" + text)
+        if parts.scheme != "http":
+            raise ConfigError(
+                f"{where} {text!r}: only http:// proxies (with CONNECT) are supported"
+            )
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ConfigError(f"{where} {text!r} has a bad port") from None
+        if not parts.hostname:
+            raise ConfigError(f"{where} {text!r} needs a host")
+        return cls(
+            parts.hostname, port, unquote(parts.username or ""), unquote(parts.password or "")
         )
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` of the proxy."""
+        return f"{self.host}:{self.port}"
+
+
+def proxy_for(
+    url: WebSocketURL, flag: str | None, env: Mapping[str, str] | None = None
+) -> HTTPProxy | None:
+    """The proxy to go through: ``--proxy``, else ``HTTPS_PROXY`` (wss) or ``HTTP_PROXY``
+    (ws) from ``env`` (default: ours), upper or lower case, unless ``NO_PROXY`` lists the
+    host; None for a direct dial."""
+    if flag:
+        return HTTPProxy.parse(flag, "--proxy")
+    env = os.environ if env is None else env
+    if _no_proxy(url.host, url.port, env):
+        return None
+    name = "HTTPS_PROXY" if url.secure else "HTTP_PROXY"
+    value = env.get(name) or env.get(name.lower())
+    if not value:
+        return None
+    return HTTPProxy.parse(value, name)
+
+
+def _no_proxy(host: str, port: int, env: Mapping[str, str]) -> bool:
+    """Whether ``NO_PROXY`` (or ``no_proxy``) lists ``host``: ``*``, the name, a parent
+    domain (``example.com`` or ``.example.com``), optionally with ``:port``."""
+    value = env.get("NO_PROXY", env.get("no_proxy", ""))
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in value.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.strip("[]").lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+async def _through_proxy(proxy: HTTPProxy, url: WebSocketURL) -> socket.socket:
+    """A connected socket to ``url``'s host through ``proxy``'s CONNECT tunnel."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, addr), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, IndexError) as exc:
+        reason = _reason(exc)
+        raise UptermError(f"cannot reach the proxy {proxy.authority}: {reason}") from exc
+    target = f"{url.host}:{url.port}" if ":" not in url.host else f"[{url.host}]:{url.port}"
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    if proxy.user:
+        basic = base64.b64encode(f"{proxy.user}:{proxy.password}".encode()).decode("ascii")
+        lines.append(f"Proxy-Authorization: Basic {basic}")
+    try:
+        await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+        buf = bytearray()
+        while (parsed := wsproto.parse_head(buf)) is None:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), CONNECT_TIMEOUT_S)
+            if not chunk:
+                raise UptermError(f"the proxy {proxy.authority} closed the connection")
+            buf += chunk
+    except (OSError, TimeoutError, wsproto.HandshakeError) as exc:
+        sock.close()
+        raise UptermError(f"the proxy {proxy.authority} did not answer CONNECT: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    head, used = parsed
+    _version, status, reason = head.start
+    if status != "200":
+        sock.close()
+        # 407 is the standard answer; tinyproxy, for one, says 401.
+        hint = " (check the proxy's user and password)" if status in ("401", "407") else ""
+        raise UptermError(
+            f"the proxy {proxy.authority} refused to connect to {target}: {status} "
+            f"{printable_line(reason)}{hint}"
+        )
+    if used != len(buf):
+        sock.close()
+        raise UptermError(f"the proxy {proxy.authority} sent data before the tunnel opened")
+    return sock
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a dial failed, in the system's words ("Connection refused")."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def printable_line(text: str) -> str:
+    """``text`` without control characters (a proxy's words are shown as they are)."""
+    return "".join(ch for ch in text if ch.isprintable())[:200]
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Certificates checked against ``ca_file``, else the system store (``SSL_CERT_FILE``
+    and ``SSL_CERT_DIR`` apply, as in OpenSSL)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use --ca-file {ca_file}: {exc}") from exc
+
+
+async def open_websocket(
+    url: WebSocketURL,
+    client_version: str,
+    ca_file: str | None = None,
+    proxy: HTTPProxy | None = None,
+) -> WebSocketStream:
+    """Dial (through ``proxy`` if given) and upgrade; raises :class:`UptermError`
+    subclasses with one-line reasons."""
+    context = tls_context(ca_file) if url.secure else None
+    server_hostname = url.host if context else None
+    try:
+        if proxy is not None:
+            sock = await _through_proxy(proxy, url)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=context, server_hostname=server_hostname),
+                CONNECT_TIMEOUT_S,
+            )
+        else:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    url.host, url.port, ssl=context, server_hostname=server_hostname
+                ),
+                CONNECT_TIMEOUT_S,
+            )
     except ssl.SSLCertVerificationError as exc:
         raise UptermError(
             f"the certificate of {url.authority} is not trusted: {exc.verify_message}"
         ) from exc
     except (OSError, TimeoutError) as exc:
-        reason = getattr(exc, "strerror", None) or "timed out"
+        reason = _reason(exc)
         raise UptermError(f"cannot reach {url.authority}: {reason}") from exc
     key = wsproto.new_key()
     writer.write(_upgrade(url, key, client_version))
@@ -123,9 +278,14 @@ async def open_websocket(url: WebSocketURL, client_version: str) -> WebSocketStr
     return WebSocketStream(reader, writer, wsproto.Framer(client=True), bytes(buf[used:]))
 
 
-async def run_proxy(url: WebSocketURL, client_version: str) -> int:
+async def run_proxy(
+    url: WebSocketURL,
+    client_version: str,
+    ca_file: str | None = None,
+    proxy: HTTPProxy | None = None,
+) -> int:
     """Pipe stdin to the relay and the relay to stdout until either side ends."""
-    stream = await open_websocket(url, client_version)
+    stream = await open_websocket(url, client_version, ca_file, proxy)
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=READ_CHUNK)
     await loop.connect_read_pipe(
@@ -223,28 +383,38 @@ class _DialledCarrier(WebSocketCarrier):
 class WebSocketTunnel:
     """asyncssh's ``tunnel=`` for ``connect``: the SSH connection runs over a WebSocket."""
 
-    def __init__(self, url: WebSocketURL, client_version: str) -> None:
+    def __init__(
+        self, url: WebSocketURL, client_version: str, proxy: HTTPProxy | None = None
+    ) -> None:
         self._url = url
         self._version = client_version
+        self._proxy = proxy
 
     async def create_connection(
         self, session_factory: Callable[[], asyncio.Protocol], _host: str, _port: int
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         """Dial, upgrade, and hand the upgraded stream to asyncssh's connection."""
         url = self._url
-        context = ssl.create_default_context() if url.secure else None
+        context = tls_context(None) if url.secure else None
         loop = asyncio.get_running_loop()
+        proxy = self._proxy
+        version = self._version
+
+        def carrier_factory() -> _DialledCarrier:
+            return _DialledCarrier(url, version, session_factory)
+
+        hostname = url.host if context else None
         try:
-            transport, carrier = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _DialledCarrier(url, self._version, session_factory),
-                    url.host,
-                    url.port,
-                    ssl=context,
-                    server_hostname=url.host if context else None,
-                ),
-                CONNECT_TIMEOUT_S,
-            )
+            if proxy is not None:
+                sock = await _through_proxy(proxy, url)
+                connecting = loop.create_connection(
+                    carrier_factory, sock=sock, ssl=context, server_hostname=hostname
+                )
+            else:
+                connecting = loop.create_connection(
+                    carrier_factory, url.host, url.port, ssl=context, server_hostname=hostname
+                )
+            transport, carrier = await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
         except ssl.SSLCertVerificationError as exc:
             raise UptermError(
                 f"the certificate of {url.authority} is not trusted: {exc.verify_message}"

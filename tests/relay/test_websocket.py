@@ -7,8 +7,9 @@ import asyncio
 import base64
 import contextlib
 import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,17 @@ from upterm.relay.gate import parse_networks
 from upterm.relay.guard import RelayLimits
 from upterm.relay.policy import PenaltyConfig
 from upterm.relay.server import Relay, RelayIdentity
+from upterm.wsclient import HTTPProxy
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests dial loopback directly unless they set a proxy themselves."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
 
 @contextlib.asynccontextmanager
@@ -234,3 +244,205 @@ async def test_a_host_over_websocket_is_joined_over_ssh_and_websocket(tmp_path: 
                 await joiner.leave()
         finally:
             host.close()
+
+
+def self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (its own CA), and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOCAL))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / f"{name}.crt", tmp / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def proxy_refusal(url: str, *extra: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        f"{VENV_BIN}/upterm", "proxy", *extra, url,
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 1
+    return err.decode()
+
+
+async def test_tls_served_directly_and_renewed_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tls-cert/--tls-key: wss:// for the proxy (certificate checked against --ca-file)
+    and for a host (against SSL_CERT_FILE); a renewed certificate applies to new
+    connections after a reload, and an untrusted one is one line saying so."""
+    key = make_key(tmp_path / "j")
+    first_cert, first_key = self_signed(tmp_path, "first")
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    live_cert.write_bytes(first_cert.read_bytes())
+    live_key.write_bytes(first_key.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(first_cert))
+    relay = Relay(
+        RelayIdentity.from_key(Ed25519Key.generate()),
+        host=LOCAL, port=0, node_addr=None, version="0.1.0",
+        limits=RelayLimits(penalties=PenaltyConfig(exempt=parse_networks([LOCAL]))),
+        ws_addr=(LOCAL, 0), ws_tls=(str(live_cert), str(live_key)),
+    )  # fmt: skip
+    await relay.start()
+    try:
+        tunnel = make_tunnel(relay.ws_port, tmp_path)
+        tunnel.url = RelayURL.parse(f"wss://localhost:{relay.ws_port}")
+        host = await start_host(relay.ws_port, tmp_path, tunnel=tunnel)
+        wss = f"wss://{host.token}@localhost:{relay.ws_port}"
+        try:
+            joiner = await SshJoiner.start(
+                relay.port, host.token, key,
+                "-o", f"ProxyCommand={VENV_BIN}/upterm proxy --ca-file {first_cert} {wss}",
+            )  # fmt: skip
+            assert await joiner.expect(b"$ "), bytes(joiner.out)
+            joiner.type(b"echo over-wss-$((6*7))\r")
+            assert await joiner.expect(b"over-wss-42"), bytes(joiner.out)
+            await joiner.leave()
+            # Not trusted without the CA: one line.
+            monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent")
+            text = await proxy_refusal(wss)
+            assert text.startswith(f"upterm: the certificate of localhost:{relay.ws_port} is ")
+            assert text.count("\n") == 1, text
+            # Renewal: a new certificate in place, then the reload uptermd does on SIGHUP.
+            second_cert, second_key = self_signed(tmp_path, "second")
+            live_cert.write_bytes(second_cert.read_bytes())
+            live_key.write_bytes(second_key.read_bytes())
+            relay.reload_tls()
+            assert "not trusted" in await proxy_refusal(wss, "--ca-file", str(first_cert))
+            joiner = await SshJoiner.start(
+                relay.port, host.token, key,
+                "-o", f"ProxyCommand={VENV_BIN}/upterm proxy --ca-file {second_cert} {wss}",
+            )  # fmt: skip
+            assert await joiner.expect(b"$ "), bytes(joiner.out)
+            await joiner.leave()
+        finally:
+            host.close()
+    finally:
+        relay.close()
+
+
+@contextlib.contextmanager
+def tinyproxy(tmp: Path, user: str, password: str) -> Iterator[int]:
+    """Debian's tinyproxy on loopback with Basic auth; yields its port."""
+    with socket.socket() as probe:
+        probe.bind((LOCAL, 0))
+        port = probe.getsockname()[1]
+    conf = tmp / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {port}\nListen {LOCAL}\nTimeout 600\nAllow {LOCAL}\nMaxClients 20\n"
+        f'BasicAuth {user} {password}\nLogLevel Info\nLogFile "{tmp / "tinyproxy.log"}"\n'
+        f'PidFile "{tmp / "tinyproxy.pid"}"\n'
+    )
+    proc = subprocess.Popen(
+        ["tinyproxy", "-d", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((LOCAL, port)) == 0:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, "tinyproxy did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_joiners_and_hosts_go_through_an_http_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a real HTTP proxy with CONNECT and Basic auth (tinyproxy): `--proxy`,
+    HTTP_PROXY, NO_PROXY, a wrong password as one line, and a host's tunnel too."""
+    key = make_key(tmp_path / "j")
+    with tinyproxy(tmp_path, "pxuser", "pxpass") as proxy_port:
+        async with ws_relay() as relay:
+            good = HTTPProxy(LOCAL, proxy_port, "pxuser", "pxpass")
+            tunnel = make_tunnel(relay.ws_port, tmp_path)
+            tunnel.url = RelayURL.parse(f"ws://{LOCAL}:{relay.ws_port}")
+            tunnel.ws_proxy = good
+            host = await start_host(relay.ws_port, tmp_path, tunnel=tunnel)
+            ws = f"ws://{host.token}@{LOCAL}:{relay.ws_port}"
+            proxy_url = f"http://pxuser:pxpass@{LOCAL}:{proxy_port}"
+            try:
+                via_flag = f"{VENV_BIN}/upterm proxy --proxy {proxy_url} {ws}"
+                joiner = await SshJoiner.start(
+                    relay.port, host.token, key, "-o", f"ProxyCommand={via_flag}"
+                )
+                assert await joiner.expect(b"$ "), bytes(joiner.out)
+                joiner.type(b"echo via-proxy-$((6*7))\r")
+                assert await joiner.expect(b"via-proxy-42"), bytes(joiner.out)
+                await joiner.leave()
+                # From the environment, as curl and git read it.
+                monkeypatch.setenv("HTTP_PROXY", proxy_url)
+                joiner = await SshJoiner.start(
+                    relay.port,
+                    host.token,
+                    key,
+                    "-o",
+                    f"ProxyCommand={proxy_command(relay.ws_port, host.token)}",
+                )
+                assert await joiner.expect(b"$ "), bytes(joiner.out)
+                await joiner.leave()
+                log = (tmp_path / "tinyproxy.log").read_text()
+                assert log.count(f"CONNECT {LOCAL}:{relay.ws_port}") >= 3, log[-2000:]
+                # NO_PROXY: straight there, even with a proxy that is not listening.
+                monkeypatch.setenv("HTTP_PROXY", f"http://{LOCAL}:1")
+                monkeypatch.setenv("NO_PROXY", f"localhost,{LOCAL}")
+                joiner = await SshJoiner.start(
+                    relay.port,
+                    host.token,
+                    key,
+                    "-o",
+                    f"ProxyCommand={proxy_command(relay.ws_port, host.token)}",
+                )
+                assert await joiner.expect(b"$ "), bytes(joiner.out)
+                await joiner.leave()
+                monkeypatch.delenv("NO_PROXY")
+                text = await proxy_refusal(ws)
+                assert text == f"upterm: cannot reach the proxy {LOCAL}:1: Connection refused\n"
+                bad = f"http://pxuser:wrong@{LOCAL}:{proxy_port}"
+                text = await proxy_refusal(ws, "--proxy", bad)
+                assert text.startswith(f"upterm: the proxy {LOCAL}:{proxy_port} refused to connect")
+                # tinyproxy answers 401 where RFC 9110 says 407: both get the hint.
+                assert "401 Unauthorized (check the proxy's user and password)" in text
+                assert text.count("\n") == 1
+            finally:
+                host.close()

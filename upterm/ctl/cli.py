@@ -1112,7 +1112,21 @@ cli.add_command(config_cmd, "config")
 
 @cli.command()
 @click.argument("url", metavar="wss://TOKEN@RELAY")
-def proxy(url: str) -> None:
+@click.option(
+    "--ca-file",
+    default=None,
+    metavar="PEM",
+    help="Check the relay's certificate against these CAs instead of the system store.",
+)
+@click.option(
+    "--proxy",
+    "http_proxy",
+    default=None,
+    metavar="http://[USER:PASS@]HOST:PORT",
+    help="Go through this HTTP proxy (CONNECT). Default: HTTPS_PROXY / HTTP_PROXY unless "
+    "NO_PROXY lists the relay.",
+)
+def proxy(url: str, ca_file: str | None, http_proxy: str | None) -> None:
     """Carry an SSH connection over WebSocket: an OpenSSH ProxyCommand for joiners whose
     network lets only HTTP(S) out.
 
@@ -1129,7 +1143,11 @@ def proxy(url: str) -> None:
         _fail(exc)
     if not target.user:
         _fail(ConfigError(f"{url!r} carries no token; use wss://TOKEN@RELAY"))
-    _run(wsclient.run_proxy(target, wire.CLIENT_CLIENT_VERSION))
+    try:
+        through = wsclient.proxy_for(target, http_proxy)
+    except UptermError as exc:
+        _fail(exc)
+    _run(wsclient.run_proxy(target, wire.CLIENT_CLIENT_VERSION, ca_file, through))
 
 
 # --- daemon, version, completion ------------------------------------------------------------

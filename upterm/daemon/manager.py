@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncssh
 
-from upterm import __version__, adminproto, keyopts, paths, wire
+from upterm import __version__, adminproto, keyopts, paths, wire, wsclient
 from upterm.daemon.admin import AdminConnection, AdminServer
 from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
 from upterm.daemon.localrelay import LocalRelay
@@ -443,6 +443,10 @@ class Manager:
             keepalive_s=req.keepalive_s,
             identities=identities,
             agent_path=req.env.get("SSH_AUTH_SOCK") or None,
+            # The proxy of the terminal that asked, as ssh would use its environment.
+            ws_proxy=(
+                wsclient.proxy_for(url.websocket_url(""), None, req.env) if url.websocket else None
+            ),
         )
         reg = await tunnel.connect(authorized)
         sid = reg.session_id

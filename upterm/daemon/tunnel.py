@@ -36,7 +36,7 @@ from upterm.errors import (
 )
 from upterm.keys import EXTRA_KEY_TYPES, Ed25519Key, KeyPair
 from upterm.text import printable
-from upterm.wsclient import WebSocketTunnel, WebSocketURL
+from upterm.wsclient import HTTPProxy, WebSocketTunnel, WebSocketURL
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,11 @@ class Tunnel:
         keepalive_s: float = KEEPALIVE_INTERVAL_S,
         identities: Sequence[asyncssh.SSHKey] = (),
         agent_path: str | None = None,
+        ws_proxy: HTTPProxy | None = None,
     ) -> None:
         self.url = url
+        #: The HTTP proxy a WebSocket relay is reached through (None: direct).
+        self.ws_proxy = ws_proxy
         self.trust = trust
         self._key = session_key
         self._ssh_key = asyncssh.import_private_key(session_key.private_openssh())
@@ -300,7 +303,9 @@ class Tunnel:
                     encoding=None,
                     tunnel=(
                         WebSocketTunnel(
-                            self.url.websocket_url(getpass.getuser()), wire.HOST_CLIENT_VERSION
+                            self.url.websocket_url(getpass.getuser()),
+                            wire.HOST_CLIENT_VERSION,
+                            self.ws_proxy,
                         )
                         if self.url.websocket
                         else ()

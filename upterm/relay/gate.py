@@ -30,6 +30,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -531,6 +532,9 @@ class GatedListener:
         self._closed = asyncio.Event()
         self._serving = False
         self._bound_port = port
+        #: TLS for every new connection (None: plain TCP); replaced on reload, so renewed
+        #: certificates apply to new connections without a restart.
+        self.tls: ssl.SSLContext | None = None
 
     async def create_server(
         self, session_factory: Callable[[str, int], Any], _host: str, _port: int
@@ -671,7 +675,16 @@ class GatedListener:
     async def _connect(self, conn: socket.socket, gate: Gate) -> None:
         assert self._loop is not None
         try:
-            await self._loop.connect_accepted_socket(lambda: gate, conn)
-        except OSError:
+            if self.tls is None:
+                await self._loop.connect_accepted_socket(lambda: gate, conn)
+            else:
+                # The gate's deadline covers the TLS handshake too.
+                await self._loop.connect_accepted_socket(
+                    lambda: gate,
+                    conn,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=self.cfg.handshake_timeout_s,
+                )
+        except (OSError, ssl.SSLError, TimeoutError):
             conn.close()
             gate.abandon()

@@ -205,7 +205,16 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    def reload_keys() -> None:
+    def reload() -> None:
+        try:
+            relay.reload_tls()
+        except ConfigError as exc:
+            logger.error("SIGHUP: kept the previous TLS certificate: %s", exc)
+        else:
+            if relay.serves_tls:
+                logger.info("SIGHUP: reloaded the TLS certificate")
+        if not authorized_keys:
+            return
         try:
             relay.host_keys = load_host_keys(authorized_keys)
         except ConfigError as exc:
@@ -214,8 +223,7 @@ async def serve(
         count = len(relay.host_keys) if relay.host_keys is not None else "any"
         logger.info("SIGHUP: reloaded --authorized-keys (%s keys)", count)
 
-    if authorized_keys:
-        loop.add_signal_handler(signal.SIGHUP, reload_keys)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     notifier.send(f"STOPPING=1\nSTATUS=draining {len(relay.connections)} connections")
     relay.draining = True  # /ready says 503 from now on
@@ -243,6 +251,12 @@ async def serve(
     }
 )
 @click.option("--ssh-addr", default=DEFAULT_SSH_ADDR, show_default=True, help="SSH listen address.")
+@click.option(
+    "--tls-cert",
+    default="",
+    help="With --ws-addr: serve TLS (wss://) with this PEM certificate chain; SIGHUP reloads it.",
+)
+@click.option("--tls-key", default="", help="The private key for --tls-cert (PEM).")
 @click.option(
     "--ws-addr",
     default="",
@@ -405,6 +419,8 @@ async def serve(
 @click.version_option(__version__, prog_name="uptermd")
 def main(
     ssh_addr: str,
+    tls_cert: str,
+    tls_key: str,
     ws_addr: str,
     node_addr: str,
     state_dir: Path | None,
@@ -446,6 +462,10 @@ def main(
     try:
         host, port = split_addr(ssh_addr)
         ws_at = split_addr(ws_addr) if ws_addr else None
+        if bool(tls_cert) != bool(tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
+        if tls_cert and ws_at is None:
+            raise ConfigError("--tls-cert is for the WebSocket listener: add --ws-addr")
         keys = load_host_keys(authorized_keys)
         if ssh_proxy_protocol and not proxy_protocol_from:
             raise ConfigError(
@@ -499,6 +519,7 @@ def main(
             ),
             host_keys=keys,
             ws_addr=ws_at,
+            ws_tls=(tls_cert, tls_key) if tls_cert else None,
         )
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))
     except UptermError as exc:

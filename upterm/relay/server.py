@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import asyncssh
 from asyncssh.constants import OPEN_REQUEST_PTY_FAILED, OPEN_REQUEST_SESSION_FAILED
 
 from upterm import sshcompat, wire
-from upterm.errors import RemoteProtocolError
+from upterm.errors import ConfigError, RemoteProtocolError
 from upterm.keys import Ed25519Key, KeyPair, PrivateHostKey
 from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
 from upterm.relay.guard import RelayGuard, RelayLimits
@@ -101,6 +102,22 @@ class _ForwardedStreamTunnel:
         )
 
 
+def load_tls(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files (the certificate file may hold the chain)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            f"cannot use --tls-cert {cert} with --tls-key {key}: {reason}; check that both "
+            "are PEM files, readable, and belong together"
+        ) from exc
+    return context
+
+
 class Relay:
     """Lifecycle of one uptermd node's SSH listener."""
 
@@ -118,10 +135,13 @@ class Relay:
         host_keys: frozenset[bytes] | None = None,
         metrics: RelayMetrics | None = None,
         ws_addr: tuple[str, int] | None = None,
+        ws_tls: tuple[str, str] | None = None,
     ) -> None:
         self.identity = identity
         #: Where the WebSocket listener binds (``--ws-addr``); None: no WebSocket.
         self._ws_addr = ws_addr
+        #: ``--tls-cert``, ``--tls-key``: the WebSocket listener serves TLS itself.
+        self._ws_tls = ws_tls
         self._ws_listener: WebSocketListener | None = None
         self._ws_server: asyncssh.SSHAcceptor | None = None
         self._hostnames = hostnames
@@ -192,8 +212,21 @@ class Relay:
                 dataclasses.replace(self.gate_cfg, proxy_protocol=False),
                 refuse_user=self._ws_refusal,
             )
+            if self._ws_tls is not None:
+                self._ws_listener.tls = load_tls(*self._ws_tls)
             self._ws_server = await self._listen(self._ws_listener, host_keys)
             log.info("uptermd WebSocket listener on %s:%d", self._ws_addr[0], self.ws_port)
+
+    def reload_tls(self) -> None:
+        """Read the certificate and key again (SIGHUP): new connections get them, open
+        ones keep theirs. Raises :class:`ConfigError` and keeps the old ones on failure."""
+        if self._ws_tls is not None and self._ws_listener is not None:
+            self._ws_listener.tls = load_tls(*self._ws_tls)
+
+    @property
+    def serves_tls(self) -> bool:
+        """Whether the WebSocket listener serves TLS itself."""
+        return self._ws_tls is not None
 
     @property
     def ws_port(self) -> int:

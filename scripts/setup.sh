@@ -28,8 +28,10 @@ command -v dbclient >/dev/null || missing+=(dropbear-bin)
 command -v plink >/dev/null || missing+=(putty-tools)
 # The benchmarks' baseline is a stock OpenSSH server (started by them on loopback only).
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
-# An HTTP proxy (CONNECT, Basic auth) for the WebSocket tests.
+# An HTTP proxy (CONNECT, Basic auth) and a TLS-terminating reverse proxy for the
+# WebSocket tests.
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
+[ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 # To build OpenSSH 10's client for the joiner matrix (scripts/openssh10.sh).
 for pkg in gcc make curl libssl-dev zlib1g-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

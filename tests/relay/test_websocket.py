@@ -446,3 +446,101 @@ async def test_joiners_and_hosts_go_through_an_http_proxy(
                 assert text.count("\n") == 1
             finally:
                 host.close()
+
+
+#: The nginx site in docs/operating-uptermd.md, as the test runs it (TLS at nginx).
+NGINX_LOCATION = """
+        location / {
+            proxy_pass http://127.0.0.1:%(ws_port)d;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+"""
+
+
+@contextlib.contextmanager
+def nginx(tmp: Path, ws_port: int, cert: Path, key: Path) -> Iterator[int]:
+    """Debian's nginx terminating TLS in front of the WebSocket listener; yields its port."""
+    with socket.socket() as probe:
+        probe.bind((LOCAL, 0))
+        port = probe.getsockname()[1]
+    prefix = tmp / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    location = NGINX_LOCATION % {"ws_port": ws_port}
+    conf.write_text(
+        f"daemon off;\nmaster_process off;\npid {prefix}/nginx.pid;\n"
+        f"error_log {prefix}/error.log info;\nevents {{ worker_connections 64; }}\n"
+        "http {\n"
+        f"    access_log {prefix}/access.log;\n"
+        f"    client_body_temp_path {prefix}/body;\n    proxy_temp_path {prefix}/proxy;\n"
+        "    server {\n"
+        f"        listen {LOCAL}:{port} ssl;\n"
+        f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
+        f"{location}"
+        "    }\n}\n"
+    )
+    proc = subprocess.Popen(
+        ["nginx", "-p", str(prefix), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((LOCAL, port)) == 0:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
+            )
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_behind_nginx_with_tls_hosts_and_joiners_get_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented nginx site, TLS at nginx: a host's tunnel and a joiner's ProxyCommand
+    both cross it over wss://, and the health page answers through it."""
+    key = make_key(tmp_path / "j")
+    cert, cert_key = self_signed(tmp_path, "edge")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operating-uptermd.md").read_text()
+    assert NGINX_LOCATION.replace("%(ws_port)d", "8080").strip() in doc
+    async with ws_relay() as relay:
+        with nginx(tmp_path, relay.ws_port, cert, cert_key) as edge:
+            import ssl
+
+            reader, writer = await asyncio.open_connection(
+                LOCAL, edge, ssl=ssl.create_default_context(), server_hostname="localhost"
+            )
+            writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            health = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert health.startswith(b"HTTP/1.1 200 OK") and health.endswith(b"OK")
+            tunnel = make_tunnel(edge, tmp_path)
+            tunnel.url = RelayURL.parse(f"wss://localhost:{edge}")
+            host = await start_host(edge, tmp_path, tunnel=tunnel)
+            try:
+                wss = f"wss://{host.token}@localhost:{edge}"
+                joiner = await SshJoiner.start(
+                    relay.port, host.token, key,
+                    "-o", f"ProxyCommand={VENV_BIN}/upterm proxy {wss}",
+                )  # fmt: skip
+                assert await joiner.expect(b"$ "), bytes(joiner.out)
+                joiner.type(b"echo behind-nginx-$((6*7))\r")
+                assert await joiner.expect(b"behind-nginx-42"), bytes(joiner.out)
+                joiner.type(b"head -c 2000000 /dev/zero | tr '\\0' y | wc -c\r")
+                assert await joiner.expect(b"2000000"), bytes(joiner.out[-300:])
+                await joiner.leave()
+            finally:
+                host.close()

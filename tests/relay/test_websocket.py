@@ -544,3 +544,48 @@ async def test_behind_nginx_with_tls_hosts_and_joiners_get_through(
                 await joiner.leave()
             finally:
                 host.close()
+
+
+async def test_the_ssh_config_stanza_of_a_websocket_session_joins(tmp_path: Path) -> None:
+    """`upterm session ssh-config` for a host on a ws:// relay: the stanza carries the
+    ProxyCommand (a Port line would send ssh to a port with no SSH behind it), and OpenSSH
+    joins with it as written, the relay's key pinned from the stanza's comment."""
+    from upterm.ctl import render
+
+    key = make_key(tmp_path / "j")
+    async with ws_relay() as relay:
+        tunnel = make_tunnel(relay.ws_port, tmp_path)
+        tunnel.url = RelayURL.parse(f"ws://{LOCAL}:{relay.ws_port}")
+        host = await start_host(relay.ws_port, tmp_path, tunnel=tunnel)
+        try:
+            relay_key = wire.PublicKey(tunnel.relay_key_blob).authorized_key_line().decode()
+            info = {
+                "sessionId": host.reg.session_id, "name": "wspair", "host": str(tunnel.url),
+                "sshUser": host.token, "relayHostKey": relay_key.strip(),
+            }  # fmt: skip
+            stanza = render.ssh_config(info)
+            assert f"    ProxyCommand upterm proxy ws://{host.token}@{LOCAL}:{relay.ws_port}\n" in (
+                stanza + "\n"
+            )
+            assert "    Port " not in stanza
+            known = [ln[2:] for ln in stanza.splitlines() if ln.startswith(f"# {LOCAL} ")]
+            assert len(known) == 1
+            (tmp_path / "known_hosts").write_text(known[0] + "\n")
+            (tmp_path / "config").write_text(
+                stanza.replace("upterm proxy", f"{VENV_BIN}/upterm proxy")
+                + f"\nHost *\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {tmp_path / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+                "  BatchMode yes\n"
+            )
+            proc = await asyncio.create_subprocess_exec(
+                "ssh", "-F", str(tmp_path / "config"), "-tt", "wspair",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            joiner = SshJoiner(proc)
+            assert await joiner.expect(b"$ "), bytes(joiner.out)
+            joiner.type(b"echo stanza-ws-$((6*7))\r")
+            assert await joiner.expect(b"stanza-ws-42"), bytes(joiner.out)
+            await joiner.leave()
+        finally:
+            host.close()

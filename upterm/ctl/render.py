@@ -100,20 +100,23 @@ def as_json(value: Any) -> str:
 def ssh_config(info: dict[str, Any]) -> str:
     """OpenSSH ``Host`` stanzas for joining the session (through the relay, and end to end
     with every host key pinned), plus the relay's known_hosts line."""
-    parts = urlsplit(str(info.get("host", "")))
-    host, port = parts.hostname or "", parts.port or 22
+    relay = str(info.get("host", ""))
+    parts = urlsplit(relay)
+    websocket = parts.scheme in ("ws", "wss")
+    host, port = parts.hostname or "", 22 if websocket else parts.port or 22
     alias = str(info.get("name") or info.get("sessionId"))
     known_name = host if port == 22 else f"[{host}]:{port}"
     token = str(info.get("sshUser"))
     lines = [f"# upterm session {info.get('sessionId')}"]
     if not info.get("e2eOnly"):
-        lines += [
-            f"Host {alias}",
-            f"    HostName {host}",
-            f"    Port {port}",
-            f"    User {token}",
-            "    RequestTTY yes",
-        ]
+        lines += [f"Host {alias}", f"    HostName {host}"]
+        if websocket:
+            # SSH over the relay's WebSocket listener: upterm proxy carries it.
+            url = relay.replace("://", f"://{token}@", 1)
+            lines.append(f"    ProxyCommand upterm proxy {url}")
+        else:
+            lines.append(f"    Port {port}")
+        lines += [f"    User {token}", "    RequestTTY yes"]
     host_keys = [str(k) for k in info.get("hostKeys") or [info.get("hostKey")] if k]
     if host_keys and info.get("e2eCommand"):
         jump_host = f"[{host}]" if ":" in host else host

@@ -131,6 +131,11 @@ class WebSocketCarrier(asyncio.Protocol):
             self._frames(data)
             return
         self._head += data
+        # Parse only once the head can be complete: a peer dripping its head a byte at a
+        # time must not make each byte re-scan all that came before (O(n) in all, not n^2).
+        start = max(0, len(self._head) - len(data) - 3)
+        if self._head.find(b"\r\n\r\n", start) < 0 and len(self._head) <= wsproto.MAX_HEAD_BYTES:
+            return
         try:
             parsed = wsproto.parse_head(self._head)
             if parsed is None:

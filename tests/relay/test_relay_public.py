@@ -398,7 +398,9 @@ async def shell_roundtrip(conn: asyncssh.SSHClientConnection, n: int) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def inproc_relay(**limits: Any) -> AsyncIterator[Relay]:
+async def inproc_relay(
+    ws_addr: tuple[str, int] | None = None, **limits: Any
+) -> AsyncIterator[Relay]:
     limits.setdefault("penalties", PenaltyConfig(exempt=parse_networks([LOCAL])))
     relay = Relay(
         RelayIdentity.from_key(Ed25519Key.generate()),
@@ -407,6 +409,7 @@ async def inproc_relay(**limits: Any) -> AsyncIterator[Relay]:
         node_addr=None,
         version="0.1.0",
         limits=RelayLimits(**limits),
+        ws_addr=ws_addr,
     )
     await relay.start()
     try:

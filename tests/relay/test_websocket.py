@@ -9,14 +9,14 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import VENV_BIN, make_key
-from tests.relay.test_relay_public import LOCAL, SshJoiner, make_tunnel, start_host
+from tests.relay.test_relay_public import LOCAL, SshJoiner, inproc_relay, make_tunnel, start_host
 from upterm import wire, wsproto
 from upterm.daemon.tunnel import RelayURL
 from upterm.keys import Ed25519Key
@@ -37,23 +37,9 @@ def no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.lower(), raising=False)
 
 
-@contextlib.asynccontextmanager
-async def ws_relay(**limits: Any) -> AsyncIterator[Relay]:
-    limits.setdefault("penalties", PenaltyConfig(exempt=parse_networks([LOCAL])))
-    relay = Relay(
-        RelayIdentity.from_key(Ed25519Key.generate()),
-        host=LOCAL,
-        port=0,
-        node_addr=None,
-        version="0.1.0",
-        limits=RelayLimits(**limits),
-        ws_addr=(LOCAL, 0),
-    )
-    await relay.start()
-    try:
-        yield relay
-    finally:
-        relay.close()
+def ws_relay(**limits: Any) -> contextlib.AbstractAsyncContextManager[Relay]:
+    """The in-process relay of test_relay_public, with a WebSocket listener too."""
+    return inproc_relay(ws_addr=(LOCAL, 0), **limits)
 
 
 async def http(port: int, request: bytes) -> bytes:
@@ -587,5 +573,47 @@ async def test_the_ssh_config_stanza_of_a_websocket_session_joins(tmp_path: Path
             joiner.type(b"echo stanza-ws-$((6*7))\r")
             assert await joiner.expect(b"stanza-ws-42"), bytes(joiner.out)
             await joiner.leave()
+        finally:
+            host.close()
+
+
+async def test_a_head_dripped_byte_by_byte_costs_linear_time_and_spares_a_bystander(
+    tmp_path: Path,
+) -> None:
+    """Peers dripping an almost 8 KiB request head a byte at a time (each byte its own segment):
+    the door looks for the head's end only in what arrived, and a joiner's echo stays quick."""
+    key = make_key(tmp_path / "j")
+    async with ws_relay() as relay:
+        host = await start_host(relay.port, tmp_path)
+        try:
+            bystander = await SshJoiner.start(relay.port, host.token, key)
+            assert await bystander.expect(b"$ ")
+
+            async def drip() -> bytes:
+                reader, writer = await asyncio.open_connection(LOCAL, relay.ws_port)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                head = b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 8000 + b"\r\n\r\n"
+                for i in range(len(head)):
+                    writer.write(head[i : i + 1])
+                    await writer.drain()
+                    if i % 64 == 0:
+                        await asyncio.sleep(0)
+                answer = await asyncio.wait_for(reader.read(), 20)
+                writer.close()
+                return answer
+
+            drips = [asyncio.ensure_future(drip()) for _ in range(3)]
+            worst = 0.0
+            for i in range(5):
+                start = time.perf_counter()
+                bystander.type(f"echo drip-$((200+{i}))\r".encode())
+                assert await bystander.expect(f"drip-{200 + i}".encode())
+                worst = max(worst, time.perf_counter() - start)
+            answers = await asyncio.gather(*drips)
+            # Just under the 8 KiB bound: parsed once, at its end, and answered.
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+            assert worst < 1.0, worst
+            await bystander.leave()
         finally:
             host.close()

@@ -272,6 +272,9 @@ class CreateSession:
     approve_timeout_s: float = 60.0
     default_role: str = "typist"
     source_roles: dict[str, str] = field(default_factory=dict)
+    #: For a ws:// or wss:// relay: the HTTP proxy (``--proxy``) and CA file (``--ca-file``).
+    ws_proxy: str | None = None
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -468,6 +471,8 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             approve_timeout_s=_approve_timeout(obj),
             default_role=_choice(obj, "default_role", ROLES, "typist"),
             source_roles=_source_roles(obj),
+            ws_proxy=_str(obj, "ws_proxy", required=False),
+            ca_file=_str(obj, "ca_file", required=False),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")

@@ -221,7 +221,7 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot use --ca-file {ca_file}: {exc}") from exc
+        raise ConfigError(f"cannot use the CA file {ca_file}: {exc}") from exc
 
 
 async def open_websocket(
@@ -384,18 +384,23 @@ class WebSocketTunnel:
     """asyncssh's ``tunnel=`` for ``connect``: the SSH connection runs over a WebSocket."""
 
     def __init__(
-        self, url: WebSocketURL, client_version: str, proxy: HTTPProxy | None = None
+        self,
+        url: WebSocketURL,
+        client_version: str,
+        proxy: HTTPProxy | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self._url = url
         self._version = client_version
         self._proxy = proxy
+        self._ca_file = ca_file
 
     async def create_connection(
         self, session_factory: Callable[[], asyncio.Protocol], _host: str, _port: int
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         """Dial, upgrade, and hand the upgraded stream to asyncssh's connection."""
         url = self._url
-        context = tls_context(None) if url.secure else None
+        context = tls_context(self._ca_file) if url.secure else None
         loop = asyncio.get_running_loop()
         proxy = self._proxy
         version = self._version

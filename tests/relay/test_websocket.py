@@ -219,7 +219,6 @@ async def test_a_host_over_websocket_is_joined_over_ssh_and_websocket(tmp_path: 
                 f"ssh -o ProxyCommand='upterm proxy ws://{host.token}@{LOCAL}:{relay.ws_port}' "
                 f"{host.token}@{LOCAL}"
             )
-            assert tunnel.url.e2e_join_command(host.token, "k") == ""
             (host_link,) = [c for c in relay.connections if c.is_host]
             assert host_link.conn.get_extra_info("upterm_websocket") is True
             for extra in ((), ("-o", f"ProxyCommand={proxy_command(relay.ws_port, host.token)}")):
@@ -573,6 +572,78 @@ async def test_the_ssh_config_stanza_of_a_websocket_session_joins(tmp_path: Path
             joiner.type(b"echo stanza-ws-$((6*7))\r")
             assert await joiner.expect(b"stanza-ws-42"), bytes(joiner.out)
             await joiner.leave()
+        finally:
+            host.close()
+
+
+async def test_end_to_end_joins_over_websocket_as_printed_and_from_the_stanza(
+    tmp_path: Path,
+) -> None:
+    """A host on a ws:// relay prints an end-to-end line (an ``ssh -W`` jump carried by
+    upterm proxy, the host's key pinned); OpenSSH joins with it as printed and with the
+    ``-e2e`` stanza, and the relay carries only ciphertext."""
+    import shlex
+
+    from upterm.ctl import render
+
+    key = make_key(tmp_path / "j")
+    async with ws_relay() as relay:
+        seen: dict[str, bytearray] = {"relay": bytearray(), "splice": bytearray()}
+        relay.observer = lambda mode, data: seen[mode].extend(data)
+        tunnel = make_tunnel(relay.ws_port, tmp_path)
+        tunnel.url = RelayURL.parse(f"ws://{LOCAL}:{relay.ws_port}")
+        host = await start_host(relay.ws_port, tmp_path, tunnel=tunnel)
+        try:
+            assert host.reg.e2e_supported
+            pin = tunnel.session_key.authorized_key_line().decode().strip()
+            line = tunnel.url.e2e_join_command(host.token, pin)
+            url = f"ws://{host.token}@{LOCAL}:{relay.ws_port}"
+            assert line == (
+                f"ssh -o ProxyCommand=\"ssh -o ProxyCommand='upterm proxy {url}' -W %h:%p "
+                f"{host.token}@{LOCAL}\" -o KnownHostsCommand='/bin/echo upterm {pin}' "
+                f"{host.token}@upterm"
+            )
+            relay_key = wire.PublicKey(tunnel.relay_key_blob).authorized_key_line().decode()
+            info = {
+                "sessionId": host.reg.session_id, "name": "wse2e", "host": str(tunnel.url),
+                "sshUser": host.token, "relayHostKey": relay_key.strip(), "e2eCommand": line,
+                "hostKeys": [k.authorized_key_line().decode().strip() for k in tunnel.host_keys],
+            }  # fmt: skip
+            stanza = render.ssh_config(info)
+            assert "Host wse2e-e2e" in stanza and "ProxyJump" not in stanza
+            (tmp_path / "known_hosts").write_text(f"{LOCAL} {relay_key}")
+            config = tmp_path / "config"
+            # The test's own config reaches the jump's ssh too (a user's ~/.ssh/config does
+            # by itself).
+            local = stanza.replace("upterm proxy", f"{VENV_BIN}/upterm proxy").replace(
+                "ProxyCommand ssh -o", f"ProxyCommand ssh -F {config} -o"
+            )
+            config.write_text(
+                local + f"\nHost *\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {tmp_path / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+                "  BatchMode yes\n  LogLevel ERROR\n"
+            )
+            printed = shlex.split(line)
+            printed[2] = printed[2].replace("upterm proxy", f"{VENV_BIN}/upterm proxy")
+            printed[2] = printed[2].replace("ssh -o", f"ssh -F {config} -o", 1)
+            ways = {
+                "printed": [printed[0], "-F", str(config), "-tt", *printed[1:]],
+                "stanza": ["ssh", "-F", str(config), "-tt", "wse2e-e2e"],
+            }
+            for n, (name, argv) in enumerate(ways.items()):
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                joiner = SshJoiner(proc)
+                assert await joiner.expect(b"$ "), (name, bytes(joiner.out))
+                joiner.type(f"echo SECRET-WS-$((40+{n}))\r".encode())
+                assert await joiner.expect(f"SECRET-WS-{40 + n}".encode()), bytes(joiner.out)
+                await joiner.leave()
+                assert host.joined[-1].mode == "e2e", name
+            assert len(seen["splice"]) > 1000
+            assert b"SECRET-WS" not in seen["splice"]
+            assert seen["relay"] == b""
         finally:
             host.close()
 

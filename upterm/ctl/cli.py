@@ -342,6 +342,20 @@ def cli(ctx: click.Context) -> None:
     envvar=f"{ENV_PREFIX}_HIDE_CLIENT_IP",
     help="Show joiners' addresses as [redacted] (default: hidden when a CI variable is set).",
 )
+@click.option(
+    "--proxy",
+    "http_proxy",
+    default=None,
+    metavar="http://[USER:PASS@]HOST:PORT",
+    help="For a ws:// or wss:// relay: go through this HTTP proxy (CONNECT). Default: "
+    "HTTPS_PROXY / HTTP_PROXY unless NO_PROXY lists the relay.",
+)
+@click.option(
+    "--ca-file",
+    default=None,
+    metavar="PEM",
+    help="For a wss:// relay: check its certificate against these CAs instead of the system store.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def host(
     server: str | None,
@@ -371,6 +385,8 @@ def host(
     source_roles: tuple[str, ...],
     e2e_only: bool,
     hide_client_ip: bool | None,
+    http_proxy: str | None,
+    ca_file: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
@@ -427,15 +443,34 @@ def host(
             approve_timeout_s=parse_duration(approve_timeout),
             default_role=default_role,
             source_roles=parse_source_roles(source_roles),
+            http_proxy=http_proxy,
+            ca_file=str(Path(ca_file).expanduser().resolve()) if ca_file else None,
         )
+        check_websocket_options(opts)
         if record_input and not record:
             raise UsageError("--record-input needs --record FILE.cast")
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
         check_role_sources(opts)
-    except (UsageError, ValueError) as exc:
-        _fail(exc if isinstance(exc, UsageError) else UsageError(f"--force-command: {exc}"))
+    except (UsageError, ConfigError, ValueError) as exc:
+        _fail(exc if isinstance(exc, UptermError) else UsageError(f"--force-command: {exc}"))
     _run(_host(opts, command))
+
+
+def check_websocket_options(opts: HostOptions) -> None:
+    """``--proxy`` and ``--ca-file`` are for WebSocket relays, and must be usable: checked
+    here, so a mistake is one line before anything starts."""
+    from upterm import wsclient
+
+    if not (opts.http_proxy or opts.ca_file):
+        return
+    if opts.server and not opts.server.startswith(("ws://", "wss://")):
+        flag = "--proxy" if opts.http_proxy else "--ca-file"
+        raise UsageError(f"{flag} is for ws:// and wss:// relays; --server is {opts.server}")
+    if opts.http_proxy:
+        wsclient.HTTPProxy.parse(opts.http_proxy, "--proxy")
+    if opts.ca_file:
+        wsclient.tls_context(opts.ca_file)
 
 
 #: CI systems upstream recognises; client addresses are hidden by default under any of them.
@@ -529,6 +564,8 @@ class HostOptions:
     approve_timeout_s: float = 60.0
     default_role: str = "typist"
     source_roles: dict[str, str] = field(default_factory=dict)
+    http_proxy: str | None = None
+    ca_file: str | None = None
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -580,6 +617,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             approve_timeout_s=opts.approve_timeout_s,
             default_role=opts.default_role,
             source_roles=opts.source_roles,
+            ws_proxy=opts.http_proxy,
+            ca_file=opts.ca_file,
         )
         try:
             reply = await create()

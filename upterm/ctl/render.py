@@ -107,12 +107,12 @@ def ssh_config(info: dict[str, Any]) -> str:
     alias = str(info.get("name") or info.get("sessionId"))
     known_name = host if port == 22 else f"[{host}]:{port}"
     token = str(info.get("sshUser"))
+    url = relay.replace("://", f"://{token}@", 1)
     lines = [f"# upterm session {info.get('sessionId')}"]
     if not info.get("e2eOnly"):
         lines += [f"Host {alias}", f"    HostName {host}"]
         if websocket:
             # SSH over the relay's WebSocket listener: upterm proxy carries it.
-            url = relay.replace("://", f"://{token}@", 1)
             lines.append(f"    ProxyCommand upterm proxy {url}")
         else:
             lines.append(f"    Port {port}")
@@ -128,7 +128,13 @@ def ssh_config(info: dict[str, Any]) -> str:
             f"Host {alias}-e2e",
             "    HostName upterm",
             f"    User {token}",
-            f"    ProxyJump {token}@{jump_host}" + ("" if port == 22 else f":{port}"),
+            (
+                # ssh -W to the relay, itself carried by upterm proxy (ProxyJump cannot
+                # give its jump host a ProxyCommand).
+                f"    ProxyCommand ssh -o ProxyCommand='upterm proxy {url}' -W %h:%p {token}@{host}"
+                if websocket
+                else f"    ProxyJump {token}@{jump_host}" + ("" if port == 22 else f":{port}")
+            ),
             f'    KnownHostsCommand /usr/bin/printf "upterm %%s %%s\\n" {pins}',
             "    RequestTTY yes",
         ]

@@ -445,20 +445,19 @@ class Manager:
             agent_path=req.env.get("SSH_AUTH_SOCK") or None,
             # The proxy of the terminal that asked, as ssh would use its environment.
             ws_proxy=(
-                wsclient.proxy_for(url.websocket_url(""), None, req.env) if url.websocket else None
+                wsclient.proxy_for(url.websocket_url(""), req.ws_proxy, req.env)
+                if url.websocket
+                else None
             ),
+            # Likewise the CA file of that terminal (the daemon may have been started with
+            # another environment).
+            ca_file=req.ca_file or req.env.get("SSL_CERT_FILE") or None,
         )
         reg = await tunnel.connect(authorized)
         sid = reg.session_id
         if sid in self.sessions:
             tunnel.close()
             raise UptermError(f"the relay handed out session id {sid} twice; try again")
-        if req.e2e_only and url.websocket:
-            tunnel.close()
-            raise UptermError(
-                "--e2e-only needs an ssh:// relay: end-to-end joins over WebSocket are not "
-                "carried yet"
-            )
         if req.e2e_only and not reg.e2e_supported:
             tunnel.close()
             raise UptermError(

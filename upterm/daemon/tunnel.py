@@ -114,13 +114,25 @@ class RelayURL:
         return f"ssh {token}@{self.host}{port}"
 
     def e2e_join_command(self, token: str, host_key_line: str) -> str:
-        """The end-to-end join: the relay as a jump host, the host's key pinned inline
-        (over SSH only, so far: "" for a WebSocket relay)."""
-        if self.websocket:
-            return ""
-        jump = f"{token}@{self.host}" + ("" if self.port == 22 else f":{self.port}")
+        """The end-to-end join: the relay as a jump host, the host's key pinned inline.
+
+        Over WebSocket the jump is an ``ssh -W`` whose own ProxyCommand is ``upterm proxy``
+        (``-J`` cannot carry a ProxyCommand for its jump host).
+        """
         pin = shlex.quote(f"/bin/echo {E2E_HOST_NAME} {host_key_line}")
-        return f"ssh -J {jump} -o KnownHostsCommand={pin} {token}@{E2E_HOST_NAME}"
+        target = f"{token}@{E2E_HOST_NAME}"
+        if self.websocket:
+            jump = self.jump_command(token)
+            return f'ssh -o ProxyCommand="{jump}" -o KnownHostsCommand={pin} {target}'
+        jump = f"{token}@{self.host}" + ("" if self.port == 22 else f":{self.port}")
+        return f"ssh -J {jump} -o KnownHostsCommand={pin} {target}"
+
+    def jump_command(self, token: str) -> str:
+        """For a WebSocket relay: the ProxyCommand that carries an end-to-end join, an
+        ``ssh -W`` to the relay through ``upterm proxy`` (tokens and hosts need no quoting
+        inside double quotes: base64url, ``:`` and ``@``)."""
+        proxy = f"upterm proxy {self}".replace("://", f"://{token}@", 1)
+        return f"ssh -o ProxyCommand='{proxy}' -W %h:%p {token}@{self.host}"
 
 
 class _RelayClient(asyncssh.SSHClient):
@@ -202,10 +214,13 @@ class Tunnel:
         identities: Sequence[asyncssh.SSHKey] = (),
         agent_path: str | None = None,
         ws_proxy: HTTPProxy | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
         #: The HTTP proxy a WebSocket relay is reached through (None: direct).
         self.ws_proxy = ws_proxy
+        #: CAs a wss:// relay's certificate is checked against (None: the system store).
+        self.ca_file = ca_file
         self.trust = trust
         self._key = session_key
         self._ssh_key = asyncssh.import_private_key(session_key.private_openssh())
@@ -306,6 +321,7 @@ class Tunnel:
                             self.url.websocket_url(getpass.getuser()),
                             wire.HOST_CLIENT_VERSION,
                             self.ws_proxy,
+                            self.ca_file,
                         )
                         if self.url.websocket
                         else ()

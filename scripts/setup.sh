@@ -32,6 +32,7 @@ command -v plink >/dev/null || missing+=(putty-tools)
 # WebSocket tests.
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+[ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 # To build OpenSSH 10's client for the joiner matrix (scripts/openssh10.sh).
 for pkg in gcc make curl libssl-dev zlib1g-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -103,3 +103,31 @@ def test_private_key_files_need_one_ed25519_key_and_one_of_each_type(
     finally:
         both.proc.terminate()
         both.proc.wait(5)
+
+
+def test_proxy_options_of_the_websocket_listener_are_checked_at_start(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    """Each mistake is one line naming the flag, before anything listens."""
+    ws = ("--ws-addr", "127.0.0.1:0")
+    tls = ("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    cases = {
+        ("--ws-proxy-protocol", *ws): "--ws-proxy-protocol needs --proxy-protocol-from",
+        ("--ws-proxy-protocol", "--proxy-protocol-from", "10.0.0.5"): (
+            "--ws-proxy-protocol is for the WebSocket listener: add --ws-addr"
+        ),
+        ("--ws-forwarded-from", "10.0.0.5"): (
+            "--ws-forwarded-from is for the WebSocket listener: add --ws-addr"
+        ),
+        ("--ws-forwarded-from", "10.0.0.300", *ws): (
+            "--ws-forwarded-from: '10.0.0.300' is not an address or CIDR block"
+        ),
+        ("--ws-proxy-protocol", "--proxy-protocol-from", "10.0.0.5", *ws, *tls): (
+            "--ws-proxy-protocol cannot go with --tls-cert"
+        ),
+    }
+    for args, text in cases.items():
+        out = user_env.run(str(VENV_BIN / "uptermd"), "--state-dir", str(tmp_path / "s"), *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith(f"uptermd: {text}"), (args, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr

@@ -441,6 +441,7 @@ NGINX_LOCATION = """
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection "upgrade";
             proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_buffering off;
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
@@ -449,8 +450,9 @@ NGINX_LOCATION = """
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, ws_port: int, cert: Path, key: Path) -> Iterator[int]:
-    """Debian's nginx terminating TLS in front of the WebSocket listener; yields its port."""
+def nginx(tmp: Path, ws_port: int, cert: Path, key: Path, server_extra: str = "") -> Iterator[int]:
+    """Debian's nginx terminating TLS in front of the WebSocket listener; yields its port.
+    ``server_extra``: more lines for its server block (a test's ``proxy_bind``)."""
     with socket.socket() as probe:
         probe.bind((LOCAL, 0))
         port = probe.getsockname()[1]
@@ -467,7 +469,7 @@ def nginx(tmp: Path, ws_port: int, cert: Path, key: Path) -> Iterator[int]:
         "    server {\n"
         f"        listen {LOCAL}:{port} ssl;\n"
         f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
-        f"{location}"
+        f"{server_extra}{location}"
         "    }\n}\n"
     )
     proc = subprocess.Popen(

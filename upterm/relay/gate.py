@@ -112,17 +112,80 @@ class GateConfig:
     proxy_protocol: bool = False
     proxy_from: tuple[Network, ...] = ()
 
+    #: HTTP proxies (the WebSocket listener only) whose ``X-Forwarded-For`` is believed:
+    #: a connection from one is admitted by the client address it names, once the request
+    #: head has been read, instead of by the proxy's at accept.
+    forwarded_from: tuple[Network, ...] = ()
+
     def trusts_proxy(self, peer: str) -> bool:
         """Whether ``peer`` (the socket's address) may send us a PROXY header."""
-        if not self.proxy_protocol:
-            return False
-        try:
-            ip = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.proxy_from)
+        return self.proxy_protocol and in_networks(peer, self.proxy_from)
+
+    def trusts_forwarded(self, peer: str) -> bool:
+        """Whether ``peer`` is an HTTP proxy whose ``X-Forwarded-For`` names the client."""
+        return in_networks(peer, self.forwarded_from)
+
+
+def in_networks(addr: str, nets: tuple[Network, ...]) -> bool:
+    """Whether ``addr`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``nets``."""
+    if not nets:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in nets)
+
+
+#: At most this many ``X-Forwarded-For`` entries are looked at (from the right).
+MAX_FORWARDED_HOPS = 16
+
+
+def forwarded_client(header: str, peer: str, trusted: tuple[Network, ...]) -> str:
+    """The client's address from ``X-Forwarded-For`` as sent by ``peer`` (a trusted proxy).
+
+    Each proxy appends the address it received from, so the list is read from the right:
+    trusted proxies are skipped and the first other address is the client's. Anything left
+    of it was written by the client itself and is ignored. A malformed entry ends the walk
+    at the last address a trusted proxy vouched for (the peer itself when the header is
+    missing), so a client cannot choose its address with garbage.
+    """
+    client = peer
+    entries = [e.strip() for e in header.split(",")] if header.strip() else []
+    for entry in reversed(entries[-MAX_FORWARDED_HOPS:]):
+        addr = _forwarded_addr(entry)
+        if addr is None:
+            break
+        client = addr
+        if not in_networks(addr, trusted):
+            break
+    return client
+
+
+def _forwarded_addr(entry: str) -> str | None:
+    """An address from one entry: ``1.2.3.4``, ``1.2.3.4:5678``, ``2001:db8::1`` or
+    ``[2001:db8::1]:5678``; None when it is none of these."""
+    text = entry
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def ssh_refusal(refusal: Refusal) -> bytes:
+    """A refusal as the SSH listener says it: before the SSH version line, RFC 4253 allows
+    other lines (OpenSSH shows them with -v, nc as they are). The text is ours, never the
+    peer's."""
+    return f"upterm: {refusal.message}\r\n".encode("ascii", "replace")
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -148,12 +211,13 @@ class _TransportView(asyncio.Transport):
         super().__init__()
         self._gate = gate
         self._real = real
-        self._peername = peername
+        #: The client's address (set again when a trusted proxy names the client).
+        self.peername = peername
         self.inner_paused = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
-            return self._peername
+            return self.peername
         if name == GATE_INFO:
             return self._gate
         return self._real.get_extra_info(name, default)
@@ -217,8 +281,11 @@ class Gate(asyncio.Protocol):
         sock_peer: str,
         sock_port: int,
         admitted: bool = False,
+        refusal_bytes: Callable[[Refusal], bytes] | None = None,
     ) -> None:
         self._guard = guard
+        #: What a refused peer is told, in the listener's protocol.
+        self._refusal_bytes = refusal_bytes or ssh_refusal
         self._cfg = cfg
         self._inner_factory = inner_factory
         self._inner: asyncio.Protocol | None = None
@@ -229,6 +296,10 @@ class Gate(asyncio.Protocol):
         self.addr = sock_peer
         self.port = sock_port
         self._awaiting_header = cfg.trusts_proxy(sock_peer)
+        #: From a trusted HTTP proxy: admitted by :meth:`forwarded`, once the request head
+        #: names the client.
+        self.deferred = not admitted and not self._awaiting_header
+        self.deferred = self.deferred and cfg.trusts_forwarded(sock_peer)
         self._header = bytearray()
         #: Admitted by the accept loop already (no PROXY header to wait for).
         self._admitted = admitted
@@ -265,6 +336,9 @@ class Gate(asyncio.Protocol):
         self._deadline = loop.call_later(self._cfg.handshake_timeout_s, self._grace_exceeded)
         if self._admitted:
             self._start_inner()
+        elif self.deferred:
+            # Not yet anyone's pre-auth connection: that waits for the client's address.
+            self._start_inner(preauth=False)
         elif not self._awaiting_header:
             self._admit()
 
@@ -397,8 +471,27 @@ class Gate(asyncio.Protocol):
         self._start_inner()
         return True
 
-    def _start_inner(self) -> None:
+    def forwarded(self, header: str) -> Refusal | None:
+        """The request head's ``X-Forwarded-For``, on a connection from a trusted HTTP
+        proxy: the client it names becomes this connection's address and is judged now as
+        any other at accept (caps, penalties). No-op on other connections."""
+        if not self.deferred or self._closed:
+            return None
+        self.deferred = False
+        self.addr = forwarded_client(header, self.addr, self._cfg.forwarded_from)
+        self.port = 0
+        if self._view is not None:
+            self._view.peername = (self.addr, self.port)
+        refusal = self._guard.admit(self.addr, time.monotonic())
+        if refusal is not None:
+            self._guard.refused(self.addr, refusal)
+            return refusal
+        self._admitted = True
         self._preauth = True
+        return None
+
+    def _start_inner(self, preauth: bool = True) -> None:
+        self._preauth = preauth
         assert self._transport is not None
         peername: Any = (self.addr, self.port)
         self._view = _TransportView(self, self._transport, peername)
@@ -412,10 +505,8 @@ class Gate(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        # Before the SSH version line, RFC 4253 allows other lines: OpenSSH shows them with
-        # -v, nc shows them as they are. The text is ours, never the peer's.
         with contextlib.suppress(Exception):
-            transport.write(f"upterm: {refusal.message}\r\n".encode("ascii", "replace"))
+            transport.write(self._refusal_bytes(refusal))
         transport.close()
 
     def _grace_exceeded(self) -> None:
@@ -578,6 +669,10 @@ class GatedListener:
             self._loop.add_reader(sock.fileno(), self._on_readable, sock)
         return self
 
+    def refusal_bytes(self, refusal: Refusal) -> bytes:
+        """What a refused connection is told (the SSH listener's way; see subclasses)."""
+        return ssh_refusal(refusal)
+
     def get_port(self) -> int:
         """The bound port (still known after the sockets closed)."""
         return self._bound_port
@@ -658,18 +753,22 @@ class GatedListener:
             host = host[len("::ffff:") :]
         factory = self._factory
         admitted = False
-        if not self.cfg.trusts_proxy(host):
+        if not self.cfg.trusts_proxy(host) and not self.cfg.trusts_forwarded(host):
             # Judge the source before any transport or SSH state exists: a refused flood
             # costs an accept and a close.
             refusal = self._guard.admit(host, time.monotonic())
             if refusal is not None:
                 self._guard.refused(host, refusal)
-                with contextlib.suppress(OSError):
-                    conn.send(f"upterm: {refusal.message}\r\n".encode("ascii", "replace"))
+                if self.tls is None:  # in clear text only: nothing is said before TLS
+                    with contextlib.suppress(OSError):
+                        conn.send(self.refusal_bytes(refusal))
                 conn.close()
                 return
             admitted = True
-        gate = Gate(self._guard, self.cfg, lambda: factory(host, port), host, port, admitted)
+        gate = Gate(
+            self._guard, self.cfg, lambda: factory(host, port), host, port, admitted,
+            self.refusal_bytes,
+        )  # fmt: skip
         self._loop.create_task(self._connect(conn, gate))
 
     async def _connect(self, conn: socket.socket, gate: Gate) -> None:

@@ -392,6 +392,18 @@ async def serve(
     help="Load balancers (addresses or CIDR blocks) whose PROXY headers are believed.",
 )
 @click.option(
+    "--ws-proxy-protocol",
+    is_flag=True,
+    help="Read a PROXY protocol v1/v2 header on the WebSocket listener (needs "
+    "--proxy-protocol-from), e.g. from HAProxy's send-proxy-v2.",
+)
+@click.option(
+    "--ws-forwarded-from",
+    multiple=True,
+    help="HTTP proxies (addresses or CIDR blocks) in front of the WebSocket listener whose "
+    "X-Forwarded-For names the client (its limits and penalties then apply to the client).",
+)
+@click.option(
     "--metric-addr",
     default="",
     help="Serve Prometheus /metrics, /health and /ready on this host:port.",
@@ -444,6 +456,8 @@ def main(
     unused_timeout: str,
     ssh_proxy_protocol: bool,
     proxy_protocol_from: tuple[str, ...],
+    ws_proxy_protocol: bool,
+    ws_forwarded_from: tuple[str, ...],
     metric_addr: str,
     drain_timeout: str,
     drain_delay: str,
@@ -467,15 +481,31 @@ def main(
         if tls_cert and ws_at is None:
             raise ConfigError("--tls-cert is for the WebSocket listener: add --ws-addr")
         keys = load_host_keys(authorized_keys)
-        if ssh_proxy_protocol and not proxy_protocol_from:
+        for flag, on in (
+            ("--ssh-proxy-protocol", ssh_proxy_protocol),
+            ("--ws-proxy-protocol", ws_proxy_protocol),
+        ):
+            if on and not proxy_protocol_from:
+                raise ConfigError(
+                    f"{flag} needs --proxy-protocol-from with your load balancers' addresses "
+                    "(a PROXY header from anyone else would let them pick their address)"
+                )
+        if ws_proxy_protocol and tls_cert:
             raise ConfigError(
-                "--ssh-proxy-protocol needs --proxy-protocol-from with your load balancers' "
-                "addresses (a PROXY header from anyone else would let them pick their address)"
+                "--ws-proxy-protocol cannot go with --tls-cert: the PROXY header would come "
+                "before TLS; terminate TLS at the proxy, or drop the PROXY protocol there"
             )
+        if (ws_proxy_protocol or ws_forwarded_from) and ws_at is None:
+            flag = "--ws-proxy-protocol" if ws_proxy_protocol else "--ws-forwarded-from"
+            raise ConfigError(f"{flag} is for the WebSocket listener: add --ws-addr")
         try:
             proxies = parse_networks(proxy_protocol_from)
         except ValueError as exc:
             raise ConfigError(f"--proxy-protocol-from: {exc}") from exc
+        try:
+            forwarders = parse_networks(ws_forwarded_from)
+        except ValueError as exc:
+            raise ConfigError(f"--ws-forwarded-from: {exc}") from exc
         handshake_s = parse_duration_s(handshake_timeout, "--handshake-timeout")
         if handshake_s <= 0:
             raise ConfigError("--handshake-timeout must be more than 0, e.g. 30s")
@@ -520,6 +550,12 @@ def main(
             host_keys=keys,
             ws_addr=ws_at,
             ws_tls=(tls_cert, tls_key) if tls_cert else None,
+            ws_gate=GateConfig(
+                handshake_timeout_s=handshake_s,
+                proxy_protocol=ws_proxy_protocol,
+                proxy_from=proxies,
+                forwarded_from=forwarders,
+            ),
         )
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))
     except UptermError as exc:

@@ -136,12 +136,16 @@ class Relay:
         metrics: RelayMetrics | None = None,
         ws_addr: tuple[str, int] | None = None,
         ws_tls: tuple[str, str] | None = None,
+        ws_gate: GateConfig | None = None,
     ) -> None:
         self.identity = identity
         #: Where the WebSocket listener binds (``--ws-addr``); None: no WebSocket.
         self._ws_addr = ws_addr
         #: ``--tls-cert``, ``--tls-key``: the WebSocket listener serves TLS itself.
         self._ws_tls = ws_tls
+        #: The WebSocket listener's door (PROXY headers, X-Forwarded-For); default: the SSH
+        #: listener's without PROXY headers.
+        self._ws_gate = ws_gate
         self._ws_listener: WebSocketListener | None = None
         self._ws_server: asyncssh.SSHAcceptor | None = None
         self._hostnames = hostnames
@@ -204,12 +208,11 @@ class Relay:
         self._server = await self._listen(self._listener, host_keys)
         log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
         if self._ws_addr is not None:
-            # The same SSH service behind the same gate; connections start as HTTP.
-            # No PROXY header there: an HTTP proxy in front says who the client is.
+            # The same SSH service behind the same guard; connections start as HTTP.
             self._ws_listener = WebSocketListener(
                 *self._ws_addr,
                 self.guard,
-                dataclasses.replace(self.gate_cfg, proxy_protocol=False),
+                self._ws_gate or dataclasses.replace(self.gate_cfg, proxy_protocol=False),
                 refuse_user=self._ws_refusal,
             )
             if self._ws_tls is not None:

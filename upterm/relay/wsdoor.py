@@ -5,6 +5,8 @@ penalties, the handshake deadline, fair turns on the event loop); behind the gat
 :class:`WebSocketDoor` reads one HTTP request:
 
 - ``GET /health``: ``OK`` (load balancers; not penalised).
+- Behind a trusted HTTP proxy (``--ws-forwarded-from``): the client address comes from
+  ``X-Forwarded-For`` and is judged once the head is read (see :meth:`Gate.forwarded`).
 - ``GET /`` or ``/getting-started``: a short plain-text page saying how to join.
 - anything else: upstream's upgrade, which needs ``Upterm-Client-Version`` and Basic auth
   carrying the token (``user:password`` = session id and node). A joiner's token must name a
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 
 from upterm import wire, wsproto
 from upterm.relay.gate import GATE_INFO, GatedListener
+from upterm.relay.policy import Refusal
 from upterm.wsconn import WebSocketCarrier
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,14 @@ class WebSocketDoor(WebSocketCarrier):
         if (path == "/" or path.startswith("/getting-started")) and not upgrade:
             self._answer(200, getting_started(head.header("host")), penalise=False)
             return
+        gate = self._transport.get_extra_info(GATE_INFO) if self._transport else None
+        if gate is not None and gate.deferred:
+            # From a trusted HTTP proxy: the client is who X-Forwarded-For says, and is
+            # judged (caps, penalties) only now.
+            refusal = gate.forwarded(head.header("x-forwarded-for"))
+            if refusal is not None:
+                self._answer(429, f"upterm: {refusal.message}\n", penalise=False)
+                return
         version = head.header("upterm-client-version")
         if not version:
             raise wsproto.HandshakeError(400, MISSING_VERSION)
@@ -137,3 +148,9 @@ class WebSocketListener(GatedListener):
             return WebSocketDoor(lambda: session_factory(peer_host, peer_port), refuse)
 
         return await super().create_server(door, host, port)
+
+    def refusal_bytes(self, refusal: Refusal) -> bytes:
+        """Refusals at this listener's gate (caps, penalties, a bad PROXY header) as HTTP:
+        a proxy in front passes them on instead of answering 502."""
+        status = 400 if refusal.reason == "proxy-header" else 429
+        return wsproto.http_response(status, f"upterm: {refusal.message}\n")

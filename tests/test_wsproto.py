@@ -222,3 +222,95 @@ def test_a_good_upgrade_is_accepted_case_insensitively() -> None:
     # RFC 6455's own example.
     assert wsproto.accept_key(key) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
     assert wsproto.parse_head(req[:20]) is None
+
+
+# --- Golden vectors: upstream's Go upterm and uptermd, built by hand from its source
+# snapshot, recorded off the wire. Header order differs from ours (Go sorts them and adds a
+# User-Agent); the bytes that matter are pinned here.
+
+#: Upstream's `upterm host --server ws://127.0.0.1:38101` (Basic "root:": its user name and
+#: an empty password).
+UPSTREAM_HOST_UPGRADE = (
+    b"GET / HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:38101\r\n"
+    b"User-Agent: Go-http-client/1.1\r\n"
+    b"Authorization: Basic cm9vdDo=\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: aBFKJNfJlbJEymJawDbtdg==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Upterm-Client-Version: SSH-2.0-upterm-host-client\r\n"
+    b"\r\n"
+)
+#: Upstream's `upterm proxy ws://SESSIONID:bm9kZTo=@127.0.0.1:38102`: the token split at its
+#: first ':' into user and password.
+UPSTREAM_PROXY_UPGRADE = (
+    b"GET / HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:38102\r\n"
+    b"User-Agent: Go-http-client/1.1\r\n"
+    b"Authorization: Basic U0VTU0lPTklEOmJtOWtaVG89\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: 5GbVEyQ9TGIBs2XAHg+qEg==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Upterm-Client-Version: SSH-2.0-upterm-client-client\r\n"
+    b"\r\n"
+)
+#: Upstream uptermd's answer to UPSTREAM_HOST_UPGRADE, and its first frame (its SSH banner).
+UPSTREAM_RELAY_ANSWER = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: 9Q2OF6j2OyuTHZ3KSyL4bgti80k=\r\n"
+    b"\r\n"
+    b"\x82\x1bSSH-2.0-uptermd-0.0.0+dev\r\n"
+)
+#: Upstream's host's first frame after the upgrade: its SSH banner, masked.
+UPSTREAM_HOST_FIRST_FRAME = bytes.fromhex(
+    "829c2089b3d073dafbfd12a783fd55f9c7b552e49eb84ffac7fd43e5dab54efdbeda"
+)
+
+
+def test_upstreams_upgrades_parse_and_carry_the_token_as_our_door_reads_it() -> None:
+    from upterm.relay.wsdoor import _basic_user
+
+    head, used = wsproto.parse_head(UPSTREAM_HOST_UPGRADE) or (None, 0)
+    assert head is not None and used == len(UPSTREAM_HOST_UPGRADE)
+    assert wsproto.check_upgrade(head) == "aBFKJNfJlbJEymJawDbtdg=="
+    assert head.header("upterm-client-version") == "SSH-2.0-upterm-host-client"
+    assert _basic_user(head.header("authorization")) == "root"
+    head, _ = wsproto.parse_head(UPSTREAM_PROXY_UPGRADE) or (None, 0)
+    assert head is not None
+    assert head.header("upterm-client-version") == "SSH-2.0-upterm-client-client"
+    assert _basic_user(head.header("authorization")) == "SESSIONID:bm9kZTo="
+
+
+def test_our_upgrade_answer_is_upstream_relays_byte_for_byte() -> None:
+    answer, _, _ = UPSTREAM_RELAY_ANSWER.partition(b"\r\n\r\n")
+    assert wsproto.upgrade_response("aBFKJNfJlbJEymJawDbtdg==") == answer + b"\r\n\r\n"
+    # ... and our client takes upstream's answer and its banner frame.
+    head, used = wsproto.parse_head(UPSTREAM_RELAY_ANSWER) or (None, 0)
+    assert head is not None
+    wsproto.check_upgrade_response(head, "aBFKJNfJlbJEymJawDbtdg==")
+    events = wsproto.Framer(client=True).feed(UPSTREAM_RELAY_ANSWER[used:])
+    assert b"".join(events.data) == b"SSH-2.0-uptermd-0.0.0+dev\r\n"
+
+
+def test_our_request_names_what_upstreams_does() -> None:
+    """Same request line, Upgrade, Connection, version, client version and credentials as
+    upstream's proxy sends (order and User-Agent aside)."""
+    ours = wsproto.upgrade_request(
+        "127.0.0.1:38102", "/", "5GbVEyQ9TGIBs2XAHg+qEg==",
+        (("Upterm-Client-Version", "SSH-2.0-upterm-client-client"),
+         ("Authorization", "Basic U0VTU0lPTklEOmJtOWtaVG89")),
+    )  # fmt: skip
+    mine, _ = wsproto.parse_head(ours) or (None, 0)
+    theirs, _ = wsproto.parse_head(UPSTREAM_PROXY_UPGRADE) or (None, 0)
+    assert mine is not None and theirs is not None
+    assert mine.start == theirs.start
+    assert {k: v for k, v in theirs.headers.items() if k != "user-agent"} == mine.headers
+
+
+def test_upstream_hosts_masked_banner_frame_is_read() -> None:
+    events = wsproto.Framer(client=False).feed(UPSTREAM_HOST_FIRST_FRAME)
+    assert b"".join(events.data) == b"SSH-2.0-upterm-host-client\r\n"

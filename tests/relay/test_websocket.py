@@ -690,3 +690,23 @@ async def test_a_head_dripped_byte_by_byte_costs_linear_time_and_spares_a_bystan
             await bystander.leave()
         finally:
             host.close()
+
+
+async def test_upstream_hosts_recorded_upgrade_is_answered_as_upstreams_relay_answers() -> None:
+    """The exact bytes upstream's Go host sends, to our listener: the same 101 its uptermd
+    gives, then our SSH banner in one binary frame, as its uptermd sends its own."""
+    from tests.test_wsproto import UPSTREAM_HOST_UPGRADE, UPSTREAM_RELAY_ANSWER
+
+    async with ws_relay() as relay:
+        reader, writer = await asyncio.open_connection(LOCAL, relay.ws_port)
+        writer.write(UPSTREAM_HOST_UPGRADE)
+        answer = b""
+        while b"SSH-2.0-" not in answer or not answer.endswith(b"\r\n"):
+            chunk = await asyncio.wait_for(reader.read(4096), 10)
+            assert chunk, answer
+            answer += chunk
+        writer.close()
+    head, _, frame = answer.partition(b"\r\n\r\n")
+    assert head == UPSTREAM_RELAY_ANSWER.partition(b"\r\n\r\n")[0]
+    banner = b"SSH-2.0-uptermd-0.1.0\r\n"
+    assert frame == bytes([0x82, len(banner)]) + banner

@@ -3,10 +3,11 @@
     python -m bench.run [--quick] [--json FILE]
 
 Baselines: a stock OpenSSH sshd started here on loopback with its own config (latency, join
-time), and reading the same PTY locally (throughput). Everything runs on 127.0.0.1 in
-processes this runner starts and stops. Printed as a table; --json writes the figures and
-the machine they were measured on. These are measurements, not tests: nothing here passes
-or fails on timing.
+time), reading the same PTY locally (throughput), and plain SSH to the same relay (SSH over
+WebSocket: a joiner through `upterm proxy`, a host with a ws:// tunnel, or both). Everything
+runs on 127.0.0.1 in processes this runner starts and stops. Printed as a table; --json
+writes the figures and the machine they were measured on. These are measurements, not
+tests: nothing here passes or fails on timing.
 """
 
 from __future__ import annotations
@@ -382,6 +383,29 @@ def flood(joiners: list[SshJoiner], size: int, limit_s: float = 600) -> list[flo
     return [j.flood / (1 << 20) / ((j.done_at or start) - start) for j in joiners]
 
 
+def paired_floods(
+    relay_pid: int, joiners: list[SshJoiner], size: int, rounds: int
+) -> list[tuple[float, float]]:
+    """Flood each joiner alone (each on a session of its own), in turn, ``rounds`` times
+    over, so that drift on a shared machine falls on all of them alike.
+
+    Returns, per joiner, its median rate (MiB/s) and uptermd's CPU per MiB it received (ms).
+    """
+    for j in joiners:  # warm-up, as for the one-joiner figure
+        flood([j], min(size, 8 << 20))
+    rates: list[list[float]] = [[] for _ in joiners]
+    cpu = [0.0] * len(joiners)
+    got = [0.0] * len(joiners)
+    for _ in range(rounds):
+        for i, j in enumerate(joiners):
+            before = cpu_seconds(relay_pid)
+            (rate,) = flood([j], size)
+            cpu[i] += cpu_seconds(relay_pid) - before
+            got[i] += j.flood / (1 << 20)
+            rates[i].append(rate)
+    return [(statistics.median(r), c / g * 1000) for r, c, g in zip(rates, cpu, got, strict=True)]
+
+
 def joined(argv: list[str], n: int) -> list[SshJoiner]:
     joiners = [SshJoiner(argv) for _ in range(n)]
     for j in joiners:
@@ -593,10 +617,12 @@ class Sizes:
     relay_sessions: tuple[int, ...]
     daemon_sessions: int
     idle_s: float  # full: longer than KEEPALIVE_INTERVAL_S, so keepalives fall inside
+    ws_bytes: int  # each WebSocket pairing (quick: enough for a few CPU clock ticks)
+    ws_rounds: int  # floods per pairing for the WebSocket throughput figures
 
 
-FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0)
-QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0)
+FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0, 64 << 20, 3)
+QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0, 4 << 20, 1)
 
 
 async def run(quick: bool) -> Report:
@@ -608,8 +634,10 @@ async def run(quick: bool) -> Report:
     with world() as w:
         w.key = KEY[0]
         # Quotas off and loopback exempt from penalties: every host and joiner here is on
-        # 127.0.0.1, and the daemon figure hosts a hundred sessions from it.
-        relay, port = w.start_relay("relay", *NO_QUOTAS)
+        # 127.0.0.1, and the daemon figure hosts a hundred sessions from it. The same relay
+        # also serves SSH over WebSocket, for the WebSocket figures beside plain SSH.
+        ws_port = free_port()
+        relay, port = w.start_relay("relay", *NO_QUOTAS, "--ws-addr", f"127.0.0.1:{ws_port}")
         sshd_port = w.start_sshd()
         server = f"ssh://127.0.0.1:{port}"
         user = os.environ.get("USER") or "root"
@@ -625,6 +653,13 @@ async def run(quick: bool) -> Report:
         def to_relay(info: dict[str, object]) -> list[str]:
             return [*ssh, "-p", str(port), f"{info['sshUser']}@127.0.0.1"]
 
+        def over_ws(info: dict[str, object]) -> list[str]:
+            """The WebSocket join line, as the card prints it for a host on a ws:// relay
+            (with this venv's upterm: the joiners run with the caller's PATH)."""
+            token = info["sshUser"]
+            proxy = f"{VENV_BIN / 'upterm'} proxy ws://{token}@127.0.0.1:{ws_port}"
+            return [*ssh, "-o", f"ProxyCommand={proxy}", f"{token}@127.0.0.1"]
+
         # The end-to-end join line as printed, with a config file: `-J` starts a second
         # ssh for the jump, which reads the same file.
         config = w.root / "ssh_config"
@@ -637,7 +672,7 @@ async def run(quick: bool) -> Report:
             return ["ssh", "-F", str(config), *shlex.split(str(info["e2eCommand"]))[1:]]
 
         # Keystroke echo: OpenSSH joiners on both sides, the same `cat` in cooked mode.
-        info = w.host("lat", server, "cat")
+        info = lat_info = w.host("lat", server, "cat")
         relay_lat = echo_latency_ms(to_relay(info), sizes.latency_samples)
         sshd_lat = echo_latency_ms([*to_sshd, "cat"], sizes.latency_samples)
         for p in (50, 99):
@@ -744,6 +779,61 @@ async def run(quick: bool) -> Report:
         report.add(Figure(
             "join time, ssh start to first byte (median)", statistics.median(ours), "ms",
             statistics.median(theirs), "OpenSSH sshd", "<= 1.3x sshd",
+        ))  # fmt: skip
+
+        # SSH over WebSocket, each beside plain SSH on the same relay. A joiner over
+        # WebSocket is OpenSSH with `upterm proxy` as its ProxyCommand (one more process and
+        # one more hop each way); a host over WebSocket carries its tunnel in the same
+        # framing. Join time first, right beside the SSH joins above, on the same session.
+        ws_join = join_time_ms(["ssh", "-tt", *over_ws(info)[1:]], n_join)
+        report.add(Figure(
+            "join time, joiner over WebSocket (median)", statistics.median(ws_join), "ms",
+            statistics.median(ours), "SSH joiner", "<= 1.3x SSH",
+        ))  # fmt: skip
+        ssh_lat = echo_latency_ms(to_relay(lat_info), sizes.latency_samples)
+        ws_lat = echo_latency_ms(over_ws(lat_info), sizes.latency_samples)
+        for p in (50, 99):
+            report.add(Figure(
+                f"echo latency, joiner over WebSocket, p{p}", pct(ws_lat, p), "ms",
+                pct(ssh_lat, p), "SSH joiner", "<= 1.2x SSH",
+            ))  # fmt: skip
+        # Throughput: each pairing on a session of its own, one joiner each (a joiner that
+        # does not read would hold its session's flood back until it counts as stalled).
+        bash = ("bash", "--norc", "--noprofile")
+        ws_server = f"ws://127.0.0.1:{ws_port}"
+        pairings = {  # name: (host's relay URL, how its joiner joins)
+            "tp-ssh": (server, to_relay),
+            "tp-ws-joiner": (server, over_ws),
+            "tp-ws-host": (ws_server, to_relay),
+            "tp-ws-both": (ws_server, over_ws),
+        }
+        legs = []
+        for name, (url, join) in pairings.items():
+            leg_info = w.host(name, url, *bash)
+            if url == ws_server:  # the card's line is the one over_ws builds
+                assert f"ws://{leg_info['sshUser']}@127.0.0.1:{ws_port}" in str(
+                    leg_info["sshCommand"]
+                ), leg_info["sshCommand"]
+            legs.extend(joined(join(leg_info), 1))
+        results = paired_floods(relay.pid, legs, sizes.ws_bytes, sizes.ws_rounds)
+        mib = sizes.ws_bytes >> 20
+        for j in legs:
+            j.close()
+        for name in pairings:
+            w.upterm("session", "stop", name)
+        (ssh_rate, ssh_cpu), ws_joiner, ws_host, ws_both = results
+        for what, (ws_rate, ws_cpu) in (("joiner", ws_joiner), ("host", ws_host)):
+            report.add(Figure(
+                f"throughput, {what} over WebSocket ({mib:g} MiB)", ws_rate, "MiB/s",
+                ssh_rate, "SSH host and joiner", ">= 0.8x SSH",
+            ))  # fmt: skip
+            report.add(Figure(
+                f"uptermd CPU per relayed MiB, {what} over WS", ws_cpu, "ms", ssh_cpu,
+                "SSH host and joiner", "figure",
+            ))  # fmt: skip
+        report.add(Figure(
+            f"throughput, host and joiner over WS ({mib:g} MiB)", ws_both[0], "MiB/s",
+            ssh_rate, "SSH host and joiner", ">= 0.8x SSH",
         ))  # fmt: skip
 
         for n_mem in sizes.relay_sessions:

@@ -37,6 +37,18 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert any(n.startswith("daemon idle wakeups") for n in names)
     assert any(n.startswith("output throughput, end-to-end join") for n in names)
     assert any(n.startswith("echo latency, end-to-end join") for n in names)
+    for over_ws in (
+        "echo latency, joiner over WebSocket, p50",
+        "echo latency, joiner over WebSocket, p99",
+        "throughput, joiner over WebSocket",
+        "uptermd CPU per relayed MiB, joiner over WS",
+        "join time, joiner over WebSocket (median)",
+        "throughput, host over WebSocket",
+        "uptermd CPU per relayed MiB, host over WS",
+        "throughput, host and joiner over WS",
+    ):
+        figure = next(f for f in data["figures"] if f["name"].startswith(over_ws))
+        assert figure["baseline"] and figure["ratio"], figure  # beside plain SSH
     for figure in data["figures"]:
         if figure["name"].startswith(("daemon idle wakeups", "uptermd CPU with")):
             assert figure["value"] >= 0, figure  # none at all is the best case

@@ -314,3 +314,13 @@ def test_our_request_names_what_upstreams_does() -> None:
 def test_upstream_hosts_masked_banner_frame_is_read() -> None:
     events = wsproto.Framer(client=False).feed(UPSTREAM_HOST_FIRST_FRAME)
     assert b"".join(events.data) == b"SSH-2.0-upterm-host-client\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 5, 4095, 4096, 70001])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_masking_matches_the_definition_in_c_and_in_python(size: int, offset: int) -> None:
+    """RFC 6455 5.3: octet i of the payload is XORed with octet (i + offset) mod 4 of the
+    key; large payloads go through websockets' C mask when it is there."""
+    data, key = os.urandom(size), os.urandom(4)
+    expected = bytes(b ^ key[(i + offset) % 4] for i, b in enumerate(data))
+    assert wsproto._mask(data, key, offset) == expected

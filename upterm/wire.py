@@ -20,18 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError, Message
 
 from upterm import sshcert
+from upterm.banners import CLIENT_CLIENT_VERSION as CLIENT_CLIENT_VERSION
+from upterm.banners import HOST_CLIENT_VERSION as HOST_CLIENT_VERSION
+from upterm.banners import HOST_SERVER_VERSION as HOST_SERVER_VERSION
+from upterm.banners import RELAY_VERSION_PREFIX as RELAY_VERSION_PREFIX
 from upterm.errors import RemoteProtocolError
 from upterm.proto import server_pb2
 
 # --- Names and banners -------------------------------------------------------------------
 
-#: The relay treats a connection as a *host* iff its client banner is exactly this.
-HOST_CLIENT_VERSION = "SSH-2.0-upterm-host-client"
-#: Banner of the host's inner SSH server (upstream's value, without its doubled prefix).
-HOST_SERVER_VERSION = "SSH-2.0-upterm-host-server"
-#: Banner used by ``upterm proxy`` style guests; any non-host banner is a guest.
-CLIENT_CLIENT_VERSION = "SSH-2.0-upterm-client-client"
-RELAY_VERSION_PREFIX = "SSH-2.0-uptermd-"
+# The banners (upterm.banners, light for upterm proxy's fast path) are names of this module.
 
 CREATE_SESSION_REQUEST = "upterm-create-session@upterm.dev"
 STREAMLOCAL_FORWARD_REQUEST = "streamlocal-forward@openssh.com"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from upterm import wsproto
+from upterm.banners import CLIENT_CLIENT_VERSION
 from upterm.errors import ConfigError, UptermError
 from upterm.wsconn import WebSocketCarrier
 
@@ -276,6 +277,25 @@ async def open_websocket(
         writer.close()
         raise
     return WebSocketStream(reader, writer, wsproto.Framer(client=True), bytes(buf[used:]))
+
+
+def proxy_main(url: str, ca_file: str | None, http_proxy: str | None) -> int:
+    """``upterm proxy``: check the arguments, carry stdin/stdout over the WebSocket, and
+    return the exit status; every failure is one ``upterm:`` line on stderr. Shared by the
+    full client and its fast path (which imports little else, so ssh's join starts sooner).
+    """
+    try:
+        target = WebSocketURL.parse(url)
+        if not target.user:
+            raise ConfigError(f"{url!r} carries no token; use wss://TOKEN@RELAY")
+        through = proxy_for(target, http_proxy)
+        return asyncio.run(run_proxy(target, CLIENT_CLIENT_VERSION, ca_file, through))
+    except UptermError as exc:
+        sys.stderr.write(f"upterm: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("upterm: interrupted\n")
+        return 130
 
 
 async def run_proxy(

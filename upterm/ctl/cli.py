@@ -1174,19 +1174,9 @@ def proxy(url: str, ca_file: str | None, http_proxy: str | None) -> None:
       ssh -o ProxyCommand='upterm proxy wss://TOKEN@relay.example.com' TOKEN@relay.example.com:443
       ssh -o ProxyCommand='upterm proxy ws://TOKEN@127.0.0.1:8080' TOKEN@127.0.0.1
     """
-    from upterm import wire, wsclient
+    from upterm import wsclient
 
-    try:
-        target = wsclient.WebSocketURL.parse(url)
-    except UptermError as exc:
-        _fail(exc)
-    if not target.user:
-        _fail(ConfigError(f"{url!r} carries no token; use wss://TOKEN@RELAY"))
-    try:
-        through = wsclient.proxy_for(target, http_proxy)
-    except UptermError as exc:
-        _fail(exc)
-    _run(wsclient.run_proxy(target, wire.CLIENT_CLIENT_VERSION, ca_file, through))
+    sys.exit(wsclient.proxy_main(url, ca_file, http_proxy))
 
 
 # --- daemon, version, completion ------------------------------------------------------------

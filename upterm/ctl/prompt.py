@@ -126,11 +126,47 @@ def answer(argv: list[str]) -> int | None:
     return 0
 
 
+def parse_proxy(argv: list[str]) -> tuple[str, str | None, str | None] | None:
+    """``proxy [--ca-file PEM] [--proxy URL] URL`` → (url, ca_file, proxy); None for
+    anything else (``--help``, a typo), which the full client answers."""
+    if not argv or argv[0] != "proxy":
+        return None
+    found: dict[str, str] = {}
+    urls: list[str] = []
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--ca-file", "--proxy") and name not in found:
+            if not eq:
+                if i + 1 >= len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            found[name] = value
+        elif arg.startswith("-") or urls:
+            return None
+        else:
+            urls.append(arg)
+        i += 1
+    if len(urls) != 1:
+        return None
+    return urls[0], found.get("--ca-file"), found.get("--proxy")
+
+
 def main() -> None:
-    """The ``upterm`` command: the prompt's fast path, else the full client."""
+    """The ``upterm`` command: the prompt's and ``upterm proxy``'s fast paths (ssh runs
+    the proxy at every join: the full client's imports would add 80 ms), else the full
+    client."""
     status = answer(sys.argv[1:])
     if status is not None:
         sys.exit(status)
+    proxy = parse_proxy(sys.argv[1:])
+    if proxy is not None:
+        from upterm.wsclient import proxy_main
+
+        sys.exit(proxy_main(*proxy))
     from upterm.ctl.cli import main as full_main
 
     full_main()

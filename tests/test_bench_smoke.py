@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,58 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
             assert figure["value"] > 0, figure
         if figure["baseline"] is not None:
             assert figure["baseline"] > 0
+
+
+#: Upstream's Go binaries, built by hand on machines that compare against upstream (CI has none).
+UPSTREAM_BIN = Path(os.environ.get("UPTERM_UPSTREAM_BIN", "/work/upstream-build/bin"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(
+    not all((UPSTREAM_BIN / name).is_file() for name in ("upterm", "uptermd")),
+    reason=f"upstream's Go binaries are not built here ({UPSTREAM_BIN})",
+)
+def test_bench_quick_run_measures_upstream_beside_ours(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick", "--upstream-bin", str(UPSTREAM_BIN),
+            "--json", str(tmp_path / "b.json"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=880,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads((tmp_path / "b.json").read_text())["figures"]
+    names = [f["name"] for f in figures]
+    assert any(n.startswith("echo latency via uptermd, p50") for n in names)  # ours still
+    assert any(n.startswith("daemon idle wakeups") for n in names)
+    for vs_upstream in (
+        "echo latency via uptermd, p50, vs upstream",
+        "echo latency via uptermd, p99, vs upstream",
+        "echo latency, our host, upstream relay, p50",
+        "echo latency, upstream host, our relay, p50",
+        "echo latency, host terminal, p50, vs upstream",
+        "throughput to 1 joiner (1 MiB), vs upstream",
+        "throughput, our host, upstream relay",
+        "throughput, upstream host, our relay",
+        "uptermd CPU per relayed MiB, vs upstream",
+        "relay CPU per MiB, our host, upstream relay",
+        "relay CPU per MiB, upstream host, our relay",
+        "join time (median), vs upstream",
+        "join time, our host, upstream relay (median)",
+        "join time, upstream host, our relay (median)",
+        "uptermd memory per idle session (50), vs upstream",
+        "uptermd CPU with 50 idle sessions, vs upstream",
+        "host memory per idle session, vs upstream RSS",
+        "host memory per idle session, vs upstream PSS",
+    ):
+        figure = next(f for f in figures if f["name"] == vs_upstream)
+        assert figure["baseline_name"].startswith("upstream"), figure
+        if "CPU" in vs_upstream:  # counted in clock ticks: 1 MiB may take none
+            assert figure["value"] >= 0 and figure["baseline"] >= 0, figure
+        else:
+            assert figure["value"] > 0 and figure["baseline"] > 0 and figure["ratio"], figure
+    sshd = next(f for f in figures if f["name"].endswith(", vs sshd"))
+    assert sshd["name"].startswith("throughput to 1 joiner") and sshd["baseline"] > 0
 
 
 def test_terminal_state_bench_quick_run_prints_each_kind_of_output() -> None:

@@ -418,3 +418,105 @@ async def test_pings_are_answered_with_their_data_within_bounds() -> None:
     assert await asyncio.wait_for(pongs.get(), 5) == b"after"
     conn.close()
     server.close()
+
+
+@pytest.mark.parametrize(
+    ("client_ciphers", "expected"),
+    [
+        # OpenSSH's default order: ChaCha20 first, AES-GCM last; steered to AES-GCM.
+        (
+            ["chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr",
+             "aes128-gcm@openssh.com", "aes256-gcm@openssh.com"],
+            "aes128-gcm@openssh.com",
+        ),
+        (["aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"], "aes256-gcm@openssh.com"),
+        # Clients without AES-GCM (some Dropbear builds) get what they take.
+        (["chacha20-poly1305@openssh.com", "aes128-ctr"], "chacha20-poly1305@openssh.com"),
+        (["aes256-ctr"], "aes256-ctr"),
+    ],
+)  # fmt: skip
+async def test_clients_that_take_aes_gcm_are_steered_to_it(
+    client_ciphers: list[str], expected: str
+) -> None:
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            sshcompat.prefer_host_key(conn, ciphers=sshcompat.AES_GCM_CIPHERS)
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=Server, server_host_keys=_KEYS[:1]
+    )
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None,
+        encryption_algs=client_ciphers,
+    )  # fmt: skip
+    assert conn.get_extra_info("send_cipher") == expected
+    assert conn.get_extra_info("recv_cipher") == expected
+    conn.close()
+    server.close()
+
+
+def test_aes_gcm_is_preferred_only_with_aes_instructions(tmp_path: Any) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+    assert sshcompat.aes_in_hardware(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not sshcompat.aes_in_hardware(str(info))
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")  # Arm
+    assert sshcompat.aes_in_hardware(str(info))
+    assert not sshcompat.aes_in_hardware(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("skipping", [False, True])
+async def test_no_ignore_packet_precedes_each_packet_once_skipped(skipping: bool) -> None:
+    """asyncssh sends an empty MSG_IGNORE before every packet; a connection given
+    skip_ignore_padding sends none (its peer counts them), and data still flows."""
+    from asyncssh.constants import MSG_IGNORE
+
+    ignored: list[int] = []
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            if skipping:
+                sshcompat.skip_ignore_padding(conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    async def handle(process: Any) -> None:
+        for _ in range(20):
+            process.stdout.write(b"x" * 1000)
+        process.exit(0)
+
+    class Client(asyncssh.SSHClient):
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            table = dict(type(conn)._packet_handlers)  # type: ignore[attr-defined]
+            original = table[MSG_IGNORE]
+
+            def count(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+                ignored.append(pktid)
+                return original(self, pkttype, pktid, packet)
+
+            table[MSG_IGNORE] = count
+            conn._packet_handlers = table  # type: ignore[attr-defined]
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=Server, server_host_keys=_KEYS[:1],
+        process_factory=handle, encoding=None,
+    )  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, client_factory=Client, username="u", known_hosts=None,
+        agent_path=None, config=None,
+    )  # fmt: skip
+    result = await conn.run(encoding=None)
+    assert result.stdout == b"x" * 20000
+    conn.close()
+    server.close()
+    if skipping:
+        assert ignored == []
+    else:
+        assert len(ignored) > 20  # one before each of its packets

@@ -1,13 +1,20 @@
 """upterm benchmarks: figures users feel, each beside a baseline measured in the same run.
 
-    python -m bench.run [--quick] [--json FILE]
+    python -m bench.run [--quick] [--json FILE] [--upstream-bin DIR]
 
 Baselines: a stock OpenSSH sshd started here on loopback with its own config (latency, join
-time), reading the same PTY locally (throughput), and plain SSH to the same relay (SSH over
-WebSocket: a joiner through `upterm proxy`, a host with a ws:// tunnel, or both). Everything
-runs on 127.0.0.1 in processes this runner starts and stops. Printed as a table; --json
-writes the figures and the machine they were measured on. These are measurements, not
-tests: nothing here passes or fails on timing.
+time, one joiner's throughput), reading the same PTY locally (throughput), and plain SSH to
+the same relay (SSH over WebSocket: a joiner through `upterm proxy`, a host with a ws://
+tunnel, or both). Everything runs on 127.0.0.1 in processes this runner starts and stops.
+Printed as a table; --json writes the figures and the machine they were measured on. These
+are measurements, not tests: nothing here passes or fails on timing.
+
+With --upstream-bin DIR (upstream's Go `upterm` and `uptermd`, built by hand), the same run
+also measures upstream's host and relay for every figure that applies (echo latency, one
+joiner's throughput and the relay's CPU per MiB, join time, relay and host memory per idle
+session), each printed as a row "..., vs upstream" whose baseline is upstream's figure (the
+ratio reads ours/upstream), and the mixed pairings (our host on their relay, their host on
+ours) beside it, so a difference can be traced to the host or the relay. See bench/upstream.py.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncssh
+
+from bench.upstream import Upstream, UpstreamHost, missing, pss_kib
 
 VENV_BIN = Path(sys.executable).parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -63,10 +72,11 @@ class Report:
 
     machine: dict[str, str]
     figures: list[Figure] = field(default_factory=list)
+    name_width: int = 46  # wider with the upstream rows' longer names
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
-        print(format_row(figure), flush=True)
+        print(format_row(figure, self.name_width), flush=True)
 
 
 def machine_info() -> dict[str, str]:
@@ -97,10 +107,10 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def format_row(f: Figure) -> str:
+def format_row(f: Figure, name_width: int = 46) -> str:
     ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
     base = f"{f.baseline:.3f} ({f.baseline_name})" if f.baseline is not None else ""
-    return f"{f.name:<46} {f.value:>10.3f} {f.unit:<6} {base:<28} {ratio:>7}  {f.target}"
+    return f"{f.name:<{name_width}} {f.value:>10.3f} {f.unit:<6} {base:<28} {ratio:>7}  {f.target}"
 
 
 def free_port() -> int:
@@ -406,6 +416,32 @@ def paired_floods(
     return [(statistics.median(r), c / g * 1000) for r, c, g in zip(rates, cpu, got, strict=True)]
 
 
+def prompt_joiner(argv: list[str]) -> SshJoiner:
+    """One joiner at its shell's prompt: a host that replays no prompt on joining (upstream
+    replays its last few writes) is asked for a fresh one."""
+    j = SshJoiner(argv)
+    try:
+        j.read_until(b"$ ", 5)
+    except TimeoutError:
+        j.type(b"\r")
+    j.settle()
+    return j
+
+
+def one_joiner_rate(argv: list[str], relay_pid: int | None, size: int) -> tuple[float, float]:
+    """A fresh joiner, warmed up as the one-joiner figure's, then one flood of ``size``: its
+    rate (MiB/s) and the relay's CPU per MiB it received (ms; 0 without a relay)."""
+    j = prompt_joiner(argv)
+    try:
+        flood([j], min(size, 8 << 20))
+        before = cpu_seconds(relay_pid) if relay_pid else 0.0
+        (rate,) = flood([j], size)
+        cpu = cpu_seconds(relay_pid) - before if relay_pid else 0.0
+        return rate, cpu / (j.flood / (1 << 20)) * 1000
+    finally:
+        j.close()
+
+
 def joined(argv: list[str], n: int) -> list[SshJoiner]:
     joiners = [SshJoiner(argv) for _ in range(n)]
     for j in joiners:
@@ -414,7 +450,20 @@ def joined(argv: list[str], n: int) -> list[SshJoiner]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc."""
+    """User + system CPU time of a process so far, from /proc: its threads' time on a CPU in
+    nanoseconds (schedstat) where the kernel keeps it, else clock ticks (stat).
+
+    Ticks come at 100 a second: a quick run's 1 MiB flood, some 10 ms of uptermd's CPU,
+    read as 0 or 1 tick. Per-thread times leave out threads that have ended; the relays here
+    keep theirs (asyncio's executor threads, Go's runtime threads)."""
+    total, seen = 0, False
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+                seen = True
+    if seen:
+        return total / 1e9
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -521,7 +570,10 @@ async def relay_idle_sessions(
 ) -> tuple[float, float]:
     """uptermd's RSS growth per idle registered session (legacy registrations, each its
     own host connection, as real hosts; from 64 loopback addresses in turn), and its CPU
-    while they sit idle (its keepalive probes and their answers), in % of one core."""
+    while they sit idle (its keepalive probes and their answers), in % of one core.
+
+    Upstream's uptermd answers the same registration. (A host that also forwards its
+    session, as real hosts do next, adds under a tenth to either relay's figure.)"""
     from upterm import sshcompat, wire
 
     before = rss_kib(relay_pid)
@@ -536,7 +588,7 @@ async def relay_idle_sessions(
             host_user="bench", host_public_keys=(KEY[0].export_public_key(),)
         )
         reply = await sshcompat.global_request(conn, wire.CREATE_SESSION_REQUEST, req.encode())
-        assert reply.ok
+        assert reply.ok, reply.payload
         conns.append(conn)
     await asyncio.sleep(0.5)
     after = rss_kib(relay_pid)
@@ -619,19 +671,39 @@ class Sizes:
     idle_s: float  # full: longer than KEEPALIVE_INTERVAL_S, so keepalives fall inside
     ws_bytes: int  # each WebSocket pairing (quick: enough for a few CPU clock ticks)
     ws_rounds: int  # floods per pairing for the WebSocket throughput figures
+    upstream_hosts: int  # upstream `upterm host` processes for the host memory figure
 
 
-FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0, 64 << 20, 3)
-QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0, 4 << 20, 1)
+FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0, 64 << 20, 3, 10)
+QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0, 4 << 20, 1, 3)
+
+#: The pairings measured beside ours with --upstream-bin: upstream's host on its relay (the
+#: baseline of every "vs upstream" row), and the two mixed ones.
+UPSTREAM = "upstream"
+OURS_ON_THEIRS = "our host, upstream relay"
+THEIRS_ON_OURS = "upstream host, our relay"
 
 
-async def run(quick: bool) -> Report:
+@dataclass
+class Leg:
+    """One session shared one of the upstream ways: how a joiner joins it, the pid of the
+    relay it goes through, and the upstream host (if the host is upstream's)."""
+
+    argv: list[str]
+    relay_pid: int
+    host: UpstreamHost | None = None
+
+
+async def run(quick: bool, upstream_bin: Path | None = None) -> Report:
     sizes = QUICK if quick else FULL
-    report = Report(machine_info())
+    report = Report(machine_info(), name_width=46 if upstream_bin is None else 54)
     print(json.dumps(report.machine, indent=2))
-    print(f"{'figure':<46} {'value':>10} {'unit':<6} {'baseline':<28} {'ratio':>7}  target")
+    print(
+        f"{'figure':<{report.name_width}} {'value':>10} {'unit':<6} {'baseline':<28}"
+        f" {'ratio':>7}  target"
+    )
     KEY.append(asyncssh.generate_private_key("ssh-ed25519"))
-    with world() as w:
+    with world() as w, contextlib.ExitStack() as stack:
         w.key = KEY[0]
         # Quotas off and loopback exempt from penalties: every host and joiner here is on
         # 127.0.0.1, and the daemon figure hosts a hundred sessions from it. The same relay
@@ -650,8 +722,39 @@ async def run(quick: bool) -> Report:
         ]  # fmt: skip
         to_sshd = [*ssh, "-p", str(sshd_port), f"{user}@127.0.0.1"]
 
+        def via(relay_port: int, token: object) -> list[str]:
+            return [*ssh, "-p", str(relay_port), f"{token}@127.0.0.1"]
+
         def to_relay(info: dict[str, object]) -> list[str]:
-            return [*ssh, "-p", str(port), f"{info['sshUser']}@127.0.0.1"]
+            return via(port, info["sshUser"])
+
+        up: Upstream | None = None
+        if upstream_bin is not None:
+            up = Upstream(upstream_bin, w.root / "upstream", w.env, key_file)
+            stack.callback(up.close)
+            up_relay, up_port = up.start_relay("relay")
+
+        @contextlib.contextmanager
+        def upstream_legs(name: str, *command: str) -> Iterator[dict[str, Leg]]:
+            """``command`` shared three more ways: upstream's host on upstream's relay, our
+            host on upstream's relay, upstream's host on our relay; stopped afterwards (the
+            daemon's figures count its sessions)."""
+            assert up is not None
+            hosts = len(up.hosts)
+            try:
+                theirs, token = up.host(up_port, *command)
+                theirs_here, here_token = up.host(port, *command)
+                ours_there = w.host(name, f"ssh://127.0.0.1:{up_port}", *command)
+                yield {
+                    UPSTREAM: Leg(via(up_port, token), up_relay.pid, theirs),
+                    OURS_ON_THEIRS: Leg(via(up_port, ours_there["sshUser"]), up_relay.pid),
+                    THEIRS_ON_OURS: Leg(via(port, here_token), relay.pid, theirs_here),
+                }
+            finally:
+                for host in up.hosts[hosts:]:
+                    up.stop(host)
+                with contextlib.suppress(RuntimeError):
+                    w.upterm("session", "stop", name)
 
         def over_ws(info: dict[str, object]) -> list[str]:
             """The WebSocket join line, as the card prints it for a host on a ws:// relay
@@ -675,11 +778,10 @@ async def run(quick: bool) -> Report:
         info = lat_info = w.host("lat", server, "cat")
         relay_lat = echo_latency_ms(to_relay(info), sizes.latency_samples)
         sshd_lat = echo_latency_ms([*to_sshd, "cat"], sizes.latency_samples)
-        for p in (50, 99):
+        for p, target in ((50, "<= 2x sshd, <= upstream; <= 1.5 ms"), (99, "<= 5 ms")):
             report.add(Figure(
                 f"echo latency via uptermd, p{p}", pct(relay_lat, p), "ms",
-                pct(sshd_lat, p), "OpenSSH sshd",
-                "p50 <= 1.5 ms, p99 <= 5 ms, <= 1.5x sshd",
+                pct(sshd_lat, p), "OpenSSH sshd", target,
             ))  # fmt: skip
         e2e_lat = echo_latency_ms(end_to_end(info), sizes.latency_samples)
         report.add(Figure(
@@ -693,6 +795,31 @@ async def run(quick: bool) -> Report:
             "echo latency, host terminal via daemon, p50", pct(own, 50), "ms",
             pct(local, 50), "local PTY", "p50 <= 0.5 ms",
         ))  # fmt: skip
+        if up is not None:
+            # The same `cat` and joiner settings through upstream's host and relay, and the
+            # mixed pairings; then upstream's own host terminal, as the daemon's above.
+            with upstream_legs("lat-up", "cat") as up_legs:
+                lats = {
+                    what: echo_latency_ms(leg.argv, sizes.latency_samples)
+                    for what, leg in up_legs.items()
+                }
+                up_cat = up_legs[UPSTREAM].host
+                assert up_cat is not None
+                up_own = up_cat.terminal_echo_ms(sizes.latency_samples)
+            for p, target in ((50, "<= upstream"), (99, "figure")):
+                report.add(Figure(
+                    f"echo latency via uptermd, p{p}, vs upstream", pct(relay_lat, p), "ms",
+                    pct(lats[UPSTREAM], p), UPSTREAM, target,
+                ))  # fmt: skip
+            for what in (OURS_ON_THEIRS, THEIRS_ON_OURS):
+                report.add(Figure(
+                    f"echo latency, {what}, p50", pct(lats[what], 50), "ms",
+                    pct(lats[UPSTREAM], 50), UPSTREAM, "(host or relay?)",
+                ))  # fmt: skip
+            report.add(Figure(
+                "echo latency, host terminal, p50, vs upstream", pct(own, 50), "ms",
+                pct(up_own, 50), UPSTREAM, "figure",
+            ))  # fmt: skip
 
         # Throughput to one joiner, and uptermd's CPU for it.
         info = w.host("tp", server, "bash", "--norc", "--noprofile")
@@ -708,10 +835,44 @@ async def run(quick: bool) -> Report:
             f"output throughput to 1 joiner ({mib:g} MiB)", rate, "MiB/s",
             local_pty_mib_s(sizes.flood_bytes), "local PTY read", ">= 0.8x local",
         ))  # fmt: skip
+        relay_cpu_mib = relay_cpu / (one.flood / (1 << 20)) * 1000
         report.add(Figure(
-            "uptermd CPU per relayed MiB", relay_cpu / (one.flood / (1 << 20)) * 1000, "ms",
-            target="figure; trend over releases",
+            "uptermd CPU per relayed MiB", relay_cpu_mib, "ms",
+            target="<= upstream; trend over releases",
         ))  # fmt: skip
+        # The same flood through a direct sshd (its shell at the same prompt): a fresh
+        # joiner, warmed up the same way.
+        sshd_shell = "env PS1='$ ' bash --norc --noprofile"
+        sshd_rate, _ = one_joiner_rate([*to_sshd, sshd_shell], None, sizes.flood_bytes)
+        report.add(Figure(
+            f"throughput to 1 joiner ({mib:g} MiB), vs sshd", rate, "MiB/s",
+            sshd_rate, "OpenSSH sshd", ">= sshd",
+        ))  # fmt: skip
+        if up is not None:
+            with upstream_legs("tp-up", "bash", "--norc", "--noprofile") as up_legs:
+                tps = {
+                    what: one_joiner_rate(leg.argv, leg.relay_pid, sizes.flood_bytes)
+                    for what, leg in up_legs.items()
+                }
+            up_rate, up_cpu = tps[UPSTREAM]
+            report.add(Figure(
+                f"throughput to 1 joiner ({mib:g} MiB), vs upstream", rate, "MiB/s",
+                up_rate, UPSTREAM, ">= upstream",
+            ))  # fmt: skip
+            for what in (OURS_ON_THEIRS, THEIRS_ON_OURS):
+                report.add(Figure(
+                    f"throughput, {what}", tps[what][0], "MiB/s", up_rate, UPSTREAM,
+                    "(host or relay?)",
+                ))  # fmt: skip
+            report.add(Figure(
+                "uptermd CPU per relayed MiB, vs upstream", relay_cpu_mib, "ms", up_cpu,
+                UPSTREAM, "<= upstream",
+            ))  # fmt: skip
+            for what in (OURS_ON_THEIRS, THEIRS_ON_OURS):
+                report.add(Figure(
+                    f"relay CPU per MiB, {what}", tps[what][1], "ms", up_cpu, UPSTREAM,
+                    "(host or relay?)",
+                ))  # fmt: skip
         (e2e,) = joined(end_to_end(info), 1)
         flood([e2e], min(sizes.flood_bytes, 8 << 20))  # warm-up, as above
         cpu_before = cpu_seconds(relay.pid)
@@ -724,8 +885,8 @@ async def run(quick: bool) -> Report:
         ))  # fmt: skip
         report.add(Figure(
             "uptermd CPU per spliced MiB (end-to-end)",
-            e2e_cpu / (e2e.flood / (1 << 20)) * 1000, "ms", relay_cpu / (one.flood / (1 << 20))
-            * 1000, "relay join", "figure",
+            e2e_cpu / (e2e.flood / (1 << 20)) * 1000, "ms", relay_cpu_mib, "relay join",
+            "figure",
         ))  # fmt: skip
 
         # Many joiners: each one's rate against one joiner's, same size, same session.
@@ -778,8 +939,24 @@ async def run(quick: bool) -> Report:
         theirs = join_time_ms(["ssh", "-tt", *to_sshd[1:], "echo ready; cat"], n_join)
         report.add(Figure(
             "join time, ssh start to first byte (median)", statistics.median(ours), "ms",
-            statistics.median(theirs), "OpenSSH sshd", "<= 1.3x sshd",
+            statistics.median(theirs), "OpenSSH sshd", "<= 1.3x sshd, <= upstream",
         ))  # fmt: skip
+        if up is not None:
+            # The shells of the throughput figures' kind, on sessions of their own.
+            with upstream_legs("join-up", "bash", "--norc", "--noprofile") as up_legs:
+                joins = {
+                    what: statistics.median(join_time_ms(["ssh", "-tt", *leg.argv[1:]], n_join))
+                    for what, leg in up_legs.items()
+                }
+            report.add(Figure(
+                "join time (median), vs upstream", statistics.median(ours), "ms",
+                joins[UPSTREAM], UPSTREAM, "<= upstream",
+            ))  # fmt: skip
+            for what in (OURS_ON_THEIRS, THEIRS_ON_OURS):
+                report.add(Figure(
+                    f"join time, {what} (median)", joins[what], "ms", joins[UPSTREAM],
+                    UPSTREAM, "(host or relay?)",
+                ))  # fmt: skip
 
         # SSH over WebSocket, each beside plain SSH on the same relay. A joiner over
         # WebSocket is OpenSSH with `upterm proxy` as its ProxyCommand (one more process and
@@ -845,7 +1022,7 @@ async def run(quick: bool) -> Report:
             )
             report.add(Figure(
                 f"uptermd memory per idle session ({n_mem})", per_session, "KiB",
-                target="<= 40 KiB",
+                target="<= 40 KiB, <= upstream",
             ))  # fmt: skip
             report.add(Figure(
                 f"uptermd CPU with {n_mem} idle sessions", idle_cpu, "% core",
@@ -853,6 +1030,22 @@ async def run(quick: bool) -> Report:
             ))  # fmt: skip
             fresh.terminate()
             fresh.wait(10)
+            if up is not None:
+                # The same registrations (their uptermd answers ours), on a fresh one too.
+                fresh, fresh_port = up.start_relay(f"relay-{n_mem}")
+                up_per_session, up_idle_cpu = await relay_idle_sessions(
+                    fresh.pid, fresh_port, n_mem, 2.0 if quick else 20.0
+                )
+                report.add(Figure(
+                    f"uptermd memory per idle session ({n_mem}), vs upstream", per_session,
+                    "KiB", up_per_session, UPSTREAM, "<= upstream",
+                ))  # fmt: skip
+                report.add(Figure(
+                    f"uptermd CPU with {n_mem} idle sessions, vs upstream", idle_cpu, "% core",
+                    up_idle_cpu, UPSTREAM, "figure (theirs probes no host)",
+                ))  # fmt: skip
+                fresh.terminate()
+                fresh.wait(10)
         # Defaults (--max-startups 100:30:1000, 32 per source): attempts from 64 addresses.
         fresh, fresh_port = w.start_relay("relay-preauth")
         attempts = 1500 if not quick else 400
@@ -868,11 +1061,29 @@ async def run(quick: bool) -> Report:
         fresh.terminate()
         fresh.wait(10)
         n_daemon = sizes.daemon_sessions
+        daemon_kib = daemon_memory_per_session_kib(w, server, n_daemon)
         report.add(Figure(
-            f"daemon memory per idle session ({n_daemon})",
-            daemon_memory_per_session_kib(w, server, n_daemon), "KiB",
+            f"daemon memory per idle session ({n_daemon})", daemon_kib, "KiB",
             target="<= 200 KiB",
         ))  # fmt: skip
+        if up is not None:
+            # Each upstream session is a `upterm host` process of its own (the shared
+            # command, as ours, not counted): its RSS, and its PSS (its share of the pages
+            # the processes share, such as the binary's), median of a few.
+            hosts = [up.host(up_port, "sleep", "3600")[0] for _ in range(sizes.upstream_hosts)]
+            await asyncio.sleep(0.5)
+            up_rss = statistics.median(rss_kib(h.pid) for h in hosts)
+            up_pss = statistics.median(pss_kib(h.pid) for h in hosts)
+            for h in hosts:
+                up.stop(h)
+            report.add(Figure(
+                "host memory per idle session, vs upstream RSS", daemon_kib, "KiB", up_rss,
+                "upstream host RSS", "figure",
+            ))  # fmt: skip
+            report.add(Figure(
+                "host memory per idle session, vs upstream PSS", daemon_kib, "KiB", up_pss,
+                "upstream host PSS", "figure",
+            ))  # fmt: skip
         # Every session's tunnel sends a keepalive each KEEPALIVE_INTERVAL_S and reads its
         # answer: that is the floor; anything above it would be idle work.
         from upterm.daemon.tunnel import KEEPALIVE_INTERVAL_S
@@ -891,10 +1102,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--upstream-bin", type=Path, metavar="DIR",
+        help="upstream's Go binaries (upterm, uptermd): measure them beside ours",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.upstream_bin is not None and (problem := missing(args.upstream_bin)):
+        parser.error(problem)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    report = asyncio.run(run(args.quick))
+    report = asyncio.run(run(args.quick, args.upstream_bin))
     if args.json:
         data = {"machine": report.machine, "figures": [
             {**asdict(f), "ratio": f.ratio} for f in report.figures

@@ -520,3 +520,44 @@ async def test_no_ignore_packet_precedes_each_packet_once_skipped(skipping: bool
         assert ignored == []
     else:
         assert len(ignored) > 20  # one before each of its packets
+
+
+def test_packet_log_lines_are_formatted_only_at_packet_debug_level() -> None:
+    """After skip_unlogged_packet_formatting, asyncssh builds no per-packet log line unless
+    its debug level is 3, and still logs every packet at 3."""
+    from asyncssh.logging import SSHLogger
+    from asyncssh.packet import SSHPacketLogger
+
+    sshcompat.skip_unlogged_packet_formatting()
+    sshcompat.skip_unlogged_packet_formatting()  # idempotent
+    formatted: list[str] = []
+
+    class Logger(SSHPacketLogger):
+        _handler_names: dict[int, str] = {94: "MSG_CHANNEL_DATA"}
+
+        def __init__(self) -> None:
+            self._logger = asyncssh.logging.logger
+
+        @property
+        def logger(self) -> Any:
+            class Sink:
+                def packet(self, pktid: Any, packet: bytes, msg: str, *args: Any) -> None:
+                    formatted.append(msg % args)
+
+            return Sink()
+
+    log = Logger()
+    log.log_sent_packet(94, 1, b"data")
+    log.log_received_packet(94, 2, b"data")
+    assert formatted == []
+    before = SSHLogger._debug_level
+    SSHLogger._debug_level = 3
+    try:
+        log.log_sent_packet(94, 3, b"data")
+        log.log_received_packet(94, 4, b"data")
+    finally:
+        SSHLogger._debug_level = before
+    assert formatted == [
+        "Sent MSG_CHANNEL_DATA (94), 4 bytes",
+        "Received MSG_CHANNEL_DATA (94), 4 bytes",
+    ]

@@ -495,6 +495,40 @@ def prefer_host_key(
 
 
 _EMPTY_STRING = b"\0\0\0\0"
+_packet_logs_checked = False
+
+
+def skip_unlogged_packet_formatting() -> None:
+    """Format asyncssh's per-packet log line only when packet logging is on.
+
+    asyncssh builds a description of every packet sent and received (its name, a plural of
+    its size, a copy of an incoming payload) before its logger checks the debug level,
+    which is 3 only with ``asyncssh.set_debug_level(3)``. Idempotent; process-wide, as
+    asyncssh's debug level is.
+    """
+    global _packet_logs_checked
+    if _packet_logs_checked:
+        return
+    _packet_logs_checked = True
+    from asyncssh.logging import SSHLogger
+    from asyncssh.packet import SSHPacketLogger
+
+    sent, received = SSHPacketLogger.log_sent_packet, SSHPacketLogger.log_received_packet
+
+    def log_sent_packet(
+        self: Any, pkttype: int, pktid: int | None, packet: Any, note: str = ""
+    ) -> None:
+        if SSHLogger._debug_level >= 3:
+            sent(self, pkttype, pktid, packet, note)
+
+    def log_received_packet(
+        self: Any, pkttype: int, pktid: int | None, packet: Any, note: str = ""
+    ) -> None:
+        if SSHLogger._debug_level >= 3:
+            received(self, pkttype, pktid, packet, note)
+
+    SSHPacketLogger.log_sent_packet = log_sent_packet  # type: ignore[method-assign]
+    SSHPacketLogger.log_received_packet = log_received_packet  # type: ignore[method-assign]
 
 
 def skip_ignore_padding(conn: Any) -> None:

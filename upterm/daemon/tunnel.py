@@ -216,6 +216,7 @@ class Tunnel:
         ws_proxy: HTTPProxy | None = None,
         ca_file: str | None = None,
     ) -> None:
+        sshcompat.skip_unlogged_packet_formatting()
         self.url = url
         #: The HTTP proxy a WebSocket relay is reached through (None: direct).
         self.ws_proxy = ws_proxy

@@ -138,6 +138,7 @@ class Relay:
         ws_tls: tuple[str, str] | None = None,
         ws_gate: GateConfig | None = None,
     ) -> None:
+        sshcompat.skip_unlogged_packet_formatting()
         self.identity = identity
         #: Where the WebSocket listener binds (``--ws-addr``); None: no WebSocket.
         self._ws_addr = ws_addr

@@ -184,3 +184,35 @@ def test_socket_activation(user_env: UserEnv) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_allocator_keeps_its_heap_through_bursts_of_output() -> None:
+    """tune_allocator: a stream of 128 KiB reads cut into SSH-sized packets, as the daemon
+    moves output, takes a handful of page faults instead of one per page per burst."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, sys
+from upterm.service import tune_allocator
+if sys.argv[1] == "tuned":
+    assert tune_allocator()
+chunk = bytes(4096)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(1000):
+    batch = b"".join([chunk] * 32)
+    packets = [batch[i:i + 32768] + b"pad" for i in range(0, len(batch), 32768)]
+    joined = b"".join(packets)
+    del batch, packets, joined
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("plain", "tuned")
+    }
+    assert faults["plain"] > 10_000, faults  # glibc's default: trimmed and regrown
+    assert faults["tuned"] < faults["plain"] / 20, faults

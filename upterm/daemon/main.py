@@ -16,7 +16,7 @@ from upterm.daemon.admin import AdminServer
 from upterm.daemon.localrelay import DEFAULT_LOCAL_RELAY_ADDR, LocalRelay
 from upterm.daemon.manager import Manager
 from upterm.errors import UptermError
-from upterm.service import Notifier, activated_sockets
+from upterm.service import Notifier, activated_sockets, tune_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-file", action="store_true", help="log to the state dir, not stderr")
     args = parser.parse_args(argv)
     log.setup(args.debug, paths.state_dir() / "daemon.log" if args.log_file else None)
+    tune_allocator()
     try:
         asyncio.run(Daemon(args.local_relay_addr).serve())
     except AlreadyRunning as exc:

@@ -32,7 +32,7 @@ from upterm.relay.guard import RelayLimits
 from upterm.relay.metrics import LoopLagMonitor, serve_http
 from upterm.relay.policy import PenaltyConfig, StartupLimits
 from upterm.relay.server import Relay, RelayIdentity
-from upterm.service import Notifier
+from upterm.service import Notifier, tune_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -557,6 +557,7 @@ def main(
                 forwarded_from=forwarders,
             ),
         )
+        tune_allocator()
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))
     except UptermError as exc:
         click.echo(f"uptermd: {exc}", err=True)

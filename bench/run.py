@@ -3,11 +3,13 @@
     python -m bench.run [--quick] [--json FILE] [--upstream-bin DIR]
 
 Baselines: a stock OpenSSH sshd started here on loopback with its own config (latency, join
-time, one joiner's throughput), reading the same PTY locally (throughput), and plain SSH to
-the same relay (SSH over WebSocket: a joiner through `upterm proxy`, a host with a ws://
-tunnel, or both). Everything runs on 127.0.0.1 in processes this runner starts and stops.
-Printed as a table; --json writes the figures and the machine they were measured on. These
-are measurements, not tests: nothing here passes or fails on timing.
+time, one joiner's throughput), reading the same PTY locally (throughput), the same command
+with no joiner but the one typing it (a cat with many joiners watching; their screens are
+computed afterwards, see bench/final_screen.py), and plain SSH to the same relay (SSH over
+WebSocket: a joiner through `upterm proxy`, a host with a ws:// tunnel, or both). Everything
+runs on 127.0.0.1 in processes this runner starts and stops. Printed as a table; --json
+writes the figures and the machine they were measured on. These are measurements, not tests:
+nothing here passes or fails on timing.
 
 With --upstream-bin DIR (upstream's Go `upterm` and `uptermd`, built by hand), the same run
 also measures upstream's host and relay for every figure that applies (echo latency, one
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import select
 import shlex
@@ -36,12 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncssh
 
+from bench.final_screen import Screen, final_screen, screen_of, shorten_runs
 from bench.upstream import Upstream, UpstreamHost, missing, pss_kib
 
 VENV_BIN = Path(sys.executable).parent
@@ -269,10 +273,11 @@ class SshJoiner:
     """A real OpenSSH ``ssh -tt`` joiner on pipes, as users join (and as the sshd baseline).
 
     Reads only keep a short tail and a count of flood bytes: a 64 MiB run must not spend its
-    time copying what it read.
+    time copying what it read. A joiner made with ``record`` also keeps every chunk it read,
+    as it came (no copy), for its screen to be computed afterwards.
     """
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], record: bool = False) -> None:
         self.proc = subprocess.Popen(
             [*argv[:1], "-tt", *argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, bufsize=0,
@@ -281,18 +286,18 @@ class SshJoiner:
         self.fd = self.proc.stdout.fileno()
         self.tail = b""
         self.flood = 0  # FLOOD_BYTE seen since the last reset
-        self.skipped = False
         self.done_at: float | None = None
+        self.record: list[bytes] | None = [] if record else None
 
     def type(self, data: bytes) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(data)
 
     def feed(self, chunk: bytes) -> None:
-        window = self.tail[-64:] + chunk
-        self.skipped = self.skipped or SKIP_NOTICE in window
+        if self.record is not None:
+            self.record.append(chunk)
         self.flood += chunk.count(FLOOD_BYTE)
-        self.tail = window[-4096:]
+        self.tail = (self.tail[-64:] + chunk)[-4096:]
 
     def read_until(self, marker: bytes, limit_s: float) -> None:
         deadline = time.monotonic() + limit_s
@@ -305,6 +310,19 @@ class SshJoiner:
                 raise EOFError(f"ssh ended before {marker!r}")
             self.feed(chunk)
 
+    def read_match(self, pattern: re.Pattern[bytes], limit_s: float) -> re.Match[bytes]:
+        """Read until ``pattern`` matches what was read since the tail was last emptied."""
+        deadline = time.monotonic() + limit_s
+        while (m := pattern.search(self.tail)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError(f"{pattern.pattern!r} not seen")
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                raise EOFError(f"ssh ended before {pattern.pattern!r}")
+            self.feed(chunk)
+        return m
+
     def settle(self, marker: bytes = b"$ ") -> None:
         """Wait for the prompt, then drain whatever else arrives (the replay, a repaint)."""
         self.read_until(marker, 15)
@@ -313,7 +331,7 @@ class SshJoiner:
         self.tail = b""
 
     def reset(self) -> None:
-        self.tail, self.flood, self.skipped, self.done_at = b"", 0, False, None
+        self.tail, self.flood, self.done_at = b"", 0, None
 
     def close(self) -> None:
         self.proc.kill()
@@ -321,6 +339,7 @@ class SshJoiner:
 
 
 KEY: list[asyncssh.SSHKey] = []
+#: In the notice a joiner that fell behind gets once it has caught up (see upterm.daemon.sshd).
 SKIP_NOTICE = b"output skipped"
 #: The flood is this byte, written as an octal escape so the echoed command has none.
 FLOOD_BYTE = b"x"
@@ -334,6 +353,29 @@ def flood_command(size: int) -> bytes:
     start, and the flood is one long line.
     """
     return f"head -c {size} /dev/zero | tr '\\0' '\\170'; echo; echo END-$((1+1))\r".encode()
+
+
+#: The timed cat's end: its duration in microseconds, as the shell measured it.
+CAT_TIME = re.compile(rb"DUR-(\d+)-US")
+#: The PTY's size, as ``stty size`` gives it (rows, then columns).
+STTY_SIZE = re.compile(rb"SIZE (\d+) (\d+)\r\n")
+
+
+def timed_cat_command(size: int) -> bytes:
+    """Shell line that writes ``size`` flood bytes and times itself on the host's PTY.
+
+    The time is of the command (until its last byte is written to the PTY, which holds only
+    a few KiB), not of its output reaching anyone. Its marker, ``CAT_TIME``, is not in the
+    echo of the line: there, a ``$`` follows ``DUR-``.
+    """
+    return (
+        f"start=$(date +%s%N); head -c {size} /dev/zero | tr '\\0' '\\170'; "
+        "end=$(date +%s%N); echo; echo DUR-$(( (end-start)/1000 ))-US\r"
+    ).encode()
+
+
+def human_size(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -393,6 +435,116 @@ def flood(joiners: list[SshJoiner], size: int, limit_s: float = 600) -> list[flo
     return [j.flood / (1 << 20) / ((j.done_at or start) - start) for j in joiners]
 
 
+def timed_cat(
+    typist: SshJoiner,
+    watchers: list[SshJoiner],
+    size: int,
+    linger_s: float = 0.0,
+    limit_s: float = 600,
+) -> int:
+    """The typist types the timed cat; every joiner's output is read as it comes, as a
+    terminal reads all it is sent, and kept by those that record. Reading goes on for
+    ``linger_s`` after the cat's time reached the typist. Returns that time (µs).
+
+    Nothing but the read and the keeping is done per chunk while the cat runs: the screens
+    are computed afterwards (bench.final_screen).
+    """
+    by_fd = {j.fd: j for j in (typist, *watchers)}
+    typist.tail = b""
+    typist.type(timed_cat_command(size))
+    deadline = time.monotonic() + limit_s
+    took: int | None = None
+    until = deadline
+    while (left := until - time.monotonic()) > 0:
+        for fd in select.select(list(by_fd), [], [], min(left, 1))[0]:
+            # A pipe holds 64 KiB: a larger buffer would be a fresh mapping at each read.
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise EOFError("a joiner's ssh ended during the cat")
+            j = by_fd[fd]
+            if j.record is not None:
+                j.record.append(chunk)
+            if j is typist and took is None:
+                typist.tail = (typist.tail[-64:] + chunk)[-4096:]
+                if m := CAT_TIME.search(typist.tail):
+                    took = int(m[1])
+                    until = time.monotonic() + linger_s
+    if took is None:
+        raise TimeoutError("the cat's time did not reach the typist")
+    return took
+
+
+@dataclass
+class Watched:
+    """The timed cat alone and watched, and the joiners' screens after it."""
+
+    alone_s: float  # the typist alone (median)
+    watched_s: float  # every joiner watching
+    joiners: int  # the typist included
+    size: tuple[int, int]  # the PTY's columns and rows, every joiner's too
+    equal: int  # joiners whose screen is the reference's (a late joiner's)
+    equal_but_notices: int  # ... once upterm's own notice lines are left out
+    skipped: int  # joiners told they skipped ahead
+    unskipped_equal: int  # of the joiners that did not, those whose screen is the reference's
+    reference_right: bool  # whether the reference is the screen the cat's output makes
+    right: int  # joiners whose screen is the one the cat's output makes
+
+
+def watched_cat(argv: list[str], n: int, size: int, rounds: int) -> Watched:
+    """The timed cat on a session of its own: typed by a joiner alone (``rounds`` times), then
+    once with ``n - 1`` more watching; each joiner's screen 1 s after it ended, against the
+    screen a joiner that joins then is given (the session's replay of its current screen).
+
+    Every joiner records all it reads from its join on (a screen depends on all of it); the
+    newcomers' connections are warmed up by a smaller cat first, as the typist's was. The
+    reference is itself checked against the joiners that got every byte (none skipped), and
+    against the screen the cat's output makes (known: it starts at a line's start, and the
+    shell prints a line, the time's line and its prompt after it).
+    """
+    typist = SshJoiner(argv, record=True)
+    joiners = [typist]
+    try:
+        typist.settle()
+        typist.type(b"stty size | sed 's/^/SIZE /'\r")
+        m = typist.read_match(STTY_SIZE, 15)
+        cols, rows = int(m[2]), int(m[1])
+        warm = min(size, 8 << 20)
+        timed_cat(typist, [], warm)
+        alone = statistics.median(timed_cat(typist, [], size) for _ in range(rounds))
+        watchers = joined(argv, n - 1, record=True)
+        joiners += watchers
+        timed_cat(typist, watchers, warm)
+        watched = timed_cat(typist, watchers, size, linger_s=1.0)
+        late = SshJoiner(argv, record=True)
+        joiners.append(late)
+        late.settle()
+    finally:
+        for j in joiners:
+            j.close()
+    # Offline: nothing runs now but this.
+    assert late.record is not None
+    reference = screen_of(late.record, cols, rows, FLOOD_BYTE)
+    right = screen_of([FLOOD_BYTE * size, b"\r\nDUR-%d-US\r\n$ " % watched], cols, rows, FLOOD_BYTE)
+    screens: list[tuple[Screen, bool]] = []
+    for j in joiners[:-1]:
+        assert j.record is not None
+        data = shorten_runs(j.record, cols, rows, FLOOD_BYTE)
+        j.record = None  # up to the whole cat: let it go before the next
+        screens.append((final_screen(data, cols, rows), SKIP_NOTICE in data))
+    return Watched(
+        alone_s=alone / 1e6,
+        watched_s=watched / 1e6,
+        joiners=n,
+        size=(cols, rows),
+        equal=sum(s == reference for s, _ in screens),
+        equal_but_notices=sum(s.equal_but_notices(reference) for s, _ in screens),
+        skipped=sum(skipped for _, skipped in screens),
+        unskipped_equal=sum(s == reference for s, skipped in screens if not skipped),
+        reference_right=reference == right,
+        right=sum(s == right for s, _ in screens),
+    )
+
+
 def paired_floods(
     relay_pid: int, joiners: list[SshJoiner], size: int, rounds: int
 ) -> list[tuple[float, float]]:
@@ -442,8 +594,8 @@ def one_joiner_rate(argv: list[str], relay_pid: int | None, size: int) -> tuple[
         j.close()
 
 
-def joined(argv: list[str], n: int) -> list[SshJoiner]:
-    joiners = [SshJoiner(argv) for _ in range(n)]
+def joined(argv: list[str], n: int, record: bool = False) -> list[SshJoiner]:
+    joiners = [SshJoiner(argv, record) for _ in range(n)]
     for j in joiners:
         j.settle()
     return joiners
@@ -663,8 +815,8 @@ class Sizes:
 
     latency_samples: int
     flood_bytes: int  # one joiner
-    many_bytes: int  # 20 joiners, and the slow-joiner run
-    many_joiners: int
+    cat_bytes: int  # the timed cat, alone and with many joiners watching
+    many_joiners: int  # watching the cat, the one typing it included
     join_samples: int
     relay_sessions: tuple[int, ...]
     daemon_sessions: int
@@ -674,8 +826,8 @@ class Sizes:
     upstream_hosts: int  # upstream `upterm host` processes for the host memory figure
 
 
-FULL = Sizes(500, 64 << 20, 16 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0, 64 << 20, 3, 10)
-QUICK = Sizes(50, 1 << 20, 256 << 10, 4, 5, (50,), 10, 2.0, 4 << 20, 1, 3)
+FULL = Sizes(500, 64 << 20, 64 << 20, 20, 20, (1000, 5000, 10000), 100, 60.0, 64 << 20, 3, 10)
+QUICK = Sizes(50, 1 << 20, 1 << 20, 4, 5, (50,), 10, 2.0, 4 << 20, 1, 3)
 
 #: The pairings measured beside ours with --upstream-bin: upstream's host on its relay (the
 #: baseline of every "vs upstream" row), and the two mixed ones.
@@ -694,7 +846,44 @@ class Leg:
     host: UpstreamHost | None = None
 
 
-async def run(quick: bool, upstream_bin: Path | None = None) -> Report:
+def add_many_joiner_figures(
+    report: Report,
+    w: World,
+    server: str,
+    to_relay: Callable[[dict[str, object]], list[str]],
+    sizes: Sizes,
+) -> None:
+    """Many joiners, as users feel them: the host's command is not held back (a cat
+    typed by one joiner, timed by the shell, with every joiner watching against the
+    typist alone), and every joiner's screen is right 1 s after it ended (the host's
+    screen: what a joiner joining then is shown). On a session of its own."""
+    n, cat = sizes.many_joiners, human_size(sizes.cat_bytes)
+    many_info = w.host("many", server, "bash", "--norc", "--noprofile")
+    seen = watched_cat(to_relay(many_info), n, sizes.cat_bytes, 3)
+    w.upterm("session", "stop", "many")
+    report.add(Figure(
+        f"time of a {cat} cat, {n} joiners watching", seen.watched_s * 1000, "ms",
+        seen.alone_s * 1000, "typist alone", "<= 1.5x typist alone",
+    ))  # fmt: skip
+    # The reference checked: against the joiners that got every byte (if any), and against
+    # the screen the cat's output makes.
+    unskipped = n - seen.skipped
+    note = f"all ({seen.size[0]}x{seen.size[1]}); host's (late joiner's) = cat's: "
+    note += "yes" if seen.reference_right else f"no (cat's: {seen.right} joiners)"
+    if unskipped:
+        note += f"; = {seen.unskipped_equal} of {unskipped} unskipped"
+    if seen.equal_but_notices:
+        note += f"; {seen.equal_but_notices} more but for notices"
+    report.add(Figure(
+        "joiners showing the host's screen 1 s after", seen.equal, f"of {n}", target=note,
+    ))  # fmt: skip
+    report.add(Figure(
+        f"joiners that skipped ahead ({n} watching)", seen.skipped, f"of {n}",
+        target="figure (one behind skips to the current screen)",
+    ))  # fmt: skip
+
+
+async def run(quick: bool, upstream_bin: Path | None = None, only: str | None = None) -> Report:
     sizes = QUICK if quick else FULL
     report = Report(machine_info(), name_width=46 if upstream_bin is None else 54)
     print(json.dumps(report.machine, indent=2))
@@ -727,6 +916,10 @@ async def run(quick: bool, upstream_bin: Path | None = None) -> Report:
 
         def to_relay(info: dict[str, object]) -> list[str]:
             return via(port, info["sshUser"])
+
+        if only == "many":
+            add_many_joiner_figures(report, w, server, to_relay, sizes)
+            return report
 
         up: Upstream | None = None
         if upstream_bin is not None:
@@ -889,21 +1082,7 @@ async def run(quick: bool, upstream_bin: Path | None = None) -> Report:
             "figure",
         ))  # fmt: skip
 
-        # Many joiners: each one's rate against one joiner's, same size, same session.
-        (single,) = flood([one], sizes.many_bytes)
-        many = [one, *joined(to_relay(info), sizes.many_joiners - 1)]
-        rates = flood(many, sizes.many_bytes)
-        skipped = sum(j.skipped for j in many)
-        report.add(Figure(
-            f"per-joiner throughput, {len(many)} joiners (median)", statistics.median(rates),
-            "MiB/s", single, "1 joiner", ">= 0.7x of 1 joiner",
-        ))  # fmt: skip
-        report.add(Figure(
-            f"per-joiner throughput, {len(many)} joiners (slowest)", min(rates), "MiB/s",
-            single, "1 joiner", f"({skipped} of {len(many)} skipped ahead)",
-        ))  # fmt: skip
-        for j in many[1:]:
-            j.close()
+        add_many_joiner_figures(report, w, server, to_relay, sizes)
 
         # Slow-joiner isolation: one live joiner alone, then with a second joiner stopped
         # (SIGSTOP: its ssh keeps the connection and reads nothing). One live joiner is
@@ -1106,12 +1285,13 @@ def main() -> None:
         "--upstream-bin", type=Path, metavar="DIR",
         help="upstream's Go binaries (upterm, uptermd): measure them beside ours",
     )  # fmt: skip
+    parser.add_argument("--only", choices=["many"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream_bin is not None and (problem := missing(args.upstream_bin)):
         parser.error(problem)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    report = asyncio.run(run(args.quick, args.upstream_bin))
+    report = asyncio.run(run(args.quick, args.upstream_bin, args.only))
     if args.json:
         data = {"machine": report.machine, "figures": [
             {**asdict(f), "ratio": f.ratio} for f in report.figures

@@ -7,6 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from upterm.daemon.session import REPLAY_BYTES, Session
 
 
@@ -47,3 +49,33 @@ async def test_a_screen_of_escape_sequences_starts_at_an_escape(tmp_path: Path) 
 
 async def test_text_with_nowhere_safe_to_start_is_not_replayed(tmp_path: Path) -> None:
     assert await replay_of(b"x" * (REPLAY_BYTES + 100), 1024, tmp_path) == b""
+
+
+def _screen(data: bytes, cols: int = 80, rows: int = 24) -> tuple[list[str], tuple[int, int]]:
+    import pyte
+
+    screen = pyte.Screen(cols, rows)
+    pyte.ByteStream(screen).feed(data)
+    return [line.rstrip() for line in screen.display], (screen.cursor.x, screen.cursor.y)
+
+
+@pytest.mark.parametrize("length", [REPLAY_BYTES * 3, REPLAY_BYTES * 3 + 1, 100_037, 200_079])
+@pytest.mark.parametrize("ended", [True, False])
+async def test_a_line_longer_than_the_screen_is_replayed_from_its_column(
+    length: int, ended: bool, tmp_path: Path
+) -> None:
+    """A line that alone fills the screen (a flood without newlines, as from bash: a mode
+    change and a CR before it): the replay starts inside it, at a column 0 of the wrapped
+    line, and shows the screen the whole output shows, whether the line has ended or not."""
+    out = b"$ flood\r\n\x1b[?2004l\r" + b"x" * length
+    if ended:
+        out += b"\r\nDONE\r\n\x1b[?2004h$ "
+    replay = await replay_of(out, REPLAY_BYTES, tmp_path)
+    assert b"x" * 1920 in replay
+    assert _screen(replay) == _screen(out)
+
+
+async def test_a_long_line_of_other_than_plain_text_is_not_guessed_at(tmp_path: Path) -> None:
+    """Wide characters make a byte's column unknowable: the replay starts after the line."""
+    out = b"$ flood\r\n" + "\u4e16".encode() * 40000 + b"\r\nDONE\r\n$ "
+    assert await replay_of(out, REPLAY_BYTES, tmp_path) == b"DONE\r\n$ "

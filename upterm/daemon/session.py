@@ -72,6 +72,8 @@ MAX_HELD_NOTICES = 16
 _CLEAN_SCREEN = SANE_MODES + b"\x1b[H\x1b[2J"
 #: Makes the scroll region the whole screen, the cursor where it was.
 _WHOLE_REGION = b"\x1b7\x1b[r\x1b8"
+#: Text whose column is its offset in the line (every byte one cell wide, no control).
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
 #: xterm's title stack: keep the terminal's title while ours shows a waiting notice.
 _PUSH_TITLE = b"\x1b[22;2t"
 _POP_TITLE = b"\x1b[23;2t"
@@ -152,6 +154,14 @@ class Session:
         #: Recent output of each screen (normal, alternate), and whether it lost its start.
         self._logs = (bytearray(), bytearray())
         self._trimmed = [False, False]
+        #: Bytes ever logged per screen, and where (in those) the run of plain text holding
+        #: each log's first byte began, and whether at a line's start (after a CR): a
+        #: replay that starts inside a long line starts in the right column.
+        self._logged = [0, 0]
+        self._plain_start = [0, 0]
+        self._plain_at_col0 = [True, True]
+        #: Output bytes ever shown (joiners skipping ahead watch it grow).
+        self.output_bytes = 0
         #: What each screen's current line (since its last newline) was written with.
         self._lines = (bytearray(), bytearray())
         self._partial_timer: asyncio.TimerHandle | None = None
@@ -350,9 +360,10 @@ class Session:
                 for viewer in list(self._viewers.values()):
                     viewer.send(_WHOLE_REGION)
                 # Newcomers are replayed the region being set: the reset goes with it.
-                for screen_log in self._logs:
+                for i, screen_log in enumerate(self._logs):
                     if screen_log:
                         screen_log += _WHOLE_REGION
+                        self._logged[i] += len(_WHOLE_REGION)
         self._tell_small()
 
     def _tell_small(self) -> None:
@@ -400,10 +411,44 @@ class Session:
         if len(log) > len(tail) or self._trimmed[screen]:
             cut = tail.find(b"\n")
             if cut >= 0:
-                return tail[cut + 1 :]
+                return self._long_line_start(screen, log, tail, cut) or tail[cut + 1 :]
+            within = self._long_line_start(screen, log, tail, len(tail))  # still going on
+            if within:
+                return within
             starts = [i for i in (tail.find(b"\r"), tail.find(b"\x1b")) if i >= 0]
             return tail[min(starts) :] if starts else b""
         return tail
+
+    @staticmethod
+    def _plain_run(data: bytes | bytearray) -> tuple[int, bool] | None:
+        """Where the run of plain text at the end of ``data`` starts, and whether that is a
+        line's start (after a CR, or CR LF); None when ``data`` is all plain text."""
+        start = len(data.rstrip(_PRINTABLE_ASCII))
+        if start == 0:
+            return None
+        last = data[start - 1]
+        return start, last == 13 or (last == 10 and start >= 2 and data[start - 2] == 13)
+
+    def _long_line_start(self, screen: int, log: bytearray, tail: bytes, cut: int) -> bytes:
+        """The tail from inside the line it begins in, when that line alone fills the screen
+        (``cat`` of a file without newlines, a 64 MiB flood): starting after its newline
+        would show none of it. Only for plain text from a line's start, whose column is its
+        offset modulo the width: the tail then starts at a column 0, and wraps as it did.
+        b"" when this does not apply."""
+        cols, rows = self._size
+        head = tail[:cut].removesuffix(b"\r")  # a CR just before the newline moves nothing
+        if len(head) < cols * rows or head.translate(None, _PRINTABLE_ASCII):
+            return b""
+        log_start = self._logged[screen] - len(log)
+        plain = self._plain_run(log[: len(log) - len(tail)])
+        if plain is not None:
+            start, at_col0 = log_start + plain[0], plain[1]
+        else:
+            start, at_col0 = self._plain_start[screen], self._plain_at_col0[screen]
+        if not at_col0:
+            return b""
+        first = self._logged[screen] - len(tail)  # where the tail begins, in all output
+        return tail[(start - first) % cols :]
 
     def redraw(self) -> None:
         """Ask the foreground program to repaint (SIGWINCH)."""
@@ -450,6 +495,25 @@ class Session:
                 out += _PUSH_TITLE
             out += b"\x1b]2;[upterm: " + text.encode() + b"]\x07"
             viewer.send(bytes(out))
+
+    def title_notice(self, viewer_id: str, text: str) -> bytes:
+        """Bytes that show ``text`` in a viewer's title (its own title kept on the
+        terminal's stack), for a passing state that must not add a line to the screen."""
+        out = bytearray()
+        if viewer_id not in self._titled:
+            self._titled.add(viewer_id)
+            out += _PUSH_TITLE
+        out += b"\x1b]2;[upterm: " + text.encode() + b"]\x07"
+        return bytes(out)
+
+    def title_restored(self, viewer_id: str) -> bytes:
+        """Bytes that give a viewer its title back after :meth:`title_notice` (b"" while
+        notices still wait there)."""
+        if viewer_id not in self._titled or viewer_id in self._held:
+            return b""
+        self._titled.discard(viewer_id)
+        title = self.screen.title
+        return _POP_TITLE + (b"\x1b]2;" + title + b"\x07" if title is not None else b"")
 
     def _notice_fits(self, viewer_id: str) -> bool:
         """Whether a notice can be shown now on this viewer without covering the program."""
@@ -506,6 +570,7 @@ class Session:
         return typist
 
     def _output(self, data: bytes) -> None:
+        self.output_bytes += len(data)
         if self.recorder is not None:
             self.recorder.output(data)
         shown = self.screen.feed(data)
@@ -528,8 +593,15 @@ class Session:
             return
         log_ = self._logs[screen]
         log_ += data
-        if len(log_) > REPLAY_BYTES:
-            del log_[: len(log_) - REPLAY_BYTES]
+        self._logged[screen] += len(data)
+        excess = len(log_) - REPLAY_BYTES
+        if excess > 0:
+            removed = log_[:excess]
+            plain = self._plain_run(removed)
+            if plain is not None:
+                self._plain_start[screen] = self._logged[screen] - len(log_) + plain[0]
+                self._plain_at_col0[screen] = plain[1]
+            del log_[:excess]
             self._trimmed[screen] = True
         line = self._lines[screen]
         newline = data.rfind(b"\n")
@@ -574,6 +646,8 @@ class Session:
                     self._logs[1].clear()
                     self._lines[1].clear()
                     self._trimmed[1] = False
+                    self._plain_start[1] = self._logged[1]
+                    self._plain_at_col0[1] = True  # the switch homes the cursor
                 pos = end
             self._log(screen, shown[pos:])
             if screen == 0:

@@ -72,6 +72,17 @@ SKIP_AHEAD_BYTES = 512 * 1024
 #: After skipping, the joiner gets this much recent output (the end of what it missed).
 CATCH_UP_BYTES = 16 * 1024
 SKIPPED_NOTICE = "your connection fell behind; output skipped to catch up"
+#: While the output runs on faster than a joiner that fell behind takes it, the joiner gets
+#: the current screen at most this often instead of the stream (in the title meanwhile,
+#: SKIPPED_NOTICE) ...
+FRAME_INTERVAL_S = 0.1
+#: ... until less output than this came in one interval: then a last clean screen (no
+#: notice line left on it), a repaint for full-screen programs, and it is live again.
+STREAMING_BYTES_PER_FRAME = 16 * 1024
+#: A frame waits until the joiner's unsent output is below this.
+FRAME_BACKLOG_BYTES = 64 * 1024
+#: After skipping, SKIPPED_NOTICE stays in the joiner's title this long.
+SKIPPED_TITLE_S = 3.0
 #: A removed joiner's connection closes this long after it was told.
 KICK_CLOSE_DELAY_S = 1.0
 #: A joiner's window changes reach the shared terminal at most once per this interval (the
@@ -491,6 +502,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._attached = False
         self._forced: PtyProcess | None = None
         self._skipping = False
+        #: While skipping: the next frame, and the output count at the last one.
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._frame_mark = 0
+        self._title_timer: asyncio.TimerHandle | None = None
         self._resize_timer: asyncio.TimerHandle | None = None
         self._resize_pending: tuple[int, int] | None = None
         #: Why this channel is refused (an exec or subsystem request), once it starts.
@@ -685,15 +700,50 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._forced is not None:
             self._forced.resume_output()
         elif self._attached:
-            if self._skipping:
-                # Caught up: carry on live from the current screen, and have full-screen
-                # programs repaint.
-                self._skipping = False
-                session = self._policy.session
-                self.send(session.catch_up(CATCH_UP_BYTES))
-                session.notice([self.viewer_id], SKIPPED_NOTICE)
-                session.redraw()
+            if self._skipping and self._frame_timer is None:
+                self._frame()
             self._policy.session.drained(self.viewer_id)
+
+    def _frame(self) -> None:
+        """While skipping: the current screen now and then, until the output calms down;
+        then the screen once more, clean, and live output again (see FRAME_INTERVAL_S).
+
+        Sending every joiner that fell behind the whole stream again as soon as it drained
+        would make the daemon and the relay encrypt the flood once per joiner, slowing the
+        command itself; the screen ten times a second costs a few KiB each.
+        """
+        self._frame_timer = None
+        chan = self._chan
+        if chan is None or not self._attached or not self._skipping:
+            return
+        loop = asyncio.get_running_loop()
+        if self.backlog() > FRAME_BACKLOG_BYTES:  # the last frame is still on its way
+            self._frame_timer = loop.call_later(FRAME_INTERVAL_S, self._frame)
+            return
+        session = self._policy.session
+        streaming = session.output_bytes - self._frame_mark > STREAMING_BYTES_PER_FRAME
+        self._frame_mark = session.output_bytes
+        # The notice goes in the title, not on a line: the screen stays the host's.
+        frame = session.catch_up(CATCH_UP_BYTES)
+        frame += session.title_notice(self.viewer_id, SKIPPED_NOTICE)
+        if self._title_timer is not None:
+            self._title_timer.cancel()
+            self._title_timer = None
+        if streaming:
+            self._frame_timer = loop.call_later(FRAME_INTERVAL_S, self._frame)
+        else:
+            self._skipping = False
+            self._title_timer = loop.call_later(SKIPPED_TITLE_S, self._restore_title)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            chan.write(frame)
+        if not streaming:
+            session.redraw()  # full-screen programs repaint for it
+
+    def _restore_title(self) -> None:
+        self._title_timer = None
+        if self._chan is not None and self._attached and not self._skipping:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write(self._policy.session.title_restored(self.viewer_id))
 
     def eof_received(self) -> bool:
         if self._early is not None:
@@ -710,6 +760,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._policy.channel_closed(self)
+        for timer in (self._frame_timer, self._title_timer):
+            if timer is not None:
+                timer.cancel()
+        self._frame_timer = self._title_timer = None
         if self._resize_timer is not None:
             self._resize_timer.cancel()
             self._resize_timer = None
@@ -766,6 +820,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(data)
             if self._forced is None and self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
                 self._skipping = True
+                self._frame_mark = self._policy.session.output_bytes
 
     def backlog(self) -> int:
         """Output asyncssh holds for this joiner."""

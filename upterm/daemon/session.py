@@ -9,7 +9,9 @@ as the fastest viewer takes it, never faster than every viewer can carry:
   every joiner has a full send buffer, and reads on as soon as one drains. A joiner that
   makes no progress for ``JOINER_STALL_S`` stops counting (until it drains again), so a
   stopped joiner holds the command back for at most that long, once.
-- Joiners slower than the pace skip ahead (see ``sshd.SKIP_AHEAD_BYTES``); a viewer whose
+- Joiners slower than the pace skip ahead (see ``sshd.SKIP_AHEAD_BYTES``): while the output
+  streams on they get the current screen ten times a second instead of the stream, then a
+  clean screen and live output once it calms (``sshd.GuestSession._frame``); a viewer whose
   backlog still grows past ``VIEWER_BACKLOG_LIMIT_BYTES`` is cut off with a message.
 
 Following the fastest joiner matters for throughput: a session nobody watches locally would

@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import resource
-import select
 import shlex
 import shutil
 import signal
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import asyncssh
 
+from bench.fds import readable
 from bench.final_screen import Screen, final_screen, screen_of, shorten_runs
 from bench.upstream import Upstream, UpstreamHost, missing, pss_kib
 
@@ -303,7 +303,7 @@ class SshJoiner:
         deadline = time.monotonic() + limit_s
         while marker not in self.tail:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            if left <= 0 or not readable([self.fd], left):
                 raise TimeoutError(f"{marker!r} not seen")
             chunk = os.read(self.fd, 1 << 20)
             if not chunk:
@@ -315,7 +315,7 @@ class SshJoiner:
         deadline = time.monotonic() + limit_s
         while (m := pattern.search(self.tail)) is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            if left <= 0 or not readable([self.fd], left):
                 raise TimeoutError(f"{pattern.pattern!r} not seen")
             chunk = os.read(self.fd, 1 << 20)
             if not chunk:
@@ -326,7 +326,7 @@ class SshJoiner:
     def settle(self, marker: bytes = b"$ ") -> None:
         """Wait for the prompt, then drain whatever else arrives (the replay, a repaint)."""
         self.read_until(marker, 15)
-        while select.select([self.fd], [], [], 0.3)[0]:
+        while readable([self.fd], 0.3):
             self.feed(os.read(self.fd, 1 << 20))
         self.tail = b""
 
@@ -423,7 +423,7 @@ def flood(joiners: list[SshJoiner], size: int, limit_s: float = 600) -> list[flo
     while waiting:
         if time.monotonic() > deadline:
             raise TimeoutError("the flood did not reach every joiner")
-        for fd in select.select(list(waiting), [], [], 1)[0]:
+        for fd in readable(list(waiting), 1):
             j = by_fd[fd]
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -456,7 +456,7 @@ def timed_cat(
     took: int | None = None
     until = deadline
     while (left := until - time.monotonic()) > 0:
-        for fd in select.select(list(by_fd), [], [], min(left, 1))[0]:
+        for fd in readable(list(by_fd), min(left, 1)):
             # A pipe holds 64 KiB: a larger buffer would be a fresh mapping at each read.
             chunk = os.read(fd, 1 << 16)
             if not chunk:

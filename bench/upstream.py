@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import os
 import re
-import select
 import signal
 import socket
 import struct
@@ -28,6 +27,8 @@ import termios
 import threading
 import time
 from pathlib import Path
+
+from bench.fds import readable
 
 #: Control sequences, stripped from the card before its join line is read.
 ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]")
@@ -109,7 +110,7 @@ class UpstreamHost:
 
     def _drain(self) -> None:
         while not self._stop.is_set():
-            if not select.select([self.fd], [], [], 0.1)[0]:
+            if not readable([self.fd], 0.1):
                 continue
             try:
                 chunk = os.read(self.fd, 1 << 20)
@@ -150,7 +151,7 @@ class UpstreamHost:
         host-terminal figure does over its admin socket."""
         self.pause()
         try:
-            while select.select([self.fd], [], [], 0.3)[0]:
+            while readable([self.fd], 0.3):
                 os.read(self.fd, 1 << 20)
             samples = []
             for i in range(n + 20):
@@ -159,7 +160,7 @@ class UpstreamHost:
                 os.write(self.fd, ch)
                 seen = b""
                 while ch not in seen:
-                    if not select.select([self.fd], [], [], 5)[0]:
+                    if not readable([self.fd], 5):
                         raise TimeoutError("no echo on the upstream host's terminal")
                     seen += os.read(self.fd, 1024)
                 if i >= 20:

@@ -561,3 +561,57 @@ def test_packet_log_lines_are_formatted_only_at_packet_debug_level() -> None:
         "Sent MSG_CHANNEL_DATA (94), 4 bytes",
         "Received MSG_CHANNEL_DATA (94), 4 bytes",
     ]
+
+
+async def test_unsent_output_is_discarded_and_flow_control_resumes() -> None:
+    """discard_unsent drops what waits for a peer that does not read, and asyncssh then
+    tells the writer it may write again (resume_writing), as a drained buffer would; also
+    through asyncssh's line editor, which wraps a shell's channel."""
+    events: list[str] = []
+    writer_chans: list[Any] = []
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Writer(asyncssh.SSHServerSession[bytes]):
+        def connection_made(self, chan: Any) -> None:
+            self.chan = chan
+            writer_chans.append(chan)
+            sshcompat.merge_channel_buffers(chan)
+
+        def shell_requested(self) -> bool:
+            return True
+
+        def session_started(self) -> None:
+            for _ in range(64):
+                self.chan.write(b"y" * 65536)  # far more than the peer's window
+
+        def pause_writing(self) -> None:
+            events.append("pause")
+            asyncio.get_running_loop().call_soon(
+                lambda: done.set_result(sshcompat.discard_unsent(self.chan))
+            )
+
+        def resume_writing(self) -> None:
+            events.append("resume")
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+        def session_requested(self) -> Any:
+            return Writer()
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=Server, server_host_keys=_KEYS[:1], encoding=None
+    )
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None
+    )
+    chan, _ = await conn.create_session(asyncssh.SSHClientSession, encoding=None)
+    chan.pause_reading()  # the joiner that stopped reading
+    dropped = await asyncio.wait_for(done, 10)
+    assert dropped > 1 << 20
+    assert events == ["pause", "resume"]
+    assert writer_chans[0].get_write_buffer_size() == 0
+    conn.close()
+    server.close()

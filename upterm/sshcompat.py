@@ -672,6 +672,9 @@ class _MergingSendBuffer:
             raise IndexError("only the oldest run is looked at")
         return self._runs[0]
 
+    def clear(self) -> None:
+        self._runs.clear()
+
     def __delitem__(self, index: int) -> None:
         if index != 0:
             raise IndexError("only the oldest run can be removed")
@@ -691,10 +694,27 @@ def merge_channel_buffers(chan: Any) -> None:
     costs what was sent, not an entry per packet or per write, and O(1) per byte to take
     out. Call from the session's ``connection_made``, before any data flows.
     """
+    chan = getattr(chan, "_orig_chan", chan)  # the channel under asyncssh's line editor
     if isinstance(getattr(chan, "_recv_buf", None), list) and not chan._recv_buf:
         chan._recv_buf = _MergingReceiveBuffer()
     if isinstance(getattr(chan, "_send_buf", None), list) and not chan._send_buf:
         chan._send_buf = _MergingSendBuffer()
+
+
+def discard_unsent(chan: Any) -> int:
+    """Drop what a channel holds for its peer's window (not what reached the socket), and
+    let asyncssh re-evaluate its flow control (``resume_writing`` if it had paused).
+    Returns the bytes dropped. For output that is about to be replaced by a whole screen:
+    sending it first would only delay that screen."""
+    chan = getattr(chan, "_orig_chan", chan)  # the channel under asyncssh's line editor
+    buf = getattr(chan, "_send_buf", None)
+    dropped = int(getattr(chan, "_send_buf_len", 0))
+    if buf is None or not dropped:
+        return 0
+    buf.clear()
+    chan._send_buf_len = 0
+    chan._pause_resume_writing()
+    return dropped
 
 
 class PassiveListener(asyncssh.SSHListener):

@@ -821,6 +821,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             if self._forced is None and self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
                 self._skipping = True
                 self._frame_mark = self._policy.session.output_bytes
+                # What waits for its window is about to be replaced by a whole screen: the
+                # first frame comes after one interval, as soon as the socket takes it.
+                self._frame_timer = asyncio.get_running_loop().call_later(
+                    FRAME_INTERVAL_S, self._frame
+                )
+                sshcompat.discard_unsent(self._chan)
 
     def backlog(self) -> int:
         """Output asyncssh holds for this joiner."""

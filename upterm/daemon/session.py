@@ -391,6 +391,11 @@ class Session:
                 )
 
     @property
+    def viewer_count(self) -> int:
+        """Terminals attached now (the host's and joiners')."""
+        return len(self._viewers)
+
+    @property
     def size(self) -> tuple[int, int]:
         """Current PTY size (cols, rows)."""
         return self._size

@@ -83,10 +83,6 @@ STREAMING_BYTES_PER_FRAME = 16 * 1024
 FRAME_BACKLOG_BYTES = 64 * 1024
 #: After skipping, SKIPPED_NOTICE stays in the joiner's title this long.
 SKIPPED_TITLE_S = 3.0
-#: A lone joiner that skips again this soon after it caught up is too slow for this
-#: output: it gets frames (the first time, it catches up as soon as it drained and goes on
-#: live, as the PTY follows it). With other viewers it gets frames at once.
-SKIP_REPEAT_S = 1.0
 #: A removed joiner's connection closes this long after it was told.
 KICK_CLOSE_DELAY_S = 1.0
 #: A joiner's window changes reach the shared terminal at most once per this interval (the
@@ -510,7 +506,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._frame_timer: asyncio.TimerHandle | None = None
         self._frame_mark = 0
         self._frames = False
-        self._caught_up_at = -SKIP_REPEAT_S
         self._title_timer: asyncio.TimerHandle | None = None
         self._resize_timer: asyncio.TimerHandle | None = None
         self._resize_pending: tuple[int, int] | None = None
@@ -711,9 +706,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._policy.session.drained(self.viewer_id)
 
     def _frame(self) -> None:
-        """After skipping: the current screen, and live output again. For a joiner that
-        skipped again soon after it caught up (``_frames``): the current screen now and then
-        until the output calms down, then once more, clean, and live (FRAME_INTERVAL_S).
+        """After skipping: the current screen, and live output again. For a joiner that is
+        not the only viewer (``_frames``): the current screen now and then until the output
+        calms down, then once more, clean, and live (FRAME_INTERVAL_S).
 
         Sending every joiner that cannot keep up the whole stream again each time it drained
         would make the daemon and the relay encrypt the flood once per joiner, slowing the
@@ -742,7 +737,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._frame_timer = loop.call_later(FRAME_INTERVAL_S, self._frame)
         else:
             self._skipping = False
-            self._caught_up_at = loop.time()
             self._title_timer = loop.call_later(SKIPPED_TITLE_S, self._restore_title)
         with contextlib.suppress(OSError, asyncssh.Error):
             chan.write(frame)
@@ -832,12 +826,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._skipping = True
                 loop = asyncio.get_running_loop()
                 # Frames where someone else sets the pace (another joiner, the host's
-                # terminal), or for a lone joiner that cannot keep up either.
+                # terminal). A lone joiner is what the PTY follows: once drained, it catches
+                # up and goes on live.
                 session = self._policy.session
                 self._frame_mark = session.output_bytes
-                self._frames = (
-                    session.viewer_count > 1 or loop.time() - self._caught_up_at < SKIP_REPEAT_S
-                )
+                self._frames = session.viewer_count > 1
                 if self._frames:
                     # What waits for its window is about to be replaced by a whole screen:
                     # the first frame comes after one interval, as soon as the socket takes it.

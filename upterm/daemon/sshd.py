@@ -723,6 +723,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._frame_timer = loop.call_later(FRAME_INTERVAL_S, self._frame)
             return
         session = self._policy.session
+        self._frames = self._frames and session.viewer_count > 1  # alone now: followed
         streaming = (
             self._frames and session.output_bytes - self._frame_mark > STREAMING_BYTES_PER_FRAME
         )

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from upterm.daemon.pty import PtyProcess
+from upterm.daemon.pty import READ_BATCH_BYTES, PtyProcess
 from upterm.daemon.recording import Recorder
 from upterm.termstate import (
     MAX_LINE,
@@ -63,6 +63,8 @@ PACE_HIGH_WATER_BYTES = 256 * 1024
 FOLLOW_HIGH_WATER_BYTES = 256 * 1024
 #: How long the PTY waits for a busy joiner to drain before reading on without it.
 JOINER_STALL_S = 0.5
+#: This many full PTY reads in a row make a flood (see Session._output).
+FLOOD_READS = 4
 #: Recent output replayed to a new viewer so it does not start on a blank screen.
 REPLAY_BYTES = 64 * 1024
 CUT_OFF_MESSAGE = b"\r\nupterm: you fell too far behind the session's output; disconnected.\r\n"
@@ -162,8 +164,10 @@ class Session:
         self._logged = [0, 0]
         self._plain_start = [0, 0]
         self._plain_at_col0 = [True, True]
-        #: Output bytes ever shown (joiners skipping ahead watch it grow).
+        #: Output bytes ever shown (joiners skipping ahead watch it grow), and full PTY
+        #: reads in a row (a command writing faster than the output is handed out).
         self.output_bytes = 0
+        self._full_reads = 0
         #: What each screen's current line (since its last newline) was written with.
         self._lines = (bytearray(), bytearray())
         self._partial_timer: asyncio.TimerHandle | None = None
@@ -578,6 +582,16 @@ class Session:
 
     def _output(self, data: bytes) -> None:
         self.output_bytes += len(data)
+        # Full reads one after another: the command writes faster than the output is handed
+        # out. With several terminals watching, joiners then take the screen now and then
+        # instead of the stream (the daemon would otherwise encrypt the flood once per
+        # joiner, and hold the command back doing it).
+        self._full_reads = self._full_reads + 1 if len(data) >= READ_BATCH_BYTES else 0
+        if self._full_reads == FLOOD_READS and len(self._viewers) > 1:
+            for viewer in list(self._viewers.values()):
+                skip = getattr(viewer, "skip_ahead", None)
+                if skip is not None:
+                    skip()
         if self.recorder is not None:
             self.recorder.output(data)
         shown = self.screen.feed(data)

@@ -823,20 +823,30 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             return
         with contextlib.suppress(OSError, asyncssh.Error):
             self._chan.write(data)
-            if self._forced is None and self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
-                self._skipping = True
-                loop = asyncio.get_running_loop()
-                # Frames where someone else sets the pace (another joiner, the host's
-                # terminal). A lone joiner is what the PTY follows: once drained, it catches
-                # up and goes on live.
-                session = self._policy.session
-                self._frame_mark = session.output_bytes
-                self._frames = session.viewer_count > 1
-                if self._frames:
-                    # What waits for its window is about to be replaced by a whole screen:
-                    # the first frame comes after one interval, as soon as the socket takes it.
-                    self._frame_timer = loop.call_later(FRAME_INTERVAL_S, self._frame)
-                    sshcompat.discard_unsent(self._chan)
+            if self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
+                self.skip_ahead()
+
+    def skip_ahead(self) -> None:
+        """Stop sending this joiner the stream: it fell behind, or the session is flooded
+        with several terminals watching (Session._output). Frames where someone else sets
+        the pace (another joiner, the host's terminal); a lone joiner is what the PTY
+        follows: once drained, it catches up and goes on live."""
+        if self._forced is not None or self._skipping or self._chan is None:
+            return
+        if not self._attached:
+            return
+        self._skipping = True
+        session = self._policy.session
+        self._frame_mark = session.output_bytes
+        self._frames = session.viewer_count > 1
+        if self._frames:
+            # What waits for its window is about to be replaced by a whole screen: the first
+            # frame comes after one interval, as soon as the socket takes it.
+            self._frame_timer = asyncio.get_running_loop().call_later(
+                FRAME_INTERVAL_S, self._frame
+            )
+            with contextlib.suppress(OSError, asyncssh.Error):
+                sshcompat.discard_unsent(self._chan)
 
     def backlog(self) -> int:
         """Output asyncssh holds for this joiner."""

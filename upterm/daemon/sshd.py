@@ -842,9 +842,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._frames:
             # What waits for its window is about to be replaced by a whole screen: the first
             # frame comes after one interval, as soon as the socket takes it.
-            self._frame_timer = asyncio.get_running_loop().call_later(
-                FRAME_INTERVAL_S, self._frame
-            )
+            self._frame_timer = asyncio.get_running_loop().call_later(FRAME_INTERVAL_S, self._frame)
             with contextlib.suppress(OSError, asyncssh.Error):
                 sshcompat.discard_unsent(self._chan)
 

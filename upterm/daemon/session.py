@@ -9,9 +9,10 @@ as the fastest viewer takes it, never faster than every viewer can carry:
   every joiner has a full send buffer, and reads on as soon as one drains. A joiner that
   makes no progress for ``JOINER_STALL_S`` stops counting (until it drains again), so a
   stopped joiner holds the command back for at most that long, once.
-- Joiners slower than the pace skip ahead (see ``sshd.SKIP_AHEAD_BYTES``): while the output
-  streams on they get the current screen ten times a second instead of the stream, then a
-  clean screen and live output once it calms (``sshd.GuestSession._frame``); a viewer whose
+- Joiners slower than the pace skip ahead (see ``sshd.SKIP_AHEAD_BYTES``), and all of them
+  during a flood with FLOOD_VIEWERS or more terminals watching: while the output streams
+  on they get the current screen ten times a second instead of the stream, then a clean
+  screen and live output once it calms (``sshd.GuestSession._frame``); a viewer whose
   backlog still grows past ``VIEWER_BACKLOG_LIMIT_BYTES`` is cut off with a message.
 
 Following the fastest joiner matters for throughput: a session nobody watches locally would
@@ -63,8 +64,11 @@ PACE_HIGH_WATER_BYTES = 256 * 1024
 FOLLOW_HIGH_WATER_BYTES = 256 * 1024
 #: How long the PTY waits for a busy joiner to drain before reading on without it.
 JOINER_STALL_S = 0.5
-#: This many full PTY reads in a row make a flood (see Session._output).
+#: This many full PTY reads in a row make a flood (see Session._output) ...
 FLOOD_READS = 4
+#: ... which puts every joiner on frames at once when this many terminals watch (fewer are
+#: streamed to, each skipping ahead only when it falls behind).
+FLOOD_VIEWERS = 4
 #: Recent output replayed to a new viewer so it does not start on a blank screen.
 REPLAY_BYTES = 64 * 1024
 CUT_OFF_MESSAGE = b"\r\nupterm: you fell too far behind the session's output; disconnected.\r\n"
@@ -583,11 +587,11 @@ class Session:
     def _output(self, data: bytes) -> None:
         self.output_bytes += len(data)
         # Full reads one after another: the command writes faster than the output is handed
-        # out. With several terminals watching, joiners then take the screen now and then
+        # out. With many terminals watching, joiners then take the screen now and then
         # instead of the stream (the daemon would otherwise encrypt the flood once per
         # joiner, and hold the command back doing it).
         self._full_reads = self._full_reads + 1 if len(data) >= READ_BATCH_BYTES else 0
-        if self._full_reads == FLOOD_READS and len(self._viewers) > 1:
+        if self._full_reads == FLOOD_READS and len(self._viewers) >= FLOOD_VIEWERS:
             for viewer in list(self._viewers.values()):
                 skip = getattr(viewer, "skip_ahead", None)
                 if skip is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,16 +14,10 @@ import pytest
 
 from tests.conftest import SSH_OPTS, VENV_BIN, UserEnv, start_relay, wait_for
 from tests.e2e.test_cli_e2e import headless
-from tests.relay.test_websocket import self_signed, tinyproxy
+from tests.relay.test_websocket import free_port, self_signed, tinyproxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 LOCAL = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
 
 
 def info(user_env: UserEnv, name: str) -> dict:

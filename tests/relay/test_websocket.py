@@ -340,12 +340,30 @@ async def test_tls_served_directly_and_renewed_without_a_restart(
         relay.close()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind((LOCAL, 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """Until a proxy the test started listens on ``port`` (10 s); its log if it died."""
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex((LOCAL, port)) == 0:
+                return
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            log.read_text() if log is not None and log.exists() else f"nothing on port {port}"
+        )
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def tinyproxy(tmp: Path, user: str, password: str) -> Iterator[int]:
     """Debian's tinyproxy on loopback with Basic auth; yields its port."""
-    with socket.socket() as probe:
-        probe.bind((LOCAL, 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     conf = tmp / "tinyproxy.conf"
     conf.write_text(
         f"Port {port}\nListen {LOCAL}\nTimeout 600\nAllow {LOCAL}\nMaxClients 20\n"
@@ -358,13 +376,7 @@ def tinyproxy(tmp: Path, user: str, password: str) -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex((LOCAL, port)) == 0:
-                    break
-            assert time.monotonic() < deadline and proc.poll() is None, "tinyproxy did not start"
-            time.sleep(0.05)
+        wait_listening(port, proc, tmp / "tinyproxy.log")
         yield port
     finally:
         proc.terminate()
@@ -453,9 +465,7 @@ NGINX_LOCATION = """
 def nginx(tmp: Path, ws_port: int, cert: Path, key: Path, server_extra: str = "") -> Iterator[int]:
     """Debian's nginx terminating TLS in front of the WebSocket listener; yields its port.
     ``server_extra``: more lines for its server block (a test's ``proxy_bind``)."""
-    with socket.socket() as probe:
-        probe.bind((LOCAL, 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     prefix = tmp / "nginx"
     prefix.mkdir()
     conf = prefix / "nginx.conf"
@@ -478,15 +488,7 @@ def nginx(tmp: Path, ws_port: int, cert: Path, key: Path, server_extra: str = ""
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex((LOCAL, port)) == 0:
-                    break
-            assert time.monotonic() < deadline and proc.poll() is None, (
-                (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
-            )
-            time.sleep(0.05)
+        wait_listening(port, proc, prefix / "error.log")
         yield port
     finally:
         proc.terminate()

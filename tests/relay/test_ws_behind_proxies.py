@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import socket
 import ssl
 import subprocess
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import VENV_BIN, make_key
 from tests.relay.test_relay_public import LOCAL, SshJoiner, make_tunnel, start_host
-from tests.relay.test_websocket import nginx, self_signed
+from tests.relay.test_websocket import free_port, nginx, self_signed, wait_listening
 from upterm import wire, wsproto
 from upterm.daemon.tunnel import RelayURL
 from upterm.keys import Ed25519Key
@@ -114,9 +113,7 @@ async def relay_behind(ws_gate: GateConfig) -> AsyncIterator[Relay]:
 @contextlib.contextmanager
 def haproxy(tmp: Path, ws_port: int, cert: Path, key: Path, proxy_v2: bool) -> Iterator[int]:
     """Debian's HAProxy running the documented configuration; yields its port."""
-    with socket.socket() as probe:
-        probe.bind((LOCAL, 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     pem = tmp / "haproxy.pem"
     pem.write_bytes(cert.read_bytes() + key.read_bytes())
     server = f"127.0.0.1:{ws_port} source {PROXY_SOURCE} check"
@@ -135,15 +132,7 @@ def haproxy(tmp: Path, ws_port: int, cert: Path, key: Path, proxy_v2: bool) -> I
         stderr=open(tmp / "haproxy.log", "wb"),  # noqa: SIM115
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex((LOCAL, port)) == 0:
-                    break
-            assert time.monotonic() < deadline and proc.poll() is None, (
-                tmp / "haproxy.log"
-            ).read_text()
-            time.sleep(0.05)
+        wait_listening(port, proc, tmp / "haproxy.log")
         yield port
     finally:
         proc.terminate()

@@ -33,6 +33,9 @@ command -v plink >/dev/null || missing+=(putty-tools)
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+# The relay cluster's registry (tests start their own servers and Sentinels on loopback).
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
 # To build OpenSSH 10's client for the joiner matrix (scripts/openssh10.sh).
 for pkg in gcc make curl libssl-dev zlib1g-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

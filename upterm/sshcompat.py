@@ -208,6 +208,23 @@ def on_signed_public_key(
     conn.validate_public_key = validate  # type: ignore[method-assign]
 
 
+def screen_public_key(
+    conn: asyncssh.SSHServerConnection,
+    screen: Callable[[str, bytes], Awaitable[bool]],
+) -> None:
+    """Ask ``screen(username, key_blob)`` about every key or certificate a client offers,
+    before asyncssh's own checks: False refuses it outright (asyncssh would otherwise read
+    a certificate whose signer it does not trust as the plain key it certifies)."""
+    original = conn.validate_public_key
+
+    async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        if not await screen(username, bytes(key_data)):
+            return False
+        return await original(username, key_data, msg, signature)
+
+    conn.validate_public_key = validate  # type: ignore[method-assign]
+
+
 #: Signature algorithms hashing with SHA-1: refused, as current OpenSSH refuses them.
 SHA1_SIGNATURE_ALGS = frozenset(
     {

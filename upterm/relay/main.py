@@ -27,6 +27,7 @@ from upterm.keys import (
     load_or_create_host_key,
     load_or_create_key,
 )
+from upterm.relay.cluster import RedisRegistry, new_node_id
 from upterm.relay.gate import GateConfig, parse_networks
 from upterm.relay.guard import RelayLimits
 from upterm.relay.metrics import LoopLagMonitor, serve_http
@@ -136,6 +137,48 @@ def load_host_keys(paths: tuple[str, ...]) -> frozenset[bytes] | None:
             )
         blobs.update(k.blob for k in keys)
     return frozenset(blobs)
+
+
+def cluster_options(
+    routing: str, redis_url: str, lease_ttl: str, cluster_addr: str, advertise: str
+) -> tuple[RedisRegistry | None, tuple[str, int] | None]:
+    """The registry and cluster listener of ``--routing redis``; (None, None) for memory."""
+    if routing != "redis":
+        for flag, value in (
+            ("--redis-url", redis_url),
+            ("--cluster-addr", cluster_addr),
+            ("--cluster-advertise", advertise),
+        ):
+            if value:
+                raise ConfigError(f"{flag} is for a cluster: add --routing redis")
+        return None, None
+    if not redis_url:
+        raise ConfigError(
+            "--routing redis needs --redis-url, e.g. redis://10.0.0.5:6379 or "
+            "redis+sentinel://10.0.0.5:26379/mymaster"
+        )
+    if not cluster_addr:
+        raise ConfigError(
+            "--routing redis needs --cluster-addr HOST:PORT, where the other nodes carry "
+            "joiners to this one (on the cluster's private network)"
+        )
+    at = split_addr(cluster_addr)
+    if advertise:
+        split_addr(advertise)
+    ttl_s = parse_duration_s(lease_ttl, "--lease-ttl")
+    try:
+        import redis  # noqa: F401 - checked here so the error is one line at start
+    except ImportError as exc:
+        raise ConfigError(
+            "--routing redis needs the redis Python package (Debian: python3-redis; pip: redis)"
+        ) from exc
+    registry = RedisRegistry(
+        redis_url,
+        node_id=new_node_id(),
+        member_addr=advertise or cluster_addr,
+        ttl_s=ttl_s,
+    )
+    return registry, at
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -404,6 +447,38 @@ async def serve(
     "X-Forwarded-For names the client (its limits and penalties then apply to the client).",
 )
 @click.option(
+    "--routing",
+    type=click.Choice(["memory", "redis"]),
+    default="memory",
+    show_default=True,
+    help="Where sessions are registered: this node's memory (one node), or Redis shared by "
+    "every node of a cluster (needs --redis-url and --cluster-addr).",
+)
+@click.option(
+    "--redis-url",
+    default="",
+    envvar="UPTERMD_REDIS_URL",
+    help="The cluster's registry: redis://[:PASSWORD@]HOST:PORT[/DB], rediss://… (TLS), or "
+    "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE.",
+)
+@click.option(
+    "--lease-ttl",
+    default="30s",
+    show_default=True,
+    help="How long a registration outlives its node's last renewal (renewed every third).",
+)
+@click.option(
+    "--cluster-addr",
+    default="",
+    help="Where this node takes joiners carried from other nodes (host:port on the "
+    "cluster's private network; only nodes holding the cluster key get in).",
+)
+@click.option(
+    "--cluster-advertise",
+    default="",
+    help="The --cluster-addr other nodes dial, if not the bound one (e.g. the pod's IP).",
+)
+@click.option(
     "--metric-addr",
     default="",
     help="Serve Prometheus /metrics, /health and /ready on this host:port.",
@@ -458,6 +533,11 @@ def main(
     proxy_protocol_from: tuple[str, ...],
     ws_proxy_protocol: bool,
     ws_forwarded_from: tuple[str, ...],
+    routing: str,
+    redis_url: str,
+    lease_ttl: str,
+    cluster_addr: str,
+    cluster_advertise: str,
     metric_addr: str,
     drain_timeout: str,
     drain_delay: str,
@@ -533,6 +613,9 @@ def main(
         drain_s = parse_duration_s(drain_timeout, "--drain-timeout")
         delay_s = parse_duration_s(drain_delay, "--drain-delay")
         identity = load_identity(state_dir or default_state_dir(), private_key)
+        registry, cluster_at = cluster_options(
+            routing, redis_url, lease_ttl, cluster_addr, cluster_advertise
+        )
         raise_fd_limit()
         relay = Relay(
             identity,
@@ -556,6 +639,9 @@ def main(
                 proxy_from=proxies,
                 forwarded_from=forwarders,
             ),
+            registry=registry,
+            cluster_addr=cluster_at,
+            cluster_advertise=cluster_advertise or None,
         )
         tune_allocator()
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "uptermd"
 
+#: Registry round trips: a LAN Redis answers in well under a millisecond; seconds mean
+#: trouble (a request's bound is at most 2 s).
+REGISTRY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: Event-loop lag buckets: from "nothing to see" (1 ms) to "every peer noticed" (5 s).
 LOOP_LAG_BUCKETS_S: tuple[float, ...] = (
     0.001,
@@ -206,6 +209,33 @@ class RelayMetrics:
             namespace=ns,
             registry=reg,
         )
+        #: Round trips to the session registry (Redis), by operation.
+        self.registry_latency = Histogram(
+            "registry_seconds",
+            "Round trips to the session registry (Redis), by operation.",
+            ["op"],
+            namespace=ns,
+            registry=reg,
+            buckets=REGISTRY_BUCKETS_S,
+        )
+        #: Lease events of this node's sessions: renewed, reclaimed (Redis had lost it),
+        #: lost (superseded or not renewable in time).
+        self.leases = Counter(
+            "lease_events",
+            "Lease events of this node's sessions (renewed, reclaimed, lost).",
+            ["event"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: Joiners carried to the node that owns their session, by outcome.
+        self.hops = Counter(
+            "hops",
+            "Joiner connections carried to the node owning their session, by outcome "
+            "(out: dialled from here, in: accepted here, failed).",
+            ["direction"],
+            namespace=ns,
+            registry=reg,
+        )
         # Series of fixed label sets exist from the start at 0, so that rate() sees their
         # first increment and dashboards show 0 rather than "no data".
         for state in CONNECTION_STATES:
@@ -214,6 +244,10 @@ class RelayMetrics:
             self.bytes.labels(direction=direction)
         for kind in PenaltyKind:
             self.penalties_added.labels(kind=kind.value)
+        for event in ("renewed", "reclaimed", "lost"):
+            self.leases.labels(event=event)
+        for direction in ("out", "in", "failed"):
+            self.hops.labels(direction=direction)
 
         reg.register(_DescriptorCollector())
         ProcessCollector(registry=reg)

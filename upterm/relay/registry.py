@@ -56,6 +56,14 @@ class SessionTable:
         """The registration for ``session_id``, if any."""
         return self._by_id.get(session_id)
 
+    def would_accept(self, reg: Registration) -> bool:
+        """Whether :meth:`register` would take ``reg`` now (asked before the cluster's
+        registry is, so a refused registration changes nothing there)."""
+        cur = self._by_id.get(reg.session_id)
+        return cur is None or not (
+            cur.owner is reg.owner or cur.generation == 0 or reg.generation <= cur.generation
+        )
+
     def register(self, reg: Registration) -> object | None:
         """Add ``reg``; return the owner it displaced (to be disconnected), if any.
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,8 +29,10 @@ from asyncssh.constants import OPEN_REQUEST_PTY_FAILED, OPEN_REQUEST_SESSION_FAI
 from upterm import sshcompat, wire
 from upterm.errors import ConfigError, RemoteProtocolError
 from upterm.keys import Ed25519Key, KeyPair, PrivateHostKey
+from upterm.relay.cluster import LeaseHeld, RedisRegistry, RegistryUnavailable, SessionRecord
 from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
 from upterm.relay.guard import RelayGuard, RelayLimits
+from upterm.relay.hop import HopClaim, build_hop_certificate, verify_hop_certificate
 from upterm.relay.metrics import RelayMetrics
 from upterm.relay.registry import Registration, SessionTable, Superseded
 from upterm.relay.wsdoor import WebSocketListener
@@ -137,8 +140,22 @@ class Relay:
         ws_addr: tuple[str, int] | None = None,
         ws_tls: tuple[str, str] | None = None,
         ws_gate: GateConfig | None = None,
+        registry: RedisRegistry | None = None,
+        cluster_addr: tuple[str, int] | None = None,
+        cluster_advertise: str | None = None,
     ) -> None:
         sshcompat.skip_unlogged_packet_formatting()
+        #: The cluster's session registry (``--routing redis``); None: this node alone.
+        self.registry = registry
+        #: Where the cluster listener binds: other nodes' hops arrive there, and nothing else.
+        self._cluster_addr = cluster_addr
+        self._cluster_advertise = cluster_advertise
+        self._cluster_listener: GatedListener | None = None
+        self._cluster_server: asyncssh.SSHAcceptor | None = None
+        #: This node's hop key: certified by the cluster key for each hop (never stored).
+        self.hop_key = Ed25519Key.generate()
+        self._hop_ssh_key = asyncssh.import_private_key(self.hop_key.private_openssh())
+
         self.identity = identity
         #: Where the WebSocket listener binds (``--ws-addr``); None: no WebSocket.
         self._ws_addr = ws_addr
@@ -160,6 +177,10 @@ class Relay:
         self.limits = limits or RelayLimits()
         self.metrics = metrics or RelayMetrics()
         self.guard = RelayGuard(self.limits, self.metrics)
+        if registry is not None:
+            metrics_ = self.metrics
+            registry.observe = lambda op, s: metrics_.registry_latency.labels(op=op).observe(s)
+            registry.event = lambda e: metrics_.leases.labels(event=e).inc()
         self.gate_cfg = gate or GateConfig(handshake_timeout_s=self.limits.handshake_timeout_s)
         #: Keys that may register sessions (``--authorized-keys``); None: any key.
         self.host_keys = host_keys
@@ -172,6 +193,8 @@ class Relay:
         self._node_addr = node_addr
         self._listener: GatedListener | None = None
         self._server: asyncssh.SSHAcceptor | None = None
+        #: Background registry writes (lease releases), kept so none is collected unfinished.
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def node_addr(self) -> str:
@@ -194,8 +217,21 @@ class Relay:
 
     @property
     def ready(self) -> bool:
-        """Serving and not draining (the metrics endpoint's /ready)."""
-        return self._listener is not None and self._listener.is_serving() and not self.draining
+        """Serving, not draining, and (in a cluster) reaching the registry: the metrics
+        endpoint's /ready, so a load balancer sends no one to a node that cannot register."""
+        serving = self._listener is not None and self._listener.is_serving()
+        registry_ok = self.registry is None or self.registry.reachable
+        return serving and registry_ok and not self.draining
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the cluster ("" when alone)."""
+        return self.registry.node_id if self.registry is not None else ""
+
+    @property
+    def cluster_port(self) -> int:
+        """The cluster listener's bound port (0 when there is none)."""
+        return self._cluster_listener.get_port() if self._cluster_listener is not None else 0
 
     async def start(self) -> None:
         """Bind the listener."""
@@ -220,6 +256,58 @@ class Relay:
                 self._ws_listener.tls = load_tls(*self._ws_tls)
             self._ws_server = await self._listen(self._ws_listener, host_keys)
             log.info("uptermd WebSocket listener on %s:%d", self._ws_addr[0], self.ws_port)
+        if self.registry is not None:
+            await self._start_cluster(host_keys)
+
+    async def _start_cluster(self, host_keys: list[Any]) -> None:
+        assert self.registry is not None
+        if self._cluster_addr is None:
+            raise ConfigError("--routing redis needs --cluster-addr (where other nodes hop in)")
+        # Only other nodes come here, each proving the cluster key: no per-source caps or
+        # penalties (one node carries many joiners), but the same handshake deadline and
+        # bound on unauthenticated connections.
+        guard = RelayGuard(
+            dataclasses.replace(
+                self.limits,
+                penalties=dataclasses.replace(self.limits.penalties, enabled=False),
+                per_source_startups=0,
+            ),
+            self.metrics,
+        )
+        self._cluster_listener = GatedListener(
+            *self._cluster_addr, guard, dataclasses.replace(self.gate_cfg, proxy_protocol=False)
+        )
+        self._cluster_server = await asyncssh.listen(
+            tunnel=self._cluster_listener,
+            server_factory=lambda: RelayConnection(self, hop=True),
+            server_host_keys=host_keys,
+            server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
+            signature_algs=sshcompat.signature_algs(),
+            encoding=None,
+            login_timeout=self.limits.handshake_timeout_s + 5,
+            allow_scp=False,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            keepalive_interval=0,
+            password_auth=False,
+            kbdint_auth=False,
+            gss_host=None,
+            window=self.limits.joiner_window_bytes,
+        )
+        advertised = self._cluster_advertise or (
+            f"{self._cluster_addr[0]}:{self._cluster_listener.get_port()}"
+        )
+        self.registry.member_addr = advertised
+        await self.registry.start()
+        log.info(
+            "cluster node %s: hops in on %s:%d (advertised as %s), registry %s",
+            self.registry.node_id,
+            self._cluster_addr[0],
+            self.cluster_port,
+            advertised,
+            "reachable" if self.registry.reachable else "NOT reachable yet",
+        )
 
     def reload_tls(self) -> None:
         """Read the certificate and key again (SIGHUP): new connections get them, open
@@ -246,6 +334,8 @@ class Relay:
             token = wire.decode_token(user)
         except RemoteProtocolError:
             return "upterm: that is not a session token"
+        if self.registry is not None:
+            return None  # the session may live on another node: SSH authentication decides
         if self.table.get(token.session_id) is None or token.node_addr not in (
             None,
             self.node_addr,
@@ -278,7 +368,7 @@ class Relay:
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""
-        for server in (self._server, self._ws_server):
+        for server in (self._server, self._ws_server, self._cluster_server):
             if server is not None:
                 server.close()
         for conn in list(self.connections):
@@ -286,9 +376,11 @@ class Relay:
 
     async def wait_closed(self) -> None:
         """Wait for the listener to close."""
-        for server in (self._server, self._ws_server):
+        for server in (self._server, self._ws_server, self._cluster_server):
             if server is not None:
                 await server.wait_closed()
+        if self.registry is not None:
+            await self.registry.close()
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, tell every joiner and host why, and wait for them to go.
@@ -326,6 +418,123 @@ class Relay:
 
     # -- registration (called by host connections) --
 
+    def record_of(self, reg: Registration) -> SessionRecord:
+        """What the cluster's registry stores of a registration of ours."""
+        return SessionRecord(
+            session_id=reg.session_id,
+            generation=reg.generation,
+            node_id=self.node_id,
+            host_user=reg.host_user,
+            host_key_blobs=reg.host_key_blobs,
+            client_key_blobs=reg.client_key_blobs,
+            invites=reg.invites,
+        )
+
+    async def claim(self, reg: Registration) -> bytes | None:
+        """Take the cluster-wide lease of ``reg`` (``--routing redis``); what to tell the
+        host if that is refused. Fails closed: no registry, no registration."""
+        if self.registry is None:
+            return None
+        if not self.table.would_accept(reg):
+            return SUPERSEDED_BYTES
+        try:
+            await self.registry.claim(
+                self.record_of(reg),
+                functools.partial(self.lease_lost, reg.session_id, reg.generation),
+            )
+        except LeaseHeld as exc:
+            log.info(
+                "session %s is held by generation %d elsewhere", reg.session_id, exc.generation
+            )
+            self.metrics.refusals.labels(reason="superseded").inc()
+            return SUPERSEDED_BYTES
+        except RegistryUnavailable as exc:
+            log.warning("refused to register session %s: %s", reg.session_id, exc)
+            self.metrics.refusals.labels(reason="registry-unavailable").inc()
+            return REGISTRY_DOWN_TEXT.encode()
+        return None
+
+    def release_lease(self, session_id: str, generation: int) -> None:
+        """Give a lease back in the background (a successor's is never touched; if Redis is
+        down the lease simply expires)."""
+        if self.registry is None:
+            return
+        registry = self.registry
+
+        async def release() -> None:
+            with contextlib.suppress(RegistryUnavailable):
+                await registry.release(session_id, generation)
+
+        task = asyncio.ensure_future(release())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def lease_lost(self, session_id: str, generation: int, why: str) -> None:
+        """This node may no longer serve the session: no new joiners from now on, its
+        joiners here are told and dropped, and its host is disconnected so that it redials
+        (to whichever node the cluster then gives it)."""
+        reg = self.table.get(session_id)
+        if reg is None or reg.generation != generation:
+            return
+        owner = reg.owner
+        for conn in [c for c in self.connections if not c.is_host and c.joined_reg is reg]:
+            conn.tell_and_close(LEASE_LOST_JOINER_TEXT)
+        if isinstance(owner, RelayConnection):
+            owner.drop_session(session_id)
+            owner.disconnect(
+                f"upterm: this relay node lost session {session_id} ({why}); reconnect"
+            )
+        else:
+            self.table.release(session_id, owner)
+
+    async def dial_member(
+        self, target: HopTarget, username: str, auth: wire.AuthRequest
+    ) -> asyncssh.SSHClientConnection:
+        """An SSH connection to the node owning a session, as this joiner (a hop).
+
+        ``target`` comes from the registry only: its node is a registered member now and
+        holds the session's lease. Nothing a joiner wrote is dialled.
+        """
+        host, _, port = target.addr.rpartition(":")
+        cert = build_hop_certificate(
+            self.identity.key.private,
+            self.hop_key.private.public_key(),
+            principal=username,
+            auth=auth,
+            generation=target.generation,
+            from_node=self.node_id,
+            now=int(time.time()),
+        )
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(
+                    host.strip("[]"),
+                    int(port),
+                    username=username,
+                    client_keys=[(self._hop_ssh_key, asyncssh.import_certificate(cert))],
+                    # Every node shares the cluster key: a member presenting another is not one.
+                    known_hosts=(
+                        [asyncssh.import_public_key(self.identity.key.public_line())],
+                        [],
+                        [],
+                    ),
+                    agent_path=None,
+                    config=None,
+                    preferred_auth="publickey",
+                    client_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
+                    encoding=None,
+                    keepalive_interval=self.limits.joiner_keepalive_s,
+                    encryption_algs=sshcompat.PREFERRED_CIPHERS,
+                ),
+                HOP_TIMEOUT_S,
+            )
+        except BaseException:
+            self.metrics.hops.labels(direction="failed").inc()
+            raise
+        sshcompat.skip_ignore_padding(conn)
+        self.metrics.hops.labels(direction="out").inc()
+        return conn
+
     def register(self, reg: Registration) -> None:
         """Add a registration; a displaced owner's connection is closed."""
         displaced = self.table.register(reg)
@@ -337,6 +546,27 @@ class Relay:
             displaced.close()
 
 
+@dataclass(frozen=True)
+class HopTarget:
+    """Where a joiner's session lives when another node owns it (from the registry)."""
+
+    addr: str
+    node_id: str
+    generation: int
+
+
+#: A hop must be up (TCP, SSH, the owner's checks) within this.
+HOP_TIMEOUT_S = 15.0
+SUPERSEDED_BYTES = wire.SUPERSEDED.encode()
+#: What a host hears when its node cannot reach the cluster's registry (it retries).
+REGISTRY_DOWN_TEXT = (
+    "upterm: this relay cannot reach its session registry right now; your session will be "
+    "registered when it is back"
+)
+#: What a joiner sees when the node serving it loses its session (moved or unrenewable).
+LEASE_LOST_JOINER_TEXT = (
+    "upterm: this session moved to another relay node; run the same ssh command again"
+)
 #: How long a drain first waits for what is already ending to end by itself.
 DRAIN_SETTLE_S = 0.5
 #: What a joiner sees when the relay drains (upgrade, restart, scale-in).
@@ -350,8 +580,14 @@ DRAIN_HOST_TEXT = "uptermd is restarting: reconnect to keep your session"
 class RelayConnection(asyncssh.SSHServer):
     """One inbound SSH connection, host or joiner (decided by its banner)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, hop: bool = False) -> None:
         self.relay = relay
+        #: Came in on the cluster listener: another node carrying a joiner (a hop).
+        self.hop = hop
+        #: What the entry node's certificate said about the joiner (hops only).
+        self._hop_claim: HopClaim | None = None
+        #: The node owning this joiner's session, when it is not this one.
+        self._target: HopTarget | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
         self.gate: Gate | None = None
         self.is_host = False
@@ -385,6 +621,8 @@ class RelayConnection(asyncssh.SSHServer):
         sshcompat.limit_global_requests(
             conn, self.relay.limits.global_requests_pending, self._too_many_requests
         )
+        if self.hop:
+            sshcompat.screen_public_key(conn, self._screen_hop)
         sshcompat.on_signed_public_key(conn, self._key_proven)
         sshcompat.refuse_sha1_signatures(conn)
         # ed25519 whenever the client takes it: the key hosts pin and guest certificates
@@ -446,8 +684,11 @@ class RelayConnection(asyncssh.SSHServer):
             self.relay.guard.sessions_by_source.give(self.source_key())
             if not self._owned:
                 self._arm_unused()
+        reg = self.relay.table.get(sid)
         if self.relay.table.release(sid, self):
             log.info("session %s closed", sid)
+            if reg is not None:
+                self.relay.release_lease(sid, reg.generation)
             self.relay.metrics.sessions.set(len(self.relay.table))
             self.relay.on_change()
 
@@ -458,13 +699,20 @@ class RelayConnection(asyncssh.SSHServer):
 
     # -- authentication --
 
-    def begin_auth(self, username: str) -> bool:
+    @property
+    def joined_reg(self) -> Registration | None:
+        """The registration this joiner authenticated for (None for hosts)."""
+        return None if self.is_host else self._reg
+
+    async def begin_auth(self, username: str) -> bool:
         assert self.conn is not None
         self._token = None
         self._reg = None
+        self._target = None
+        self._hop_claim = None
         self._refused_text = None
         banner = self.conn.get_extra_info("client_version") or ""
-        self.is_host = banner == wire.HOST_CLIENT_VERSION
+        self.is_host = banner == wire.HOST_CLIENT_VERSION and not self.hop
         if self.is_host:
             return True
         try:
@@ -475,16 +723,31 @@ class RelayConnection(asyncssh.SSHServer):
             if self.gate is not None:
                 self.gate.invalid_user = True
             return True
-        reg = self.relay.table.get(self._token.session_id)
-        foreign = self._token.node_addr not in (None, self.relay.node_addr)
-        if reg is None or foreign:
-            # Never dial a node address named by a joiner: only known cluster members count,
-            # and a single node knows none.
-            self._refuse_joiner(
-                wire.BANNER_NO_HOST_FORMAT.format(session_id=self._token.session_id),
-                "unknown-session",
-            )
+        sid = self._token.session_id
+        reg = self.relay.table.get(sid)
+        registry = self.relay.registry
+        no_host = wire.BANNER_NO_HOST_FORMAT.format(session_id=sid)
+        if registry is None:
+            foreign = self._token.node_addr not in (None, self.relay.node_addr)
+            if reg is None or foreign:
+                # Never dial a node address named by a joiner: only known cluster members
+                # count, and a single node knows none.
+                self._refuse_joiner(no_host, "unknown-session")
+                return True
+        elif reg is not None:
+            # Ours, but only while our lease holds (the node named in the token is a hint).
+            if not registry.holds(sid, reg.generation):
+                self._refuse_joiner(wire.BANNER_LOOKUP_FAILED, "lease-not-held")
+                return True
+        elif self.hop:
+            # A hop goes to the owner and no further: never a chain of nodes.
+            self._refuse_joiner(no_host, "unknown-session")
             return True
+        else:
+            found = await self._look_up(sid)
+            if found is None:
+                return True
+            reg, self._target = found
         limit = self.relay.guard.joiners_by_session.limit
         if limit and self.relay.guard.joiners_by_session.count(reg.session_id) >= limit:
             self._refuse_joiner(
@@ -496,12 +759,90 @@ class RelayConnection(asyncssh.SSHServer):
         self._reg = reg
         return True
 
+    async def _look_up(self, sid: str) -> tuple[Registration, HopTarget] | None:
+        """The registration of a session another node owns, and where that node takes hops;
+        None (the joiner told why) if there is none or the registry cannot say."""
+        registry = self.relay.registry
+        assert registry is not None
+        try:
+            rec = await registry.lookup(sid)
+            addr = None
+            if rec is not None and rec.node_id != self.relay.node_id:
+                # Only a member registered now is ever dialled.
+                addr = await registry.member_addr_of(rec.node_id)
+        except RegistryUnavailable:
+            self._refuse_joiner(wire.BANNER_LOOKUP_FAILED, "lookup-failed")
+            return None
+        if rec is None or addr is None:
+            self._refuse_joiner(
+                wire.BANNER_NO_HOST_FORMAT.format(session_id=sid), "unknown-session"
+            )
+            return None
+        reg = Registration(
+            session_id=sid,
+            node_addr=self.relay.node_addr,
+            host_user=rec.host_user,
+            host_key_blobs=rec.host_key_blobs,
+            client_key_blobs=rec.client_key_blobs,
+            generation=rec.generation,
+            owner=None,
+            invites=rec.invites,
+        )
+        return reg, HopTarget(addr, rec.node_id, rec.generation)
+
+    def _reg_current(self) -> bool:
+        """Whether this joiner's session may still be served through this node."""
+        reg = self._reg
+        if reg is None:
+            return False
+        if self._target is not None:
+            return True  # the owner checks its own lease when the hop arrives
+        if self.relay.table.get(reg.session_id) is not reg:
+            return False
+        registry = self.relay.registry
+        return registry is None or registry.holds(reg.session_id, reg.generation)
+
+    async def _screen_hop(self, username: str, blob: bytes) -> bool:
+        """A hop's certificate, checked before asyncssh sees it: signed by the cluster key,
+        for this joiner's session at the generation this node holds, naming a joiner key
+        the session allows. Anything else is refused (and never read as a plain key)."""
+        self._hop_claim = None
+        try:
+            claim = verify_hop_certificate(
+                blob, self.relay.identity.key.public.blob, username, int(time.time())
+            )
+            joiner_blob = claim.auth.public_key().blob
+        except RemoteProtocolError as exc:
+            log.info("refused a hop from %s: %s", self.peer(), exc)
+            self.relay.metrics.auth_failures.labels(reason="bad-hop").inc()
+            return False
+        reg = self._reg
+        if reg is None or not self._reg_current() or reg.generation != claim.generation:
+            log.info(
+                "refused a hop from node %s: it asked for generation %d, this node holds %s",
+                claim.from_node,
+                claim.generation,
+                "none" if reg is None or not self._reg_current() else reg.generation,
+            )
+            self.relay.metrics.auth_failures.labels(reason="stale-hop").inc()
+            return False
+        token = self._token
+        if token is not None and token.invite is not None:
+            allowed = wire.invite_digest(token.invite) in reg.invites
+        else:
+            allowed = reg.allows_client(joiner_blob)
+        if not allowed:
+            self.relay.metrics.auth_failures.labels(reason="bad-key").inc()
+            return False
+        self._hop_claim = claim
+        return True
+
     def _refuse_joiner(self, text: str, reason: str) -> None:
         """Say why in the user-auth banner; the auth that follows fails, unpenalised."""
         assert self.conn is not None
         self._refused_text = text
         self.conn.send_auth_banner(text)
-        if reason == "unknown-session":
+        if reason in ("unknown-session", "lookup-failed", "lease-not-held"):
             self.relay.metrics.auth_failures.labels(reason=reason).inc()
         else:
             self.relay.metrics.refusals.labels(reason=reason).inc()
@@ -533,8 +874,8 @@ class RelayConnection(asyncssh.SSHServer):
                 return False
             return True
         reg = self._reg
-        if reg is None or self.relay.table.get(reg.session_id) is not reg:
-            return False
+        if self.hop or reg is None or not self._reg_current():
+            return False  # the cluster listener takes hop certificates only
         if self._token is not None and self._token.invite is not None:
             # Only codes the host declared get past here (as digests); the host checks the
             # code, its limits and the key itself.
@@ -556,8 +897,13 @@ class RelayConnection(asyncssh.SSHServer):
         return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        # Joiners' certificates are not an identity here; their plain key is.
-        return False
+        # Joiners' certificates are not an identity here; their plain key is. On the cluster
+        # listener, a hop certificate already checked in full by _screen_hop.
+        return (
+            self.hop
+            and self._hop_claim is not None
+            and bytes(key.public_data) == self.relay.identity.key.public.blob
+        )
 
     def auth_completed(self) -> None:
         assert self.conn is not None
@@ -614,7 +960,9 @@ class RelayConnection(asyncssh.SSHServer):
         )
 
     def _key_proven(self, key_blob: bytes) -> None:
-        self._auth_key = key_blob
+        claim = self._hop_claim
+        # A hop proved the entry node's key; the identity that counts is the joiner's.
+        self._auth_key = claim.auth.public_key().blob if claim is not None else key_blob
 
     def peer(self) -> str:
         """The peer's address as ``host:port`` (the PROXY header's source, if any)."""
@@ -688,9 +1036,15 @@ class RelayConnection(asyncssh.SSHServer):
             generation=generation,
             owner=self,
         )
+        refusal = await self.relay.claim(reg)
+        if refusal is not None:
+            return sshcompat.GlobalReply(False, refusal)
         try:
+            if self._lost:
+                raise Superseded()  # went while the registry answered: nothing is kept
             self.relay.register(reg)
         except Superseded as exc:
+            self.relay.release_lease(reg.session_id, reg.generation)
             return sshcompat.GlobalReply(False, str(exc).encode())
         self._owned.add(sid)
         self._disarm_unused()
@@ -730,6 +1084,12 @@ class RelayConnection(asyncssh.SSHServer):
         if sid not in self._owned or reg is None or reg.owner is not self:
             return sshcompat.GlobalReply(False, b"upterm: not your session")
         reg.invites = digests
+        if self.relay.registry is not None:
+            # Other nodes admit joiners by what the registry says: it must know the codes.
+            try:
+                await self.relay.registry.update(self.relay.record_of(reg))
+            except RegistryUnavailable:
+                return sshcompat.GlobalReply(False, REGISTRY_DOWN_TEXT.encode())
         return sshcompat.GlobalReply(True)
 
     def _verify_proof(self, req: wire.CreateSessionRequest) -> tuple[str, int]:
@@ -802,6 +1162,19 @@ class RelayConnection(asyncssh.SSHServer):
         """
         if self.is_host or self._reg is None or dest_host != E2E_DESTINATION:
             return False
+        sid = self._reg.session_id
+        if self._target is not None:
+            # Owned by another node: the splice goes through the hop, still end to end.
+            self._take_channel()
+            log.info("joiner %s opened an end-to-end channel to %s via a hop", self.peer(), sid)
+
+            async def via_hop(factory: Callable[[], Any]) -> tuple[Any, Any]:
+                hop = await asyncio.shield(self.upstream())
+                return await hop.create_connection(
+                    factory, E2E_DESTINATION, dest_port, max_pktsize=TUNNEL_MAX_PACKET_BYTES
+                )
+
+            return _open_splice(self, via_hop)
         host_conn = self._live_host()
         if host_conn is None:
             raise asyncssh.ChannelOpenError(
@@ -809,14 +1182,18 @@ class RelayConnection(asyncssh.SSHServer):
                 wire.BANNER_NO_HOST_FORMAT.format(session_id=self._reg.session_id).strip(),
             )
         self._take_channel()
-        sid = self._reg.session_id
         log.info("joiner %s opened an end-to-end channel to %s", self.peer(), sid)
-        return _open_splice(self, host_conn, sid)
+        return _open_splice(
+            self,
+            lambda factory: host_conn.create_unix_connection(
+                factory, sid, max_pktsize=TUNNEL_MAX_PACKET_BYTES
+            ),
+        )
 
     def _live_host(self) -> asyncssh.SSHServerConnection | None:
         """The connection of this joiner's host, if its registration is still current."""
         reg = self._reg
-        if reg is None or self.relay.table.get(reg.session_id) is not reg:
+        if reg is None or not self._reg_current():
             return None
         owner = reg.owner
         return owner.conn if isinstance(owner, RelayConnection) else None
@@ -827,20 +1204,35 @@ class RelayConnection(asyncssh.SSHServer):
             self._upstream = asyncio.ensure_future(self._open_upstream())
         return self._upstream
 
+    def _joiner_auth(self) -> wire.AuthRequest:
+        """The joiner as the host (or the owning node) is told about it."""
+        assert self.conn is not None and self._auth_key is not None
+        claim = self._hop_claim
+        if claim is not None:
+            # Carried by another node: the joiner's own address and client, not the node's.
+            return wire.AuthRequest(
+                client_version=claim.auth.client_version,
+                remote_addr=claim.auth.remote_addr,
+                authorized_key=wire.PublicKey(self._auth_key).authorized_key_line(),
+                local_addr=claim.auth.local_addr,
+            )
+        return wire.AuthRequest(
+            client_version=self.conn.get_extra_info("client_version") or "",
+            remote_addr=self.peer(),
+            authorized_key=wire.PublicKey(self._auth_key).authorized_key_line(),
+            local_addr=format_addr(self.conn.get_extra_info("sockname")),
+        )
+
     async def _open_upstream(self) -> asyncssh.SSHClientConnection:
         assert self.conn is not None and self._reg is not None and self._auth_key is not None
         reg = self._reg
+        username = self.conn.get_extra_info("username") or ""
+        auth = self._joiner_auth()
+        if self._target is not None:
+            return await self.relay.dial_member(self._target, username, auth)
         host_conn = self._live_host()
         if host_conn is None:
             raise HostGone()
-        username = self.conn.get_extra_info("username") or ""
-        joiner_key = wire.PublicKey(self._auth_key)
-        auth = wire.AuthRequest(
-            client_version=self.conn.get_extra_info("client_version") or "",
-            remote_addr=self.peer(),
-            authorized_key=joiner_key.authorized_key_line(),
-            local_addr=format_addr(self.conn.get_extra_info("sockname")),
-        )
         cert_line = wire.build_guest_certificate(
             self.relay.identity.key.private,
             principal=username,
@@ -881,15 +1273,15 @@ class HostGone(ConnectionError):
 
 
 async def _open_splice(
-    link: RelayConnection, host_conn: asyncssh.SSHServerConnection, session_id: str
+    link: RelayConnection, open_peer: Callable[[Callable[[], Any]], Awaitable[tuple[Any, Any]]]
 ) -> _Splice:
+    """The joiner's side of an end-to-end splice; ``open_peer(factory)`` opens the other
+    (a channel to the host's inner server, or through a hop to the node that has it)."""
     relay = link.relay
     joiner_side = _Splice(relay, link=link)
     host_factory: Any = lambda: _Splice(relay, peer=joiner_side)  # noqa: E731
     try:
-        _, host_side = await host_conn.create_unix_connection(
-            host_factory, session_id, max_pktsize=TUNNEL_MAX_PACKET_BYTES
-        )
+        _, host_side = await open_peer(host_factory)
     except BaseException:
         link.channel_closed()
         raise
@@ -1093,7 +1485,12 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         except Exception as exc:
             log.info("joiner %s could not reach its host: %r", self._link.peer(), exc)
             # Fixed texts, as upstream: nothing about the host or its address leaks.
-            if isinstance(exc, HostGone) or self._link._live_host() is None:
+            hop = self._link._target is not None
+            if (
+                isinstance(exc, HostGone)
+                or (not hop and self._link._live_host() is None)
+                or (hop and isinstance(exc, (OSError, asyncssh.DisconnectError)))
+            ):
                 # Its host is gone (or went while we dialled): upstream's words for that.
                 sid = self._link._reg.session_id if self._link._reg else "?"
                 chan.write_stderr(wire.BANNER_NO_HOST_FORMAT.format(session_id=sid).encode())

@@ -1,0 +1,174 @@
+"""Real Redis servers and uptermd cluster nodes for the cluster tests (loopback only)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from tests.conftest import RelayProc, UserEnv, start_relay, wait_for
+
+#: .ci/run installs it (scripts/setup.sh); the cluster tests need the real server.
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _command(port: int, *args: str) -> bytes:
+    """One inline command, its raw reply (no client library between us and the server)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(" ".join(args).encode() + b"\r\n")
+        return s.recv(1 << 16)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process of our own on 127.0.0.1 (no persistence unless asked)."""
+
+    root: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, *extra: str) -> RedisServer:
+        self.port = self.port or free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.answers, 10, what="redis-server to answer")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            return _command(self.port, "PING").startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        return _command(self.port, *args)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+def start_node(
+    user_env: UserEnv,
+    redis_url: str,
+    state_dir: Path,
+    *extra: str,
+    ttl: str = "3s",
+) -> RelayProc:
+    """One uptermd node of a cluster. Nodes given the same ``state_dir`` share the cluster
+    key (the relay's ed25519 key), as a real cluster's nodes must."""
+    return start_relay(
+        user_env,
+        state_dir,
+        "--routing",
+        "redis",
+        "--redis-url",
+        redis_url,
+        "--cluster-addr",
+        "127.0.0.1:0",
+        "--lease-ttl",
+        ttl,
+        *extra,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _bulk(reply: bytes) -> list[bytes | None]:
+    """The bulk strings of a RESP reply (an array of them, or one)."""
+    out: list[bytes | None] = []
+    rest = reply
+    if rest.startswith(b"*"):
+        rest = rest.split(b"\r\n", 1)[1]
+    while rest.startswith(b"$"):
+        head, rest = rest.split(b"\r\n", 1)
+        n = int(head[1:])
+        if n < 0:
+            out.append(None)
+            continue
+        out.append(rest[:n])
+        rest = rest[n + 2 :]
+    return out
+
+
+def session_owner(redis: RedisServer, session_id: str) -> tuple[int, str] | None:
+    """(generation, node id) the registry holds for a session, or None."""
+    gen, node = _bulk(redis.command("HMGET", f"uptermd:{{{session_id}}}", "gen", "node"))
+    if gen is None or node is None:
+        return None
+    return int(gen), node.decode()
+
+
+def wait_owner(redis: RedisServer, session_id: str, timeout: float = 10.0) -> tuple[int, str]:
+    found: list[tuple[int, str]] = []
+
+    def owned() -> bool:
+        got = session_owner(redis, session_id)
+        if got is not None:
+            found.append(got)
+        return got is not None
+
+    wait_for(owned, timeout, what=f"a registration of {session_id}")
+    return found[-1]
+
+
+def member_addrs(redis: RedisServer) -> dict[str, int]:
+    """node id -> cluster port of every registered member."""
+    out: dict[str, int] = {}
+    for key in _bulk(redis.command("KEYS", "uptermd:node:*")):
+        assert key is not None
+        node = key.decode()[len("uptermd:node:{") : -1]
+        (raw,) = _bulk(redis.command("GET", key.decode()))
+        assert raw is not None
+        out[node] = int(msgpack.unpackb(raw)["addr"].rpartition(":")[2])
+    return out

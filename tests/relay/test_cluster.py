@@ -1,0 +1,313 @@
+"""uptermd nodes sharing sessions through Redis: real redis-server, real nodes, real ssh.
+
+Every node of a cluster here shares one state directory, hence the cluster key (the
+relay's ed25519 key: hosts pin it, it signs guest and hop certificates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.conftest import PtyClient, RelayProc, UserEnv
+from tests.e2e.test_cli_e2e import Joiner, headless
+from tests.e2e.test_reconnect_e2e import host, info
+from tests.relay.clusterkit import RedisServer, member_addrs, start_node, stop, wait_owner
+from upterm import wire
+from upterm.keys import Ed25519Key
+from upterm.relay.cluster import LeaseHeld, RedisRegistry, SessionRecord
+from upterm.relay.hop import build_hop_certificate
+
+
+def ed25519_private(path: Path) -> ed25519.Ed25519PrivateKey:
+    key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    return key
+
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nodes(user_env: UserEnv, redis: RedisServer) -> Iterator[list[RelayProc]]:
+    state = user_env.root / "cluster-state"
+    started: list[RelayProc] = []
+    try:
+        for _ in range(3):
+            started.append(start_node(user_env, redis.url, state))
+        yield started
+    finally:
+        for node in started:
+            stop(node.proc)
+
+
+def via(line: str, a: RelayProc, c: RelayProc) -> str:
+    """The printed line with node A's address replaced by node C's (same token)."""
+    return line.replace(f"127.0.0.1:{a.port}", f"127.0.0.1:{c.port}").replace(
+        f"-p {a.port}", f"-p {c.port}"
+    )
+
+
+def joiner_config(tmp_path: Path, key: Path) -> Path:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host *\n"
+        f"    IdentityFile {key}\n"
+        "    IdentitiesOnly yes\n"
+        "    UserKnownHostsFile /dev/null\n"
+        "    StrictHostKeyChecking no\n"
+        "    LogLevel ERROR\n"
+    )
+    return config
+
+
+def test_a_joiner_on_any_node_reaches_a_host_on_another(
+    user_env: UserEnv, redis: RedisServer, nodes: list[RelayProc], joiner_key: Path, tmp_path: Path
+) -> None:
+    a, _b, c = nodes
+    first = host(user_env, a.url, "cl")
+    gen, owner = wait_owner(redis, first["sessionId"])
+    assert gen >= 1 and owner
+    # Relay mode, entering at C: C authenticates the joiner, hops to A, A to the host.
+    moved = dict(first, sshCommand=via(first["sshCommand"], a, c))
+    assert moved["sshCommand"] != first["sshCommand"]
+    joiner = Joiner(moved, joiner_key)
+    joiner.expect(b"$ ")
+    joiner.type("echo hop-$((6*7))\r")
+    joiner.expect(b"hop-42")
+    # The host sees the joiner's own address and client, not node C's.
+    clients = info(user_env, "cl")["clients"]
+    assert clients and all("OpenSSH" in cl["version"] for cl in clients), clients
+    joiner.close()
+
+    # End to end, entering at C: the splice goes through the hop; the host's key is pinned.
+    config = joiner_config(tmp_path, joiner_key)
+    argv = shlex.split(via(first["e2eCommand"], a, c))
+    assert argv[0] == "ssh" and f"127.0.0.1:{c.port}" in argv[2]
+    e2e = PtyClient([argv[0], "-F", str(config), *argv[1:], "-tt"], user_env.env)
+    e2e.expect(b"$ ")
+    e2e.type("echo e2e-$((5*5))\r")
+    e2e.expect(b"e2e-25")
+    modes = {cl.get("mode") for cl in info(user_env, "cl")["clients"]}
+    assert "e2e" in modes, modes
+    e2e.close()
+
+
+def test_a_session_nobody_registered_is_refused_on_every_node(
+    user_env: UserEnv, nodes: list[RelayProc], joiner_key: Path
+) -> None:
+    for node in nodes:
+        out = subprocess.run(
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-i",
+                str(joiner_key),
+                "-p",
+                str(node.port),
+                "AAAAAAAAAAAAAAAAAAAA@127.0.0.1",
+                "true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert out.returncode == 255
+        assert "no host is connected for session AAAAAAAAAAAAAAAAAAAA" in out.stderr
+
+
+def host_with(user_env: UserEnv, server: str, name: str, *extra: str) -> dict:
+    out = headless(
+        user_env,
+        "host",
+        "--detach",
+        "--accept",
+        "--name",
+        name,
+        "--server",
+        server,
+        "--keepalive",
+        "1",
+        "--skip-host-key-check",
+        "--known-hosts",
+        str(Path(user_env.env["HOME"]) / "known_hosts"),
+        *extra,
+        "--",
+        "bash",
+        "--norc",
+        "--noprofile",
+    )
+    assert out.returncode == 0, out.stderr
+    return info(user_env, name)
+
+
+async def _hop(
+    port: int,
+    user: str,
+    key: asyncssh.SSHKey,
+    cert: bytes | None,
+    during: Callable[[], Any] = lambda: None,
+) -> str:
+    """Knock on a node's cluster listener as a node would; what happened (``during`` runs
+    while the shell is open)."""
+    keys: list[Any] = [(key, asyncssh.import_certificate(cert))] if cert else [key]
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username=user,
+            client_keys=keys,
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+            preferred_auth="publickey",
+        ) as conn:
+            proc = await conn.create_process(term_type="xterm", encoding=None)
+            seen = b""
+            while b"$ " not in seen:
+                seen += await asyncio.wait_for(proc.stdout.read(4096), 15)
+            proc.stdin.write(b"echo hop-in-$((8*8))\r")
+            while b"hop-in-64" not in seen:
+                seen += await asyncio.wait_for(proc.stdout.read(4096), 15)
+            await asyncio.to_thread(during)
+            return "shell"
+    except asyncssh.PermissionDenied:
+        return "denied"
+
+
+def test_only_a_certificate_from_the_cluster_key_for_the_held_generation_gets_in(
+    user_env: UserEnv, redis: RedisServer, nodes: list[RelayProc], joiner_key: Path
+) -> None:
+    """The cluster listener is not a way around joiner authentication: forged, self-signed,
+    stale and wrong-key certificates and plain keys are all refused; the real thing works."""
+    a = nodes[0]
+    first = host_with(user_env, a.url, "sec", "--authorized-keys", f"{joiner_key}.pub")
+    sid, user = first["sessionId"], first["sshUser"]
+    gen, owner = wait_owner(redis, sid)
+    port = member_addrs(redis)[owner]
+    cluster = ed25519_private(a.state_dir / "ssh_host_ed25519_key")
+    joiner_line = Path(f"{joiner_key}.pub").read_text()
+    auth = wire.AuthRequest("SSH-2.0-OpenSSH_9.9", "198.51.100.7:4242", joiner_line.encode(), "")
+    hop_key = ed25519.Ed25519PrivateKey.generate()
+    hop_ssh = asyncssh.import_private_key(Ed25519Key(hop_key).private_openssh())
+    cluster_ssh = asyncssh.import_private_key(Ed25519Key(cluster).private_openssh())
+    now = int(time.time())
+
+    def cert(
+        signer: ed25519.Ed25519PrivateKey, certified: ed25519.Ed25519PrivateKey, **kw: Any
+    ) -> bytes:
+        args: dict[str, Any] = {
+            "principal": user,
+            "auth": auth,
+            "generation": gen,
+            "from_node": "test",
+            "now": now,
+        }
+        args.update(kw)
+        return build_hop_certificate(signer, certified.public_key(), **args)
+
+    other = ed25519.Ed25519PrivateKey.generate()
+    stranger = wire.AuthRequest(
+        "SSH-2.0-OpenSSH_9.9",
+        "198.51.100.7:4242",
+        Ed25519Key(other).public_line() + b"\n",
+        "",
+    )
+    attempts = {
+        "forged (another signer)": (hop_ssh, cert(other, hop_key)),
+        "self-signed by the cluster key": (cluster_ssh, cert(cluster, cluster)),
+        "stale generation": (hop_ssh, cert(cluster, hop_key, generation=gen - 1)),
+        "newer generation": (hop_ssh, cert(cluster, hop_key, generation=gen + 1)),
+        "a joiner key the host does not allow": (hop_ssh, cert(cluster, hop_key, auth=stranger)),
+        "expired": (hop_ssh, cert(cluster, hop_key, now=now - 600)),
+        "another user (token)": (hop_ssh, cert(cluster, hop_key, principal=user + "x")),
+    }
+    for what, (key, line) in attempts.items():
+        assert asyncio.run(_hop(port, user, key, line)) == "denied", what
+    joiner_ssh = asyncssh.read_private_key(str(joiner_key))
+    assert asyncio.run(_hop(port, user, joiner_ssh, None)) == "denied", "a plain joiner key"
+    # The real thing: signed by the cluster key, for the held generation, an allowed joiner.
+    joined: list[dict[str, Any]] = []
+    real = asyncio.run(
+        _hop(
+            port,
+            user,
+            hop_ssh,
+            cert(cluster, hop_key),
+            lambda: joined.extend(info(user_env, "sec")["clients"]),
+        )
+    )
+    assert real == "shell"
+    # The host is told what the entry node vouched for: the joiner's address and client.
+    assert [(c["addr"], c["version"]) for c in joined] == [
+        ("198.51.100.7:4242", "SSH-2.0-OpenSSH_9.9")
+    ]
+    log = (user_env.root / "uptermd.log").read_text()
+    assert "refused a hop" in log
+
+
+def test_two_nodes_racing_for_one_session_id_never_both_win(redis: RedisServer) -> None:
+    async def race() -> None:
+        nodes = [
+            RedisRegistry(redis.url, node_id=f"n{i}", member_addr=f"127.0.0.1:{i}", ttl_s=5)
+            for i in range(2)
+        ]
+        for node in nodes:
+            await node.start()
+        lost: list[str] = []
+        try:
+            for round_ in range(50):
+                sid = f"race{round_}"
+                results = await asyncio.gather(
+                    *(n.claim(SessionRecord(sid, 1, n.node_id), lost.append) for n in nodes),
+                    return_exceptions=True,
+                )
+                winners = [n for n, r in zip(nodes, results, strict=True) if r is None]
+                assert len(winners) == 1, results
+                losers = [r for r in results if r is not None]
+                assert isinstance(losers[0], LeaseHeld)
+                found = await nodes[0].lookup(sid)
+                assert found is not None and found.node_id == winners[0].node_id
+                loser = nodes[1 - nodes.index(winners[0])]
+                # The loser's writes are fenced off: it cannot update or release the winner's.
+                assert not await loser.release(sid, 1)
+                assert (await nodes[0].lookup(sid)) == found
+                # A newer generation takes over; the old one can no longer come back.
+                await loser.claim(SessionRecord(sid, 2, loser.node_id), lost.append)
+                with pytest.raises(LeaseHeld):
+                    await winners[0].claim(SessionRecord(sid, 1, winners[0].node_id), lost.append)
+                old = SessionRecord(sid, 1, winners[0].node_id, host_user="stale")
+                assert not await winners[0].update(old)
+                owner = await nodes[0].lookup(sid)
+                assert owner is not None and (owner.generation, owner.node_id) == (2, loser.node_id)
+            # Each superseded winner notices at its next renewal, and only those.
+            assert not lost
+            await asyncio.gather(*(n.renew_due(everything=True) for n in nodes))
+            assert len(lost) == 50 and all("superseded by generation 2" in w for w in lost)
+        finally:
+            for node in nodes:
+                await node.close()
+
+    asyncio.run(race())

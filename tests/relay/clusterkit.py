@@ -5,21 +5,18 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 
 from tests.conftest import RelayProc, UserEnv, start_relay, wait_for
+from tests.relay.test_websocket import free_port, wait_listening
 
 #: .ci/run installs it (scripts/setup.sh); the cluster tests need the real server.
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(port: int, *args: str) -> bytes:
@@ -172,3 +169,91 @@ def member_addrs(redis: RedisServer) -> dict[str, int]:
         assert raw is not None
         out[node] = int(msgpack.unpackb(raw)["addr"].rpartition(":")[2])
     return out
+
+
+def ready(port: int) -> bool:
+    """Whether a node's /ready says 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as resp:
+            return int(resp.status) == 200
+    except OSError:
+        return False
+
+
+def metric(port: int, name: str) -> float:
+    """One series (with its labels, as exposed) from a node's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@dataclass
+class Balancer:
+    """HAProxy in TCP mode in front of nodes, taking out any whose /ready says no."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def balancer(root: Path, backends: Sequence[tuple[int, int]], port: int = 0) -> Balancer:
+    """``backends``: (ssh port, metrics port) of each node, tried in order (``balance
+    first``: everything goes to the first node that is ready)."""
+    port = port or free_port()
+    servers = "\n".join(
+        f"    server n{i} 127.0.0.1:{ssh} check port {metrics} inter 200ms fall 1 rise 2"
+        for i, (ssh, metrics) in enumerate(backends)
+    )
+    conf = root / f"lb-{port}.cfg"
+    conf.write_text(
+        "global\n"
+        "    maxconn 2000\n"
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 1s\n"
+        "    timeout client 1h\n"
+        "    timeout server 1h\n"
+        "    retries 2\n"
+        "    option redispatch\n"
+        f"frontend relay\n    bind 127.0.0.1:{port}\n    default_backend nodes\n"
+        "backend nodes\n"
+        "    balance first\n"
+        "    option httpchk GET /ready\n"
+        "    http-check expect status 200\n"
+        f"{servers}\n"
+    )
+    log = root / f"lb-{port}.log"
+    proc = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115
+    )
+    wait_listening(port, proc, log)
+    return Balancer(port, proc)
+
+
+def tcp_proxy(root: Path, target: int) -> Balancer:
+    """A plain TCP forwarder (HAProxy) to 127.0.0.1:``target``: stop it with SIGSTOP and
+    whoever goes through it is cut off while everyone else still gets through."""
+    port = free_port()
+    conf = root / f"proxy-{port}.cfg"
+    conf.write_text(
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 1s\n"
+        "    timeout client 1h\n"
+        "    timeout server 1h\n"
+        f"listen redis\n    bind 127.0.0.1:{port}\n    server r 127.0.0.1:{target}\n"
+    )
+    log = root / f"proxy-{port}.log"
+    proc = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115
+    )
+    wait_listening(port, proc, log)
+    return Balancer(port, proc)

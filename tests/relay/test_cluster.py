@@ -7,7 +7,9 @@ relay's ed25519 key: hosts pin it, it signs guest and hop certificates).
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +21,23 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.conftest import PtyClient, RelayProc, UserEnv
+from tests.conftest import PtyClient, RelayProc, UserEnv, wait_for
 from tests.e2e.test_cli_e2e import Joiner, headless
 from tests.e2e.test_reconnect_e2e import host, info
-from tests.relay.clusterkit import RedisServer, member_addrs, start_node, stop, wait_owner
+from tests.relay.clusterkit import (
+    Balancer,
+    RedisServer,
+    balancer,
+    member_addrs,
+    metric,
+    ready,
+    session_owner,
+    start_node,
+    stop,
+    tcp_proxy,
+    wait_owner,
+)
+from tests.relay.test_websocket import free_port
 from upterm import wire
 from upterm.keys import Ed25519Key
 from upterm.relay.cluster import LeaseHeld, RedisRegistry, SessionRecord
@@ -110,32 +125,40 @@ def test_a_joiner_on_any_node_reaches_a_host_on_another(
     e2e.close()
 
 
+def ssh_stderr(port: int, user: str, key: Path) -> tuple[int, str]:
+    """A plain OpenSSH join that shows the relay's banner (LogLevel INFO): exit, stderr."""
+    out = subprocess.run(
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-i",
+            str(key),
+            "-p",
+            str(port),
+            f"{user}@127.0.0.1",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    return out.returncode, out.stderr
+
+
 def test_a_session_nobody_registered_is_refused_on_every_node(
-    user_env: UserEnv, nodes: list[RelayProc], joiner_key: Path
+    nodes: list[RelayProc], joiner_key: Path
 ) -> None:
     for node in nodes:
-        out = subprocess.run(
-            [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-i",
-                str(joiner_key),
-                "-p",
-                str(node.port),
-                "AAAAAAAAAAAAAAAAAAAA@127.0.0.1",
-                "true",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        assert out.returncode == 255
-        assert "no host is connected for session AAAAAAAAAAAAAAAAAAAA" in out.stderr
+        code, err = ssh_stderr(node.port, "AAAAAAAAAAAAAAAAAAAA", joiner_key)
+        assert code == 255
+        assert "no host is connected for session AAAAAAAAAAAAAAAAAAAA" in err
 
 
 def host_with(user_env: UserEnv, server: str, name: str, *extra: str) -> dict:
@@ -311,3 +334,226 @@ def test_two_nodes_racing_for_one_session_id_never_both_win(redis: RedisServer) 
                 await node.close()
 
     asyncio.run(race())
+
+
+def rejoin_within(line_info: dict, key: Path, seconds: float, marker: str) -> float:
+    """Join with the same line until the shell answers; how long it took."""
+    t0 = time.monotonic()
+    while True:
+        joiner = Joiner(line_info, key)
+        try:
+            joiner.expect(b"$ ", timeout=5)
+            joiner.type(f"echo {marker}-$MARK\r")
+            joiner.expect(f"{marker}-kept".encode(), timeout=5)
+            return time.monotonic() - t0
+        except AssertionError:
+            assert time.monotonic() - t0 < seconds, joiner.proc.stderr and joiner.seen
+        finally:
+            joiner.close()
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def fronted(
+    user_env: UserEnv, redis: RedisServer
+) -> Iterator[tuple[Balancer, list[RelayProc], list[int]]]:
+    """Three nodes behind one address (HAProxy checking /ready), tokens naming it."""
+    lb_port = free_port()
+    state = user_env.root / "cluster-state"
+    started: list[RelayProc] = []
+    metrics = [free_port() for _ in range(3)]
+    lb: Balancer | None = None
+    try:
+        for m in metrics:
+            started.append(
+                start_node(
+                    user_env,
+                    redis.url,
+                    state,
+                    "--node-addr",
+                    f"127.0.0.1:{lb_port}",
+                    "--metric-addr",
+                    f"127.0.0.1:{m}",
+                )
+            )
+        lb = balancer(
+            user_env.root, [(n.port, m) for n, m in zip(started, metrics, strict=True)], lb_port
+        )
+        yield lb, started, metrics
+    finally:
+        if lb is not None:
+            lb.stop()
+        for node in started:
+            stop(node.proc)
+
+
+def test_a_dead_nodes_host_redials_to_another_and_the_same_line_works_within_10s(
+    user_env: UserEnv,
+    redis: RedisServer,
+    fronted: tuple[Balancer, list[RelayProc], list[int]],
+    joiner_key: Path,
+) -> None:
+    lb, (a, _b, _c), metrics = fronted
+    first = host(user_env, f"ssh://127.0.0.1:{lb.port}", "fo")
+    assert first["sshCommand"].endswith(f"@127.0.0.1 -p {lb.port}")
+    gen, owner = wait_owner(redis, first["sessionId"])
+    assert metric(metrics[0], "uptermd_sessions") == 1  # A took it (balance first)
+    joiner = Joiner(first, joiner_key)
+    joiner.expect(b"$ ")
+    joiner.type("export MARK=kept; echo set-$((2+3))\r")
+    joiner.expect(b"set-5")
+
+    a.proc.kill()  # kill -9: no drain, no goodbye
+    t0 = time.monotonic()
+    assert joiner.proc.wait(15) == 255
+    took = rejoin_within(first, joiner_key, 10 - (time.monotonic() - t0), "back")
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10, elapsed
+    now = info(user_env, "fo")
+    assert now["sessionId"] == first["sessionId"] and now["sshCommand"] == first["sshCommand"]
+    gen2, owner2 = wait_owner(redis, first["sessionId"])
+    assert gen2 > gen and owner2 != owner
+    print(f"failover: joiner back in {elapsed:.2f} s after kill -9 (rejoin loop {took:.2f} s)")
+
+
+def test_redis_flushall_and_restart_lose_nothing_a_user_sees(
+    user_env: UserEnv, redis: RedisServer, nodes: list[RelayProc], joiner_key: Path
+) -> None:
+    a, _b, c = nodes
+    first = host(user_env, a.url, "fl")
+    sid = first["sessionId"]
+    gen, owner = wait_owner(redis, sid)
+    through_c = dict(first, sshCommand=via(first["sshCommand"], a, c))
+    joiner = Joiner(through_c, joiner_key)  # a hop, kept open throughout
+    joiner.expect(b"$ ")
+    joiner.type("export MARK=kept; echo set-$((3+4))\r")
+    joiner.expect(b"set-7")
+
+    assert redis.command("FLUSHALL").startswith(b"+OK")
+    assert session_owner(redis, sid) is None
+    assert wait_owner(redis, sid, 5) == (gen, owner)  # A put it back at its next renewal
+    rejoin_within(through_c, joiner_key, 10, "after-flush")
+
+    redis.kill()  # everything in it is gone (no persistence)
+    redis.start()  # the same port, empty
+    assert wait_owner(redis, sid, 5) == (gen, owner)
+    rejoin_within(through_c, joiner_key, 10, "after-restart")
+    # The joiner that was there all along never noticed.
+    joiner.type("echo still-$MARK\r")
+    joiner.expect(b"still-kept")
+    joiner.close()
+    assert info(user_env, "fl")["reconnects"] == 0
+
+
+def test_registry_down_fails_closed_and_everything_comes_back_by_itself(
+    user_env: UserEnv, redis: RedisServer, nodes: list[RelayProc], joiner_key: Path
+) -> None:
+    a = nodes[0]
+    first = host(user_env, a.url, "down")
+    sid = first["sessionId"]
+    joiner = Joiner(first, joiner_key)
+    joiner.expect(b"$ ")
+    joiner.type("export MARK=kept; echo set-$((4+4))\r")
+    joiner.expect(b"set-8")
+    redis.kill()
+    t0 = time.monotonic()
+    # Within the lease (3 s here) the node lets go: the joiner is told, the host redials.
+    joiner.proc.wait(10)
+    dropped = time.monotonic() - t0
+    assert joiner.proc.stderr is not None
+    assert b"moved to another relay node" in joiner.proc.stderr.read()
+    assert dropped < 3.0, dropped
+    wait_for(lambda: info(user_env, "down")["relayState"] == "reconnecting", what="redial")
+    # No node registers anything meanwhile, and says why.
+    out = headless(
+        user_env,
+        "host",
+        "--detach",
+        "--accept",
+        "--name",
+        "new",
+        "--server",
+        a.url,
+        "--skip-host-key-check",
+        "--known-hosts",
+        str(Path(user_env.env["HOME"]) / "known_hosts"),
+        "--",
+        "true",
+    )
+    print("REFUSED", out.returncode, out.stdout, out.stderr)
+    assert out.returncode != 0
+    assert "cannot reach its session registry" in out.stderr
+    time.sleep(4)
+    redis.start()
+    wait_for(lambda: info(user_env, "down")["relayState"] == "connected", 45, what="re-registered")
+    assert wait_owner(redis, sid)[0] > 1
+    rejoin_within(first, joiner_key, 10, "again")
+
+
+def test_a_node_cut_off_from_redis_lets_go_before_anyone_else_may_serve(
+    user_env: UserEnv, redis: RedisServer, joiner_key: Path
+) -> None:
+    """Node A reaches Redis through a proxy we freeze (its packets go nowhere); clients still
+    reach A. A must stop serving before its lease could be granted elsewhere, leave the load
+    balancer (its /ready fails), and the session comes back on B with the same line."""
+    cut = tcp_proxy(user_env.root, redis.port)
+    lb_port = free_port()
+    state = user_env.root / "cluster-state"
+    metrics = [free_port() for _ in range(2)]
+    urls = [f"redis://127.0.0.1:{cut.port}", redis.url]
+    started = [
+        start_node(
+            user_env,
+            url,
+            state,
+            "--node-addr",
+            f"127.0.0.1:{lb_port}",
+            "--metric-addr",
+            f"127.0.0.1:{m}",
+        )
+        for url, m in zip(urls, metrics, strict=True)
+    ]
+    lb = balancer(
+        user_env.root, [(n.port, m) for n, m in zip(started, metrics, strict=True)], lb_port
+    )
+    a = started[0]
+    try:
+        first = host(user_env, f"ssh://127.0.0.1:{lb.port}", "cut")
+        sid = first["sessionId"]
+        gen, owner = wait_owner(redis, sid)
+        assert metric(metrics[0], "uptermd_sessions") == 1
+        joiner = Joiner(first, joiner_key)
+        joiner.expect(b"$ ")
+        joiner.type("export MARK=kept; echo set-$((5+5))\r")
+        joiner.expect(b"set-10")
+
+        os.kill(cut.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        joiner.proc.wait(10)
+        dropped = time.monotonic() - t0
+        # Its last renewal was at most a third of the TTL (1 s) before the cut: it let go
+        # before the 3 s lease could expire in Redis.
+        assert dropped < 3.0, dropped
+        took = rejoin_within(first, joiner_key, 10, "on-b")
+        gen2, owner2 = wait_owner(redis, sid)
+        assert gen2 > gen and owner2 != owner
+        # A, still reachable, serves nobody: it cannot look the session up.
+        code, err = ssh_stderr(a.port, first["sshUser"], joiner_key)
+        assert code == 255 and "can't look up sessions right now" in err, err
+        print(f"partition: A let go after {dropped:.2f} s; back on B {took:.2f} s later")
+
+        os.kill(cut.proc.pid, signal.SIGCONT)
+        # Healed: A carries joiners to B like any other node.
+        assert metric(metrics[0], 'uptermd_lease_events_total{event="lost"}') == 1
+        wait_for(lambda: ready(metrics[0]), 10, what="A to be ready again")
+        direct = dict(
+            first, sshCommand=first["sshCommand"].replace(f"-p {lb.port}", f"-p {a.port}")
+        )
+        rejoin_within(direct, joiner_key, 10, "via-a")
+        assert metric(metrics[0], "uptermd_sessions") == 0
+    finally:
+        os.kill(cut.proc.pid, signal.SIGCONT)
+        lb.stop()
+        cut.stop()
+        for node in started:
+            stop(node.proc)

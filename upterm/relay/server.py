@@ -560,8 +560,8 @@ HOP_TIMEOUT_S = 15.0
 SUPERSEDED_BYTES = wire.SUPERSEDED.encode()
 #: What a host hears when its node cannot reach the cluster's registry (it retries).
 REGISTRY_DOWN_TEXT = (
-    "upterm: this relay cannot reach its session registry right now; your session will be "
-    "registered when it is back"
+    "upterm: this relay cannot reach its session registry right now; try again in a few "
+    "seconds (a host that is reconnecting keeps trying by itself)"
 )
 #: What a joiner sees when the node serving it loses its session (moved or unrenewable).
 LEASE_LOST_JOINER_TEXT = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -257,3 +259,83 @@ def tcp_proxy(root: Path, target: int) -> Balancer:
     )
     wait_listening(port, proc, log)
     return Balancer(port, proc)
+
+
+@dataclass
+class SentinelSet:
+    """A master, one replica and one Sentinel (quorum 1) watching them, on loopback."""
+
+    master: RedisServer
+    replica: RedisServer
+    #: The replica's link to the master goes through this proxy (to freeze replication).
+    link: Balancer
+    port: int
+    proc: subprocess.Popen[bytes]
+    service: str = "uptermd"
+
+    def freeze_replication(self) -> None:
+        """From now on the master's writes stay in a frozen proxy's buffers."""
+        os.kill(self.link.proc.pid, signal.SIGSTOP)
+
+    def lose_replication(self) -> None:
+        """Kill the frozen proxy: what it held never reaches the replica."""
+        os.kill(self.link.proc.pid, signal.SIGKILL)
+        self.link.proc.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}"
+
+    def master_port(self) -> int:
+        """The master's port once Sentinel has settled on it (``SENTINEL MASTER``: what
+        clients discovering the master are told; ``get-master-addr-by-name`` names the
+        promoted replica earlier, while the failover is still going on)."""
+        fields = _bulk(_command(self.port, "SENTINEL", "MASTER", self.service))
+        info = dict(zip(fields[::2], fields[1::2], strict=True))
+        port = info.get(b"port")
+        assert port is not None, info
+        return int(port)
+
+    def knows_replica(self) -> bool:
+        return f"{self.replica.port}".encode() in _command(
+            self.port, "SENTINEL", "replicas", self.service
+        )
+
+    def stop(self) -> None:
+        stop(self.proc)
+        if self.link.proc.poll() is None:
+            os.kill(self.link.proc.pid, signal.SIGCONT)
+            self.link.stop()
+        self.replica.stop()
+        self.master.stop()
+
+
+def sentinel_set(root: Path) -> SentinelSet:
+    master = RedisServer(root / "master").start()
+    link = tcp_proxy(root, master.port)
+    replica = RedisServer(root / "replica").start("--replicaof", "127.0.0.1", str(link.port))
+    wait_for(
+        lambda: b"master_link_status:up" in replica.command("INFO", "replication"),
+        10,
+        what="the replica to sync",
+    )
+    port = free_port()
+    conf = root / "sentinel.conf"  # Sentinel rewrites it: ours alone, writable
+    conf.write_text(
+        f"port {port}\n"
+        "bind 127.0.0.1\n"
+        f"dir {root}\n"
+        f"sentinel monitor uptermd 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds uptermd 500\n"
+        "sentinel failover-timeout uptermd 3000\n"
+        "sentinel parallel-syncs uptermd 1\n"
+    )
+    proc = subprocess.Popen(
+        ["redis-sentinel", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_listening(port, proc)
+    sset = SentinelSet(master, replica, link, port, proc)
+    wait_for(sset.knows_replica, 15, what="Sentinel to find the replica")
+    return sset

@@ -31,6 +31,7 @@ from tests.relay.clusterkit import (
     member_addrs,
     metric,
     ready,
+    sentinel_set,
     session_owner,
     start_node,
     stop,
@@ -557,3 +558,95 @@ def test_a_node_cut_off_from_redis_lets_go_before_anyone_else_may_serve(
         cut.stop()
         for node in started:
             stop(node.proc)
+
+
+def test_a_sentinel_failover_that_loses_the_last_write_cannot_give_the_session_back(
+    tmp_path: Path,
+) -> None:
+    """The newest registration (generation 2, node B) reaches the master but not the
+    replica, the master dies, Sentinel promotes the replica: the registry says generation 1,
+    node A, again. A's next renewal even succeeds. The fencing token settles it: B's renewal
+    finds an older generation and claims the session back, after which A's renewal finds
+    generation 2 and A lets go (and would refuse any hop for generation 1 meanwhile, since
+    hops carry the generation they were routed by)."""
+    sset = sentinel_set(tmp_path)
+
+    async def scenario() -> None:
+        a_lost: list[str] = []
+        b_lost: list[str] = []
+        # A long TTL: nothing renews behind the test's back; every renewal here is explicit.
+        a, b = (
+            RedisRegistry(sset.url, node_id=n, member_addr=f"127.0.0.1:{i}", ttl_s=60)
+            for i, n in enumerate(("node-a", "node-b"))
+        )
+        await a.start()
+        await b.start()
+        try:
+            await a.claim(SessionRecord("sid", 1, "node-a"), a_lost.append)
+            wait_for(
+                lambda: session_owner(sset.replica, "sid") == (1, "node-a"), 5, what="replication"
+            )
+            sset.freeze_replication()
+            await b.claim(SessionRecord("sid", 2, "node-b"), b_lost.append)
+            assert session_owner(sset.master, "sid") == (2, "node-b")
+            sset.master.kill()
+            sset.lose_replication()
+            wait_for(lambda: sset.master_port() == sset.replica.port, 20, what="Sentinel failover")
+            # The write is lost: the promoted replica names the old owner.
+            assert session_owner(sset.replica, "sid") == (1, "node-a")
+            assert (await a.lookup("sid")) == SessionRecord("sid", 1, "node-a")
+            # A renews first and succeeds: alone, the registry cannot tell it is stale.
+            await a.renew_due(everything=True)
+            assert not a_lost and a.holds("sid", 1)
+            # B renews: an older generation sits there, so B claims it back.
+            await b.renew_due(everything=True)
+            assert not b_lost and b.holds("sid", 2)
+            assert session_owner(sset.replica, "sid") == (2, "node-b")
+            # A's next renewal sees generation 2: A lets go and no longer holds anything.
+            await a.renew_due(everything=True)
+            assert a_lost == ["superseded by generation 2"]
+            assert not a.holds("sid", 1)
+            assert b.stats.reclaims == 1
+        finally:
+            await a.close(release=False)
+            await b.close(release=False)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        sset.stop()
+
+
+def test_nodes_on_sentinel_ride_out_a_failover(
+    user_env: UserEnv, tmp_path: Path, joiner_key: Path
+) -> None:
+    """--redis-url redis+sentinel://…: the nodes find the master through Sentinel and find
+    the new one after a failover, with the session and its line intact."""
+    sset = sentinel_set(tmp_path)
+    state = user_env.root / "cluster-state"
+    started: list[RelayProc] = []
+    try:
+        started = [start_node(user_env, sset.url, state) for _ in range(2)]
+        a, b = started
+        first = host(user_env, a.url, "sen")
+        through_b = dict(first, sshCommand=via(first["sshCommand"], a, b))
+        joiner = Joiner(through_b, joiner_key)
+        joiner.expect(b"$ ")
+        joiner.type("export MARK=kept; echo set-$((6+6))\r")
+        joiner.expect(b"set-12")
+        wait_for(
+            lambda: session_owner(sset.replica, first["sessionId"]) is not None,
+            5,
+            what="replication",
+        )
+        sset.master.kill()
+        wait_for(lambda: sset.master_port() == sset.replica.port, 20, what="Sentinel failover")
+        rejoin_within(through_b, joiner_key, 10, "after-failover")
+        joiner.type("echo still-$MARK\r")
+        joiner.expect(b"still-kept")
+        joiner.close()
+        assert info(user_env, "sen")["reconnects"] == 0
+    finally:
+        for node in started:
+            stop(node.proc)
+        sset.stop()

@@ -363,7 +363,13 @@ class RedisRegistry:
 
         t0 = time.monotonic()
         try:
-            result = await asyncio.wait_for(fn(), self.op_timeout_s * 2)
+            try:
+                result = await asyncio.wait_for(fn(), self.op_timeout_s * 2)
+            except redis.exceptions.ConnectionError:
+                # A pooled connection to a server that went away (a restart, a Sentinel
+                # failover): the pool drops it, and once more asks a fresh one (which, with
+                # Sentinel, asks where the master is now).
+                result = await asyncio.wait_for(fn(), self.op_timeout_s * 2)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self.reachable = False
             self.stats.errors += 1

@@ -197,3 +197,29 @@ def test_screens_equal_but_for_upterm_notices() -> None:
     noticed = final_screen(b"DONE\r\n[upterm: hi]\r\n[upterm: ho]\r\n$ ", 20, 4)
     assert noticed.equal_but_notices(ref)
     assert not final_screen(b"DONE\r\n[upterm: hi]\r\n$ ", 20, 4).equal_but_notices(noticed)
+
+
+def test_cluster_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", "--quick", "--json", str(tmp_path / "c.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "c.json").read_text())
+    names = [f["name"] for f in data["figures"]]
+    for expected in (
+        "join time via another node (a hop), median",
+        "echo latency via another node, p50",
+        "joiner back after kill -9 of the owning node",
+        "joiner back after SIGTERM (drain) of the owning node",
+        "registry lookups per second, one node (32 in flight)",
+        "lease renewals per second, one node (100 pipelined)",
+        "uptermd memory per idle session, redis routing (50)",
+        "uptermd CPU with 50 idle sessions, redis routing",
+    ):
+        assert expected in names, names
+    for figure in data["figures"]:
+        assert figure["value"] >= 0, figure

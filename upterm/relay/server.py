@@ -920,6 +920,8 @@ class RelayConnection(asyncssh.SSHServer):
         else:
             self._authed_state = "joiner"
             self.conn.set_keepalive(limits.joiner_keepalive_s, limits.joiner_keepalive_count)
+            if self._hop_claim is not None:
+                self.relay.metrics.hops.labels(direction="in").inc()
             reg = self._reg
             if reg is not None:
                 if not self.relay.guard.joiners_by_session.take(reg.session_id):

@@ -36,6 +36,11 @@ command -v tinyproxy >/dev/null || missing+=(tinyproxy)
 # The relay cluster's registry (tests start their own servers and Sentinels on loopback).
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
+# The uptermd OCI image (packaging/oci/build-image.sh) and running it: no base image, so
+# debootstrap builds its root file system; runc beside crun for cgroup v1/v2 hybrid hosts.
+for tool in buildah podman debootstrap runc; do
+  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
 # To build OpenSSH 10's client for the joiner matrix (scripts/openssh10.sh).
 for pkg in gcc make curl libssl-dev zlib1g-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

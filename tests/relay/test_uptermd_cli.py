@@ -131,3 +131,34 @@ def test_proxy_options_of_the_websocket_listener_are_checked_at_start(
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.startswith(f"uptermd: {text}"), (args, out.stderr)
         assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_cluster_options_are_checked_at_start(user_env: UserEnv, tmp_path: Path) -> None:
+    """Each mistake is one line naming the flag and what to do, before anything listens."""
+    redis = ("--routing", "redis")
+    cases = {
+        (
+            "--redis-url",
+            "redis://10.0.0.9:6379",
+        ): "--redis-url is for a cluster: add --routing redis",
+        ("--cluster-addr", "10.0.0.5:2223"): "--cluster-addr is for a cluster: add --routing redis",
+        redis: "--routing redis needs --redis-url",
+        (*redis, "--redis-url", "redis://10.0.0.9:6379"): "--routing redis needs --cluster-addr",
+        (*redis, "--redis-url", "http://10.0.0.9", "--cluster-addr", "127.0.0.1:0"): (
+            "--redis-url 'http://10.0.0.9': use redis://HOST:PORT"
+        ),
+        (*redis, "--redis-url", "redis+sentinel://10.0.0.9:26379", "--cluster-addr", "x"): (
+            "address 'x' must be host:port"
+        ),
+        (*redis, "--redis-url", "redis+sentinel://10.0.0.9:26379", "--cluster-addr", ":0"): (
+            "--redis-url 'redis+sentinel://10.0.0.9:26379' names no service"
+        ),
+        (*redis, "--redis-url", "redis://h:1", "--cluster-addr", ":0", "--lease-ttl", "0.5s"): (
+            "--lease-ttl must be at least 1s"
+        ),
+    }
+    for args, text in cases.items():
+        out = user_env.run(str(VENV_BIN / "uptermd"), "--state-dir", str(tmp_path / "s"), *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith(f"uptermd: {text}"), (args, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr

@@ -513,7 +513,9 @@ class RedisRegistry:
         forgot, give up what expired."""
         now = time.monotonic()
         period = 0.0 if everything else self.ttl_s / 3
-        if now - self._member_confirmed >= period:
+        # Unreachable since the last round trip: ask again at every tick, so readiness (and
+        # new registrations) come back as soon as Redis does.
+        if now - self._member_confirmed >= period or not self.reachable:
             with contextlib.suppress(RegistryUnavailable):
                 await self._announce()
         due = [lease for lease in self._leases.values() if now - lease.confirmed_at >= period]

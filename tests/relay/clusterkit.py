@@ -58,10 +58,15 @@ class RedisServer:
                 str(self.root),
                 *extra,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=open(self.root / "redis.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
         )
-        wait_for(self.answers, 10, what="redis-server to answer")
+        wait_for(
+            lambda: self.answers() or self.proc is None or self.proc.poll() is not None,
+            10,
+            what="redis-server to answer",
+        )
+        assert self.answers(), (self.root / "redis.log").read_text()[-2000:]
         return self
 
     def answers(self) -> bool:
@@ -339,3 +344,56 @@ def sentinel_set(root: Path) -> SentinelSet:
     sset = SentinelSet(master, replica, link, port, proc)
     wait_for(sset.knows_replica, 15, what="Sentinel to find the replica")
     return sset
+
+
+@dataclass
+class RedisCluster:
+    """Three Redis Cluster masters (no replicas) on loopback, slots spread by redis-cli."""
+
+    servers: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers[:2])
+
+    def keys_per_server(self, pattern: str) -> list[int]:
+        return [len([k for k in _bulk(s.command("KEYS", pattern)) if k]) for s in self.servers]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free and valid too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                return port
+
+
+def redis_cluster(root: Path) -> RedisCluster:
+    servers = []
+    for i in range(3):
+        server = RedisServer(root / f"shard{i}", port=cluster_port())
+        servers.append(
+            server.start(
+                "--cluster-enabled", "yes", "--cluster-config-file", str(root / f"nodes{i}.conf")
+            )
+        )
+    made = subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
+    for server in servers:
+        wait_for(
+            lambda s=server: b"cluster_state:ok" in s.command("CLUSTER", "INFO"),
+            15,
+            what="the Redis Cluster to settle",
+        )
+    return RedisCluster(servers)

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.conftest import SSH_OPTS, PtyClient, RelayProc, UserEnv, wait_for
+from tests.conftest import SSH_OPTS, VENV_BIN, PtyClient, RelayProc, UserEnv, wait_for
 from tests.e2e.test_cli_e2e import Joiner, headless
 from tests.e2e.test_reconnect_e2e import host, info
 from tests.relay.clusterkit import (
@@ -32,6 +32,7 @@ from tests.relay.clusterkit import (
     member_addrs,
     metric,
     ready,
+    redis_cluster,
     sentinel_set,
     session_owner,
     start_node,
@@ -627,7 +628,9 @@ def test_nodes_on_sentinel_ride_out_a_failover(
     state = user_env.root / "cluster-state"
     started: list[RelayProc] = []
     try:
-        started = [start_node(user_env, sset.url, state) for _ in range(2)]
+        # The lease must outlast the failover (Sentinel's down-after plus the promotion),
+        # as --lease-ttl's default of 30 s outlasts a default Sentinel's.
+        started = [start_node(user_env, sset.url, state, ttl="15s") for _ in range(2)]
         a, b = started
         first = host(user_env, a.url, "sen")
         through_b = dict(first, sshCommand=via(first["sshCommand"], a, b))
@@ -721,3 +724,86 @@ def test_invites_work_through_any_node(
     forged = user.split("+")[0] + "+AAAAAAAAAAAA" + ":" + user.split(":", 1)[1]
     code, err = ssh_stderr(c.port, forged, stranger)
     assert code == 255 and "invite" in err, err
+
+
+def test_nodes_on_a_redis_cluster_share_sessions_across_its_shards(
+    user_env: UserEnv, tmp_path: Path, joiner_key: Path
+) -> None:
+    """--redis-url redis+cluster://…: each session's key hashes by its id ({SESSIONID}), every
+    script touches that key alone, so registrations spread over the shards and work there."""
+    shards = redis_cluster(tmp_path)
+    state = user_env.root / "cluster-state"
+    started: list[RelayProc] = []
+    try:
+        started = [start_node(user_env, shards.url, state) for _ in range(2)]
+        a, b = started
+        first = host(user_env, a.url, "rc")
+        through_b = dict(first, sshCommand=via(first["sshCommand"], a, b))
+        joiner = Joiner(through_b, joiner_key)
+        joiner.expect(b"$ ")
+        joiner.type("echo sharded-$((3*11))\r")
+        joiner.expect(b"sharded-33")
+        joiner.close()
+
+        async def spread() -> list[int]:
+            nodes = [
+                RedisRegistry(shards.url, node_id=n, member_addr="127.0.0.1:1", ttl_s=3)
+                for n in ("x", "y")
+            ]
+            for node in nodes:
+                await node.start()
+            try:
+                results = await asyncio.gather(
+                    *(
+                        n.claim(SessionRecord(f"s{i}", 1, n.node_id), lambda _w: None)
+                        for i in range(60)
+                        for n in nodes
+                    ),
+                    return_exceptions=True,
+                )
+                # For every id exactly one of the two racing nodes won, on whatever shard.
+                assert sum(r is None for r in results) == 60, results
+                assert all(r is None or isinstance(r, LeaseHeld) for r in results)
+                wins = [sum(r is None for r in results[k::2]) for k in range(2)]
+                await asyncio.gather(*(n.renew_due(everything=True) for n in nodes))
+                assert [n.stats.renewals for n in nodes] == wins
+                assert [n.stats.losses for n in nodes] == [0, 0]
+                return shards.keys_per_server("uptermd:{s*}")
+            finally:
+                for node in nodes:
+                    await node.close()
+
+        per_shard = asyncio.run(spread())
+        assert sum(per_shard) == 60 and all(n > 0 for n in per_shard), per_shard
+    finally:
+        for node in started:
+            stop(node.proc)
+        shards.stop()
+
+
+def test_a_joiner_over_websocket_on_another_node(
+    user_env: UserEnv, redis: RedisServer, joiner_key: Path
+) -> None:
+    """The WebSocket door of a node that does not own the session lets the token through to
+    SSH authentication (the session may live elsewhere), which then hops as for SSH."""
+    state = user_env.root / "cluster-state"
+    ws = free_port()
+    started: list[RelayProc] = []
+    try:
+        started = [
+            start_node(user_env, redis.url, state),
+            start_node(user_env, redis.url, state, "--ws-addr", f"127.0.0.1:{ws}"),
+        ]
+        a, _b = started
+        first = host(user_env, a.url, "wsc")
+        token = first["sshUser"]
+        proxy = f"{VENV_BIN}/upterm proxy ws://{token}@127.0.0.1:{ws}"
+        line = f"ssh -o ProxyCommand='{proxy}' {token}@127.0.0.1"
+        joiner = Joiner(dict(first, sshCommand=line), joiner_key)
+        joiner.expect(b"$ ")
+        joiner.type("echo via-ws-$((2*21))\r")
+        joiner.expect(b"via-ws-42")
+        joiner.close()
+    finally:
+        for node in started:
+            stop(node.proc)

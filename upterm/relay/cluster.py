@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -178,6 +179,31 @@ return 0
 """
 
 
+class _Script:
+    """One Lua script, run by its SHA1 and loaded on the server that lacks it (a restarted
+    Redis, a promoted replica, another shard of a Redis Cluster): the same on every client."""
+
+    def __init__(self, body: str) -> None:
+        self.body = body
+        self.sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(self, client: Any, key: str, *args: Any) -> Any:
+        import redis.exceptions
+
+        try:
+            return await client.evalsha(self.sha, 1, key, *args)
+        except redis.exceptions.NoScriptError:
+            return await client.eval(self.body, 1, key, *args)
+
+
+_SCRIPTS = {
+    "claim": _Script(_CLAIM),
+    "renew": _Script(_RENEW),
+    "update": _Script(_UPDATE),
+    "release": _Script(_RELEASE),
+}
+
+
 def new_node_id() -> str:
     """A node id unique to this process: host name and 48 random bits."""
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:60] or "node"
@@ -189,35 +215,43 @@ def parse_redis_url(url: str) -> tuple[str, list[tuple[str, int]], str, dict[str
 
     ``redis://[user:password@]host:port[/db]`` and ``rediss://`` (TLS) name one server;
     ``redis+sentinel://[:password@]host:port[,host:port...]/SERVICE[/db]`` names Sentinels
-    and the monitored service (the master's name). Raises :class:`ConfigError`.
+    and the monitored service (the master's name); ``redis+cluster://[:password@]host:port
+    [,host:port...]`` names some nodes of a Redis Cluster. Raises :class:`ConfigError`.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
             raise ConfigError(f"--redis-url {url!r} names no server; e.g. redis://10.0.0.5:6379")
         return parts.scheme, [], "", {}
-    if parts.scheme not in ("redis+sentinel", "sentinel"):
+    if parts.scheme not in ("redis+sentinel", "sentinel", "redis+cluster"):
         raise ConfigError(
-            f"--redis-url {url!r}: use redis://HOST:PORT, rediss://HOST:PORT or "
-            "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"
+            f"--redis-url {url!r}: use redis://HOST:PORT, rediss://HOST:PORT, "
+            "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...]"
         )
+    cluster = parts.scheme == "redis+cluster"
     netloc = parts.netloc.rpartition("@")[2]
     addrs: list[tuple[str, int]] = []
     for item in netloc.split(","):
         host, sep, port = item.rpartition(":")
         if not sep or not port.isdigit():
-            host, port = item, "26379"
+            host, port = item, "6379" if cluster else "26379"
         host = host.strip("[]")
         if not host:
-            raise ConfigError(f"--redis-url {url!r}: a Sentinel address is empty")
+            raise ConfigError(f"--redis-url {url!r}: a server address is empty")
         addrs.append((host, int(port)))
+    if cluster:
+        opts: dict[str, Any] = {}
+        if parts.password:
+            opts["password"] = urllib.parse.unquote(parts.password)
+        return "cluster", addrs, "", opts
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ConfigError(
             f"--redis-url {url!r} names no service: add /SERVICE, the name the Sentinels "
             "monitor (e.g. redis+sentinel://10.0.0.5:26379/mymaster)"
         )
-    opts: dict[str, Any] = {}
+    opts = {}
     if parts.password:
         opts["password"] = urllib.parse.unquote(parts.password)
     if len(path) > 1:
@@ -283,7 +317,6 @@ class RedisRegistry:
         self.stats = RegistryStats()
         self._kind, self._sentinels, self._service, self._sentinel_opts = parse_redis_url(url)
         self._client: Any = None
-        self._scripts: dict[str, Any] = {}
         self._leases: dict[str, _Lease] = {}
         self._member_confirmed = 0.0
         self._keeper: asyncio.Task[None] | None = None
@@ -326,15 +359,18 @@ class RedisRegistry:
                 **self._sentinel_opts,
             )
             self._client = sentinel.master_for(self._service)
+        elif self._kind == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            # Each script touches one key, so it runs on the shard that key hashes to.
+            self._client = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in self._sentinels],
+                socket_timeout=self.op_timeout_s,
+                socket_connect_timeout=self.op_timeout_s,
+                **self._sentinel_opts,
+            )
         else:
             self._client = aioredis.from_url(self.url, **common)
-        for name, body in (
-            ("claim", _CLAIM),
-            ("renew", _RENEW),
-            ("update", _UPDATE),
-            ("release", _RELEASE),
-        ):
-            self._scripts[name] = self._client.register_script(body)
         with contextlib.suppress(RegistryUnavailable):
             await self._announce()
         self._keeper = asyncio.create_task(self._keep())
@@ -421,17 +457,15 @@ class RedisRegistry:
         self._leases[record.session_id] = _Lease(record, sent, on_lost)
 
     async def _claim(self, record: SessionRecord) -> None:
-        script = self._scripts["claim"]
         result = await self._call(
             "claim",
-            lambda: script(
-                keys=[self.session_key(record.session_id)],
-                args=[
-                    str(record.generation),
-                    record.node_id,
-                    record.data(),
-                    int(self.ttl_s * 1000),
-                ],
+            lambda: _SCRIPTS["claim"].run(
+                self._client,
+                self.session_key(record.session_id),
+                str(record.generation),
+                record.node_id,
+                record.data(),
+                int(self.ttl_s * 1000),
             ),
         )
         if int(result[0]) != 1:
@@ -442,12 +476,14 @@ class RedisRegistry:
         lease = self._leases.get(record.session_id)
         if lease is None or lease.record.generation != record.generation:
             return False
-        script = self._scripts["update"]
         ok = await self._call(
             "update",
-            lambda: script(
-                keys=[self.session_key(record.session_id)],
-                args=[str(record.generation), self.node_id, record.data()],
+            lambda: _SCRIPTS["update"].run(
+                self._client,
+                self.session_key(record.session_id),
+                str(record.generation),
+                self.node_id,
+                record.data(),
             ),
         )
         if int(ok) == 1:
@@ -460,11 +496,10 @@ class RedisRegistry:
         lease = self._leases.get(session_id)
         if lease is not None and lease.record.generation == generation:
             del self._leases[session_id]
-        script = self._scripts["release"]
         ok = await self._call(
             "release",
-            lambda: script(
-                keys=[self.session_key(session_id)], args=[str(generation), self.node_id]
+            lambda: _SCRIPTS["release"].run(
+                self._client, self.session_key(session_id), str(generation), self.node_id
             ),
         )
         return int(ok) == 1
@@ -528,19 +563,32 @@ class RedisRegistry:
 
     async def _renew(self, leases: Sequence[_Lease]) -> None:
         sent = time.monotonic()
-        script = self._scripts["renew"]
+        script = _SCRIPTS["renew"]
         ttl_ms = int(self.ttl_s * 1000)
 
-        async def batch() -> Any:
+        def args(lease: _Lease) -> tuple[Any, ...]:
+            rec = lease.record
+            return (self.session_key(rec.session_id), str(rec.generation), self.node_id, ttl_ms)
+
+        async def pipelined() -> Any:
+            # One round trip for every lease of the node.
             pipe = self._client.pipeline(transaction=False)
             for lease in leases:
-                rec = lease.record
-                await script(
-                    keys=[self.session_key(rec.session_id)],
-                    args=[str(rec.generation), self.node_id, ttl_ms],
-                    client=pipe,
-                )
+                key, *rest = args(lease)
+                pipe.evalsha(script.sha, 1, key, *rest)
             return await pipe.execute()
+
+        async def batch() -> Any:
+            import redis.exceptions
+
+            if self._kind == "cluster":
+                # Keys live on several shards: one request each, all in flight at once.
+                return await asyncio.gather(*(script.run(self._client, *args(le)) for le in leases))
+            try:
+                return await pipelined()
+            except redis.exceptions.NoScriptError:
+                await self._client.script_load(script.body)  # a fresh server
+                return await pipelined()
 
         try:
             results = await self._call("renew", batch)

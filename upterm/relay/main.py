@@ -458,8 +458,9 @@ async def serve(
     "--redis-url",
     default="",
     envvar="UPTERMD_REDIS_URL",
-    help="The cluster's registry: redis://[:PASSWORD@]HOST:PORT[/DB], rediss://… (TLS), or "
-    "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE.",
+    help="The cluster's registry: redis://[:PASSWORD@]HOST:PORT[/DB], rediss://… (TLS), "
+    "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE, or "
+    "redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…] (Redis Cluster).",
 )
 @click.option(
     "--lease-ttl",

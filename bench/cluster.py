@@ -124,11 +124,17 @@ def ssh_argv(w: World, user: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def back_after(argv: list[str], event: Callable[[], None], limit_s: float = 30) -> float:
-    """Seconds from ``event()`` until a joiner with ``argv`` sees a prompt again."""
+def back_after(
+    argv: list[str], event: Callable[[], None], moved: Callable[[], bool], limit_s: float = 30
+) -> float:
+    """Seconds from ``event()`` until the host is back (``moved()``) and a joiner with
+    ``argv`` sees a prompt."""
     t0 = time.monotonic()
     event()
     while time.monotonic() - t0 < limit_s:
+        if not moved():
+            time.sleep(0.02)
+            continue
         j = SshJoiner(argv)
         try:
             j.read_until(b"$ ", 3)
@@ -213,22 +219,30 @@ def run(quick: bool) -> Report:
         report.add(Figure("echo latency via another node, p50", pct(hop_lat, 50), "ms",
                           pct(own_lat, 50), "owning node", "figure (one more hop)"))  # fmt: skip
 
-        # Failover and drain, behind HAProxy, the owner killed and started again each round.
-        w.host("fo", server, "bash", "--norc", "--noprofile")
-        fo_argv = ssh_argv(
-            w,
-            str(json.loads(w.upterm("session", "info", "fo", "-o", "json"))["sshUser"]),
-            c.lb_port,
-        )
+        # Failover and drain, behind HAProxy. Each round hosts a session of its own (a host's
+        # redial schedule starts afresh only after a minute up, as upstream's), kills or
+        # drains the node it landed on, and starts that node again on the same port.
         for label, sig in (("kill -9", signal.SIGKILL), ("SIGTERM (drain)", signal.SIGTERM)):
             times = []
-            for _ in range(rounds):
-                owner = owner_of(c)
-                proc = c.nodes[owner][0]
-                times.append(back_after(fo_argv, lambda p=proc, s=sig: p.send_signal(s)))
+            for i in range(rounds):
+                name = f"fo{sig.value}-{i}"
+                before = sessions_per_node(c)
+                w.host(name, server, "bash", "--norc", "--noprofile")
+                user = json.loads(w.upterm("session", "info", name, "-o", "json"))["sshUser"]
+                argv = ssh_argv(w, str(user), c.lb_port)
+                after = sessions_per_node(c)
+                (owner,) = [n for n in after if after[n] > before.get(n, 0)]
+                proc, port, _ = c.nodes[owner]
+
+                def moved(name: str = name) -> bool:
+                    now = json.loads(w.upterm("session", "info", name, "-o", "json"))
+                    return bool(now["relayState"] == "connected" and now["reconnects"] >= 1)
+
+                times.append(back_after(argv, lambda p=proc, s=sig: p.send_signal(s), moved))
                 proc.wait(20)
-                c.start_node(owner)
+                c.start_node(owner, "--ssh-addr", f"127.0.0.1:{port}")
                 time.sleep(1.0)  # the restarted node passes its health checks
+                w.upterm("session", "stop", name)
             report.add(
                 Figure(
                     f"joiner back after {label} of the owning node",
@@ -292,15 +306,16 @@ def run(quick: bool) -> Report:
     return report
 
 
-def owner_of(c: Cluster) -> str:
-    """The node the balancer sends hosts to now (the first ready one, as configured)."""
-    for name in ("node-a", "node-b", "node-c"):
-        url = f"http://127.0.0.1:{c.nodes[name][2]}/metrics"
+def sessions_per_node(c: Cluster) -> dict[str, float]:
+    """uptermd_sessions of every node that answers."""
+    counts: dict[str, float] = {}
+    for name, (_proc, _port, metrics) in c.nodes.items():
+        url = f"http://127.0.0.1:{metrics}/metrics"
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
             for line in resp.read().decode().splitlines():
-                if line.startswith("uptermd_sessions ") and float(line.split()[1]) > 0:
-                    return name
-    raise RuntimeError("no node owns a session")
+                if line.startswith("uptermd_sessions "):
+                    counts[name] = float(line.split()[1])
+    return counts
 
 
 def main() -> None:

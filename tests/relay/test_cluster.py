@@ -249,6 +249,7 @@ def test_only_a_certificate_from_the_cluster_key_for_the_held_generation_gets_in
             "auth": auth,
             "generation": gen,
             "from_node": "test",
+            "to_node": owner,
             "now": now,
         }
         args.update(kw)
@@ -269,6 +270,7 @@ def test_only_a_certificate_from_the_cluster_key_for_the_held_generation_gets_in
         "a joiner key the host does not allow": (hop_ssh, cert(cluster, hop_key, auth=stranger)),
         "expired": (hop_ssh, cert(cluster, hop_key, now=now - 600)),
         "another user (token)": (hop_ssh, cert(cluster, hop_key, principal=user + "x")),
+        "meant for another node": (hop_ssh, cert(cluster, hop_key, to_node="elsewhere")),
     }
     for what, (key, line) in attempts.items():
         assert asyncio.run(_hop(port, user, key, line)) == "denied", what
@@ -326,12 +328,19 @@ def test_two_nodes_racing_for_one_session_id_never_both_win(redis: RedisServer) 
                     await winners[0].claim(SessionRecord(sid, 1, winners[0].node_id), lost.append)
                 old = SessionRecord(sid, 1, winners[0].node_id, host_user="stale")
                 assert not await winners[0].update(old)
+                # Released, the session leaves a tombstone: the old generation cannot
+                # bring it back, a newer one may.
+                assert await loser.release(sid, 2)
+                assert await nodes[0].lookup(sid) is None
+                with pytest.raises(LeaseHeld):
+                    await winners[0].claim(SessionRecord(sid, 2, winners[0].node_id), lost.append)
+                await loser.claim(SessionRecord(sid, 3, loser.node_id), lost.append)
                 owner = await nodes[0].lookup(sid)
-                assert owner is not None and (owner.generation, owner.node_id) == (2, loser.node_id)
+                assert owner is not None and (owner.generation, owner.node_id) == (3, loser.node_id)
             # Each superseded winner notices at its next renewal, and only those.
             assert not lost
             await asyncio.gather(*(n.renew_due(everything=True) for n in nodes))
-            assert len(lost) == 50 and all("superseded by generation 2" in w for w in lost)
+            assert len(lost) == 50 and all("superseded by generation 3" in w for w in lost)
         finally:
             for node in nodes:
                 await node.close()

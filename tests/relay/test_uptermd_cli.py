@@ -150,11 +150,20 @@ def test_cluster_options_are_checked_at_start(user_env: UserEnv, tmp_path: Path)
         (*redis, "--redis-url", "redis+sentinel://10.0.0.9:26379", "--cluster-addr", "x"): (
             "address 'x' must be host:port"
         ),
-        (*redis, "--redis-url", "redis+sentinel://10.0.0.9:26379", "--cluster-addr", ":0"): (
+        (*redis, "--redis-url", "redis+sentinel://10.0.0.9:26379", "--cluster-addr", "h:0"): (
             "--redis-url 'redis+sentinel://10.0.0.9:26379' names no service"
         ),
-        (*redis, "--redis-url", "redis://h:1", "--cluster-addr", ":0", "--lease-ttl", "0.5s"): (
-            "--lease-ttl must be at least 1s"
+        (
+            *redis,
+            "--redis-url",
+            "redis://h:1",
+            "--cluster-addr",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "0.5s",
+        ): ("--lease-ttl must be at least 1s"),
+        (*redis, "--redis-url", "redis://h:1", "--cluster-addr", "0.0.0.0:2223"): (
+            "--cluster-addr 0.0.0.0:2223 listens on every address, which other nodes cannot dial"
         ),
     }
     for args, text in cases.items():

@@ -18,8 +18,14 @@ authorized keys, invite digests). It expires unless its owner renews it:
   restarted, ``FLUSHALL``) or held by an older generation (a failover lost the last write)
   claims it again; one that finds a newer generation loses the session at once;
 - when renewals fail, the node drops the session's streams before the lease could expire
-  in Redis (``deadline - margin`` after the last renewal it *sent*), so no two nodes ever
-  serve one session.
+  in Redis (``deadline - margin`` after the last renewal it *sent*), watched by a task that
+  never waits for Redis;
+- a release leaves a tombstone (the generation, no node) for a TTL, so an older generation
+  cannot bring a finished session back.
+
+Exclusivity rests on the generation: a newer one takes the session at once (a host that
+redialled elsewhere), and the old owner learns it at its next renewal or, for a new
+joiner, at once (it checks the registry before admitting one).
 
 Nodes register themselves too (``{prefix}:node:{NODEID}``, same TTL): a node only ever
 dials a member that is registered now and owns the session it asks for (no open relay, no
@@ -168,11 +174,15 @@ if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
 end
 return 0
 """
-#: KEYS[1]; ARGV gen, node -> 1 if this (gen, node) held it and it is gone.
+#: KEYS[1]; ARGV gen, node, ttl_ms -> 1 if this (gen, node) held it and it is gone. What
+#: stays for a TTL is a tombstone: the generation with no node, so that an older generation
+#: (a node that missed being superseded) cannot claim the finished session back.
 _RELEASE = """
 local cur = redis.call('HMGET', KEYS[1], 'gen', 'node')
 if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
   redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'node', '')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
 end
 return 0
@@ -304,11 +314,14 @@ class RedisRegistry:
         self.member_addr = member_addr
         self.ttl_s = ttl_s
         self.prefix = prefix
-        #: One request's bound: renewals must fail fast enough to act before the deadline.
+        #: One socket operation's bound, and one registry call's (a retry included).
         self.op_timeout_s = max(0.2, min(2.0, ttl_s / 10))
-        #: The keeper's period: renewals are due every ttl/3, deadlines checked more often.
+        self.call_bound_s = 2 * self.op_timeout_s
+        #: The keeper's period: renewals are due every ttl/3; deadlines are watched at this
+        #: period by a task of their own, which never waits for Redis.
         self.tick_s = max(0.1, ttl_s / 15)
-        #: Streams are dropped this long before Redis could let the lease go.
+        #: Streams are dropped this long before Redis could let the lease go: the watcher's
+        #: period, twice, and slack for a loop that ran late.
         self.margin_s = self.op_timeout_s + 2 * self.tick_s
         #: Called with (operation, seconds) after each registry round trip.
         self.observe = observe or (lambda _op, _s: None)
@@ -382,13 +395,18 @@ class RedisRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
         if release and self._client is not None:
-            for lease in list(self._leases.values()):
-                with contextlib.suppress(RegistryUnavailable):
-                    await self.release(lease.record.session_id, lease.record.generation)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._client.delete(self.member_key(self.node_id)), self.op_timeout_s
+            leases = list(self._leases.values())
+
+            async def release_all() -> None:
+                await asyncio.gather(
+                    *(self.release(le.record.session_id, le.record.generation) for le in leases),
+                    self._client.delete(self.member_key(self.node_id)),
+                    return_exceptions=True,
                 )
+
+            # Whatever is not given back in time expires by itself.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release_all(), self.call_bound_s)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
@@ -399,13 +417,14 @@ class RedisRegistry:
 
         t0 = time.monotonic()
         try:
-            try:
-                result = await asyncio.wait_for(fn(), self.op_timeout_s * 2)
-            except redis.exceptions.ConnectionError:
-                # A pooled connection to a server that went away (a restart, a Sentinel
-                # failover): the pool drops it, and once more asks a fresh one (which, with
-                # Sentinel, asks where the master is now).
-                result = await asyncio.wait_for(fn(), self.op_timeout_s * 2)
+            async with asyncio.timeout(self.call_bound_s):
+                try:
+                    result = await fn()
+                except redis.exceptions.ConnectionError:
+                    # A pooled connection to a server that went away (a restart, a Sentinel
+                    # failover): the pool drops it, and once more asks a fresh one (which,
+                    # with Sentinel, asks where the master is now). Same overall bound.
+                    result = await fn()
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self.reachable = False
             self.stats.errors += 1
@@ -454,6 +473,11 @@ class RedisRegistry:
         """
         sent = time.monotonic()
         await self._claim(record)
+        cur = self._leases.get(record.session_id)
+        if cur is not None and cur.record.generation > record.generation:
+            # A newer generation of this session was claimed here while this claim waited
+            # for Redis (a host redialling twice): Redis holds that one, and so do we.
+            raise LeaseHeld(cur.record.generation, self.node_id)
         self._leases[record.session_id] = _Lease(record, sent, on_lost)
 
     async def _claim(self, record: SessionRecord) -> None:
@@ -476,6 +500,8 @@ class RedisRegistry:
         lease = self._leases.get(record.session_id)
         if lease is None or lease.record.generation != record.generation:
             return False
+        # What a re-claim writes from now on, whatever becomes of this write.
+        lease.record = record
         ok = await self._call(
             "update",
             lambda: _SCRIPTS["update"].run(
@@ -486,10 +512,7 @@ class RedisRegistry:
                 record.data(),
             ),
         )
-        if int(ok) == 1:
-            lease.record = record
-            return True
-        return False
+        return int(ok) == 1
 
     async def release(self, session_id: str, generation: int) -> bool:
         """Give a lease back; a successor's registration is never touched."""
@@ -499,7 +522,11 @@ class RedisRegistry:
         ok = await self._call(
             "release",
             lambda: _SCRIPTS["release"].run(
-                self._client, self.session_key(session_id), str(generation), self.node_id
+                self._client,
+                self.session_key(session_id),
+                str(generation),
+                self.node_id,
+                int(self.ttl_s * 1000),
             ),
         )
         return int(ok) == 1
@@ -525,8 +552,8 @@ class RedisRegistry:
             lambda: self._client.hmget(self.session_key(session_id), "gen", "node", "data"),
         )
         gen, node, data = raw
-        if gen is None or node is None or data is None:
-            return None
+        if gen is None or not node or data is None:
+            return None  # none, or a finished session's tombstone
         try:
             return SessionRecord.from_hash(session_id, gen, node, data)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -536,12 +563,33 @@ class RedisRegistry:
     # -- the keeper --
 
     async def _keep(self) -> None:
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while True:
+                await asyncio.sleep(self.tick_s)
+                try:
+                    await self.renew_due()
+                except Exception:  # never let the keeper die: every lease depends on it
+                    log.exception("lease keeper pass failed")
+        finally:
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        """Give up leases at their deadline, however long a renewal pass is waiting for
+        Redis (a pass may take several bounded calls)."""
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                await self.renew_due()
-            except Exception:  # never let the keeper die: every lease depends on it
-                log.exception("lease keeper pass failed")
+                self.expire()
+            except Exception:
+                log.exception("lease watcher pass failed")
+
+    def expire(self) -> None:
+        """Lose every lease whose deadline (less the margin) has passed."""
+        now = time.monotonic()
+        for lease in list(self._leases.values()):
+            if now >= lease.confirmed_at + self.ttl_s - self.margin_s:
+                self._lose(lease, "its lease could not be renewed (the registry is unreachable)")
 
     async def renew_due(self, everything: bool = False) -> None:
         """One pass: renew what is due (``everything``: all of it now), re-claim what Redis
@@ -556,10 +604,7 @@ class RedisRegistry:
         due = [lease for lease in self._leases.values() if now - lease.confirmed_at >= period]
         if due:
             await self._renew(due)
-        now = time.monotonic()
-        for lease in list(self._leases.values()):
-            if now >= lease.confirmed_at + self.ttl_s - self.margin_s:
-                self._lose(lease, "its lease could not be renewed (the registry is unreachable)")
+        self.expire()
 
     async def _renew(self, leases: Sequence[_Lease]) -> None:
         sent = time.monotonic()
@@ -570,25 +615,32 @@ class RedisRegistry:
             rec = lease.record
             return (self.session_key(rec.session_id), str(rec.generation), self.node_id, ttl_ms)
 
-        async def pipelined() -> Any:
-            # One round trip for every lease of the node.
+        async def pipelined() -> list[Any]:
+            # One round trip for every lease of the node; each answer on its own (an error
+            # for one key is that lease's, not the batch's).
             pipe = self._client.pipeline(transaction=False)
             for lease in leases:
                 key, *rest = args(lease)
                 pipe.evalsha(script.sha, 1, key, *rest)
-            return await pipe.execute()
+            return list(await pipe.execute(raise_on_error=False))
 
-        async def batch() -> Any:
+        async def batch() -> list[Any]:
             import redis.exceptions
 
             if self._kind == "cluster":
-                # Keys live on several shards: one request each, all in flight at once.
-                return await asyncio.gather(*(script.run(self._client, *args(le)) for le in leases))
-            try:
-                return await pipelined()
-            except redis.exceptions.NoScriptError:
+                # Keys live on several shards: one request each, all in flight at once; a
+                # shard that fails costs only its own leases this pass.
+                return list(
+                    await asyncio.gather(
+                        *(script.run(self._client, *args(le)) for le in leases),
+                        return_exceptions=True,
+                    )
+                )
+            results = await pipelined()
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
                 await self._client.script_load(script.body)  # a fresh server
-                return await pipelined()
+                results = await pipelined()
+            return results
 
         try:
             results = await self._call("renew", batch)
@@ -597,6 +649,10 @@ class RedisRegistry:
         for lease, result in zip(leases, results, strict=True):
             if self._leases.get(lease.record.session_id) is not lease:
                 continue  # released while the batch ran
+            if isinstance(result, BaseException):
+                self.stats.errors += 1
+                log.debug("renewal of %s failed: %r", lease.record.session_id, result)
+                continue  # the watcher gives it up at its deadline unless a renewal succeeds
             code = int(result[0])
             if code == 1:
                 lease.confirmed_at = sent
@@ -615,6 +671,11 @@ class RedisRegistry:
             except RegistryUnavailable:
                 pass
             else:
+                if self._leases.get(lease.record.session_id) is not lease:
+                    # Released while the claim ran: give back what the claim just took.
+                    with contextlib.suppress(RegistryUnavailable):
+                        await self.release(lease.record.session_id, lease.record.generation)
+                    continue
                 lease.confirmed_at = sent
                 self.stats.reclaims += 1
                 self.event("reclaimed")

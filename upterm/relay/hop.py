@@ -12,9 +12,11 @@ user certificate that says who the joiner is:
 - ``upterm-auth-request``: the joiner as upstream's guest certificates describe it (its key,
   client version, address), which the owner passes on to the host;
 - ``permit-pty``, ``permit-port-forwarding``: a terminal and the end-to-end splice;
-- ``upterm-hop@upterm.dev``: the session generation the entry node read from the registry
-  and its node id. The owner serves the hop only if it holds that very generation now (the
-  fencing token on the data path: an entry node working from a stale record is refused).
+- ``upterm-hop@upterm.dev``: the session generation the entry node read from the registry,
+  its own node id and the owner's (a certificate for one node is refused by any other, say
+  one that took over a reused address). The owner serves the hop only if it holds that very
+  generation now (the fencing token on the data path: an entry node working from a stale
+  record is refused).
 
 This module builds and checks those certificates (no I/O); the dialling is in the server.
 """
@@ -42,6 +44,7 @@ class HopClaim:
     auth: wire.AuthRequest
     generation: int
     from_node: str
+    to_node: str
     certified_blob: bytes
 
 
@@ -53,10 +56,11 @@ def build_hop_certificate(
     auth: wire.AuthRequest,
     generation: int,
     from_node: str,
+    to_node: str,
     now: int,
 ) -> bytes:
     """The OpenSSH one-line certificate an entry node presents to the owning node."""
-    body = msgpack.packb({"g": generation, "n": from_node}, use_bin_type=True)
+    body = msgpack.packb({"g": generation, "n": from_node, "t": to_node}, use_bin_type=True)
     blob = sshcert.build(
         cluster_key,
         hop_key,
@@ -95,10 +99,16 @@ def verify_hop_certificate(blob: bytes, cluster_blob: bytes, principal: str, now
         body = msgpack.unpackb(raw, raw=False, max_str_len=256)
     except ValueError as exc:
         raise RemoteProtocolError(f"malformed {HOP_EXTENSION}") from exc
-    gen = body.get("g") if isinstance(body, dict) else None
-    node = body.get("n") if isinstance(body, dict) else None
+    fields = body if isinstance(body, dict) else {}
+    gen, node, target = fields.get("g"), fields.get("n"), fields.get("t")
     if not isinstance(gen, int) or gen < 0 or not isinstance(node, str):
         raise RemoteProtocolError(f"malformed {HOP_EXTENSION}")
+    if not isinstance(target, str):
+        raise RemoteProtocolError(f"malformed {HOP_EXTENSION}")
     return HopClaim(
-        auth=cert.auth, generation=gen, from_node=node, certified_blob=cert.certified_blob
+        auth=cert.auth,
+        generation=gen,
+        from_node=node,
+        to_node=target,
+        certified_blob=cert.certified_blob,
     )

@@ -165,6 +165,11 @@ def cluster_options(
     at = split_addr(cluster_addr)
     if advertise:
         split_addr(advertise)
+    elif at[0] in ("0.0.0.0", "::", ""):  # noqa: S104 - detecting a wildcard, not binding one
+        raise ConfigError(
+            f"--cluster-addr {cluster_addr} listens on every address, which other nodes "
+            "cannot dial: add --cluster-advertise HOST:PORT (e.g. this node's own IP)"
+        )
     ttl_s = parse_duration_s(lease_ttl, "--lease-ttl")
     try:
         import redis  # noqa: F401 - checked here so the error is one line at start

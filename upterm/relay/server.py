@@ -379,6 +379,9 @@ class Relay:
         for server in (self._server, self._ws_server, self._cluster_server):
             if server is not None:
                 await server.wait_closed()
+        if self._tasks:
+            # Lease releases already under way get their (bounded) round trip.
+            await asyncio.wait(self._tasks, timeout=5)
         if self.registry is not None:
             await self.registry.close()
 
@@ -402,7 +405,8 @@ class Relay:
                 await asyncio.wait_for(self._drained.wait(), min(DRAIN_SETTLE_S, timeout_s / 4))
         log.info("draining: %d connections to close", len(self.connections))
         for conn in [c for c in self.connections if not c.is_host]:
-            if conn._live_host() is not None:
+            # Joiners of a live session: ours, or one another node owns (carried by a hop).
+            if conn._live_host() is not None or conn._target is not None:
                 conn.tell_and_close(DRAIN_JOINER_TEXT)
         for conn in [c for c in self.connections if c.is_host]:
             conn.disconnect(DRAIN_HOST_TEXT)
@@ -503,6 +507,7 @@ class Relay:
             auth=auth,
             generation=target.generation,
             from_node=self.node_id,
+            to_node=target.node_id,
             now=int(time.time()),
         )
         try:
@@ -735,8 +740,10 @@ class RelayConnection(asyncssh.SSHServer):
                 self._refuse_joiner(no_host, "unknown-session")
                 return True
         elif reg is not None:
-            # Ours, but only while our lease holds (the node named in the token is a hint).
-            if not registry.holds(sid, reg.generation):
+            # Ours, but only while our lease holds (the node named in the token is a hint),
+            # and, when the registry answers, only if it still says so: a host that redialled
+            # to another node took the session there at once.
+            if not registry.holds(sid, reg.generation) or not await self._still_ours(reg):
                 self._refuse_joiner(wire.BANNER_LOOKUP_FAILED, "lease-not-held")
                 return True
         elif self.hop:
@@ -757,6 +764,28 @@ class RelayConnection(asyncssh.SSHServer):
             )
             return True
         self._reg = reg
+        return True
+
+    async def _still_ours(self, reg: Registration) -> bool:
+        """Whether the registry names this node and generation for ``reg`` (True if it does
+        not answer: the lease's deadline covers that). A newer holder ends our lease now."""
+        registry = self.relay.registry
+        assert registry is not None
+        try:
+            rec = await registry.lookup(reg.session_id)
+        except RegistryUnavailable:
+            return True
+        if rec is not None and (rec.generation, rec.node_id) == (
+            reg.generation,
+            self.relay.node_id,
+        ):
+            return True
+        if rec is not None and rec.generation > reg.generation:
+            self.relay.lease_lost(
+                reg.session_id, reg.generation, f"superseded by generation {rec.generation}"
+            )
+            return False
+        # Gone or older (a restart, a flush, a failover): the next renewal claims it back.
         return True
 
     async def _look_up(self, sid: str) -> tuple[Registration, HopTarget] | None:
@@ -817,6 +846,10 @@ class RelayConnection(asyncssh.SSHServer):
             self.relay.metrics.auth_failures.labels(reason="bad-hop").inc()
             return False
         reg = self._reg
+        if claim.to_node != self.relay.node_id:
+            log.info("refused a hop from node %s meant for node %s", claim.from_node, claim.to_node)
+            self.relay.metrics.auth_failures.labels(reason="bad-hop").inc()
+            return False
         if reg is None or not self._reg_current() or reg.generation != claim.generation:
             log.info(
                 "refused a hop from node %s: it asked for generation %d, this node holds %s",
@@ -1087,10 +1120,13 @@ class RelayConnection(asyncssh.SSHServer):
             return sshcompat.GlobalReply(False, b"upterm: not your session")
         reg.invites = digests
         if self.relay.registry is not None:
-            # Other nodes admit joiners by what the registry says: it must know the codes.
+            # Other nodes admit joiners by what the registry says: it must know the codes
+            # (this node admits them already; a re-claim writes them too).
             try:
-                await self.relay.registry.update(self.relay.record_of(reg))
+                stored = await self.relay.registry.update(self.relay.record_of(reg))
             except RegistryUnavailable:
+                stored = False
+            if not stored:
                 return sshcompat.GlobalReply(False, REGISTRY_DOWN_TEXT.encode())
         return sshcompat.GlobalReply(True)
 

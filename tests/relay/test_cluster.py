@@ -816,3 +816,25 @@ def test_a_joiner_over_websocket_on_another_node(
     finally:
         for node in started:
             stop(node.proc)
+
+
+def test_draining_an_entry_node_tells_the_joiners_it_carries(
+    user_env: UserEnv, nodes: list[RelayProc], joiner_key: Path
+) -> None:
+    """A joiner carried from C to the owner A is told at once when C drains (not cut when
+    C's drain time runs out), and comes back in through another node."""
+    a, b, c = nodes
+    first = host(user_env, a.url, "ent")
+    joiner = Joiner(dict(first, sshCommand=via(first["sshCommand"], a, c)), joiner_key)
+    joiner.expect(b"$ ")
+    joiner.type("export MARK=kept; echo set-$((9+9))\r")
+    joiner.expect(b"set-18")
+    t0 = time.monotonic()
+    c.proc.terminate()
+    joiner.proc.wait(10)
+    told = time.monotonic() - t0
+    assert joiner.proc.stderr is not None
+    assert b"run the same ssh command again" in joiner.proc.stderr.read()
+    assert told < 5, told  # the drain's settle, not its 10 s timeout
+    assert c.proc.wait(15) == 0
+    rejoin_within(dict(first, sshCommand=via(first["sshCommand"], a, b)), joiner_key, 10, "b")

@@ -615,3 +615,71 @@ async def test_unsent_output_is_discarded_and_flow_control_resumes() -> None:
     assert writer_chans[0].get_write_buffer_size() == 0
     conn.close()
     server.close()
+
+
+async def test_lazy_keepalive_probes_only_a_silent_peer_and_sets_no_timer_per_packet() -> None:
+    """With lazy_keepalive a busy connection schedules no timer per packet and sends no
+    probe; a peer that goes silent is probed and dropped as asyncssh would drop it."""
+    probes: list[int] = []
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            self.conn = conn
+            servers.append(self)
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    servers: list[Server] = []
+
+    async def chatter(process: Any) -> None:
+        for _ in range(60):  # 1.2 s of traffic, one packet every 20 ms
+            process.stdout.write(b"tick\n")
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3600)
+
+    async def on_probe(payload: bytes) -> sshcompat.GlobalReply:
+        probes.append(1)
+        return sshcompat.GlobalReply(True)
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=Server, server_host_keys=_KEYS[:1],
+        process_factory=chatter, encoding=None,
+    )  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, username="u", known_hosts=None, agent_path=None, config=None,
+        keepalive_interval=0.3, keepalive_count_max=1,
+    )  # fmt: skip
+    sshcompat.lazy_keepalive(conn)
+    sshcompat.install_global_request_handler(servers[0].conn, "keepalive@openssh.com", on_probe)
+    loop = asyncio.get_running_loop()
+    scheduled = 0
+    real_call_later = loop.call_later
+
+    def counting(delay: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        nonlocal scheduled
+        # Keepalive timers only (the server's sleeps run on this loop too).
+        if getattr(callback, "__name__", "") in ("fired", "_keepalive_timer_callback"):
+            scheduled += 1
+        return real_call_later(delay, callback, *args, **kw)
+
+    loop.call_later = counting  # type: ignore[method-assign]
+    try:
+        proc = await conn.create_process(encoding=None)
+        got = b""
+        while got.count(b"tick") < 60:
+            got += await proc.stdout.read(4096)
+        busy_timers = scheduled
+        assert probes == []  # never silent for 0.3 s
+        assert busy_timers <= 6, busy_timers  # about one per interval, not one per packet
+        # Silence: the server stops reading and writing; probes go unanswered.
+        servers[0].conn._transport.pause_reading()  # type: ignore[attr-defined]
+        t0 = loop.time()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        gone = loop.time() - t0
+        assert 0.3 <= gone < 2.0, gone  # interval x (count + 1), give or take a tick
+    finally:
+        loop.call_later = real_call_later  # type: ignore[method-assign]
+        conn.close()
+        server.close()

@@ -569,6 +569,40 @@ def skip_ignore_padding(conn: Any) -> None:
     conn.send_packet = send_packet
 
 
+def lazy_keepalive(conn: Any) -> None:
+    """Keep asyncssh's keepalive semantics without a timer per packet received.
+
+    asyncssh cancels its keepalive timer and schedules a new one for every packet that
+    arrives. Here a packet only notes the time; when the timer fires early (traffic came
+    since it was set), it is set again for the rest of the interval, and only a connection
+    silent for a whole interval gets asyncssh's probe (and, after the count, is dropped).
+    """
+    loop = conn._loop
+    last = [loop.time()]
+    probe = conn._keepalive_timer_callback
+
+    def reset() -> None:
+        if conn._auth_complete:
+            last[0] = loop.time()
+            if conn._keepalive_timer is None:
+                conn._set_keepalive_timer()
+
+    def fired() -> None:
+        interval = conn._keepalive_interval
+        quiet = loop.time() - last[0]
+        if interval and quiet < interval:
+            conn._keepalive_timer = loop.call_later(interval - quiet, fired)
+            return
+        probe()
+
+    conn._reset_keepalive_timer = reset
+    conn._keepalive_timer_callback = fired
+    if conn._keepalive_timer is not None:
+        # Set before this (a client connection is authenticated already): ours from now.
+        conn._cancel_keepalive_timer()
+        conn._set_keepalive_timer()
+
+
 def _name_lists(kexinit: bytes) -> list[bytes]:
     """A KEXINIT's ten name-lists (after the message type and cookie)."""
     rest = kexinit[17:]

@@ -366,6 +366,18 @@ class Gate(asyncio.Protocol):
             if not rest:
                 return
             data = rest
+        if (
+            not self._feeding
+            and not self._backlog
+            and self._bucket is None
+            and self._inner is not None
+            and len(data) <= FEED_MIN_SLICE_BYTES
+        ):
+            # A keystroke or a small packet with nothing queued ahead: straight through, no
+            # backlog bookkeeping (a slice this small is never split, and costs little to
+            # learn from). Reading was not paused for it, so nothing to update either.
+            self._inner.data_received(data)
+            return
         self._backlog.append(data)
         self._backlog_bytes += len(data)
         if self._bucket is not None:

@@ -635,6 +635,7 @@ class RelayConnection(asyncssh.SSHServer):
         sshcompat.prefer_host_key(conn)  # ... and AES-GCM, half ChaCha20's cost to us
         sshcompat.answer_pings(conn)  # OpenSSH's keystroke-timing chaff needs them
         sshcompat.skip_ignore_padding(conn)  # a packet and a write less per packet sent
+        sshcompat.lazy_keepalive(conn)  # no timer re-armed per packet received
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -569,13 +569,20 @@ def skip_ignore_padding(conn: Any) -> None:
     conn.send_packet = send_packet
 
 
+#: lazy_keepalive probes after this share of an interval of silence.
+LAZY_KEEPALIVE_SLACK = 0.9
+
+
 def lazy_keepalive(conn: Any) -> None:
     """Keep asyncssh's keepalive semantics without a timer per packet received.
 
     asyncssh cancels its keepalive timer and schedules a new one for every packet that
     arrives. Here a packet only notes the time; when the timer fires early (traffic came
     since it was set), it is set again for the rest of the interval, and only a connection
-    silent for a whole interval gets asyncssh's probe (and, after the count, is dropped).
+    silent for (nearly) a whole interval gets asyncssh's probe (and, after the count, is
+    dropped). An idle connection is woken as before, once per interval. Used where packets
+    are many (the relay's connections); the host's tunnel, idle but for the relay's probes,
+    keeps asyncssh's timer, which those probes push back without a wakeup.
     """
     loop = conn._loop
     last = [loop.time()]
@@ -590,7 +597,10 @@ def lazy_keepalive(conn: Any) -> None:
     def fired() -> None:
         interval = conn._keepalive_interval
         quiet = loop.time() - last[0]
-        if interval and quiet < interval:
+        # Nearly a whole interval of silence counts as one: the answer to our own last
+        # probe came just after it was sent, and waiting out those few milliseconds would
+        # cost an idle connection a second wakeup per probe.
+        if interval and quiet < interval * LAZY_KEEPALIVE_SLACK:
             conn._keepalive_timer = loop.call_later(interval - quiet, fired)
             return
         probe()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,24 @@ def test_prompt_bench_quick_run_prints_its_figures() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "prompt, in a session" in out.stdout and "full client" in out.stdout
+
+    def left_behind() -> list[str]:
+        """Processes of this bench's private daemon still running."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    environ = (entry / "environ").read_bytes()
+                except OSError:
+                    continue
+                if b"XDG_RUNTIME_DIR=/tmp/upterm-prompt-" in environ:
+                    found.append(entry.name)
+        return found
+
+    deadline = time.monotonic() + 10
+    while left_behind() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left_behind() == []  # its daemon and built-in relay are stopped
 
 
 # --- the 20-joiner figure's screen comparison, proven on small screens ---------------------

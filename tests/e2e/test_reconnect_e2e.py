@@ -22,7 +22,8 @@ def info(user_env: UserEnv, name: str) -> dict:
     return json.loads(out.stdout)
 
 
-def host(user_env: UserEnv, server: str, name: str) -> dict:
+def host(user_env: UserEnv, server: str, name: str, *extra: str) -> dict:
+    """A detached bash session on ``server`` (keepalive 1 s), ``extra`` flags added."""
     out = headless(
         user_env,
         "host",
@@ -37,6 +38,7 @@ def host(user_env: UserEnv, server: str, name: str) -> dict:
         "--skip-host-key-check",
         "--known-hosts",
         str(Path(user_env.env["HOME"]) / "known_hosts"),
+        *extra,
         "--",
         "bash",
         "--norc",

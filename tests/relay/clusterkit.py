@@ -233,14 +233,7 @@ def balancer(root: Path, backends: Sequence[tuple[int, int]], port: int = 0) -> 
         "    http-check expect status 200\n"
         f"{servers}\n"
     )
-    log = root / f"lb-{port}.log"
-    proc = subprocess.Popen(
-        ["haproxy", "-db", "-f", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "wb"),  # noqa: SIM115
-    )
-    wait_listening(port, proc, log)
-    return Balancer(port, proc)
+    return _haproxy(conf, port)
 
 
 def tcp_proxy(root: Path, target: int) -> Balancer:
@@ -256,7 +249,12 @@ def tcp_proxy(root: Path, target: int) -> Balancer:
         "    timeout server 1h\n"
         f"listen redis\n    bind 127.0.0.1:{port}\n    server r 127.0.0.1:{target}\n"
     )
-    log = root / f"proxy-{port}.log"
+    return _haproxy(conf, port)
+
+
+def _haproxy(conf: Path, port: int) -> Balancer:
+    """HAProxy in the foreground with ``conf``, once it listens on ``port``."""
+    log = conf.with_suffix(".log")
     proc = subprocess.Popen(
         ["haproxy", "-db", "-f", str(conf)],
         stdout=subprocess.DEVNULL,

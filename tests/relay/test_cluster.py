@@ -164,31 +164,6 @@ def test_a_session_nobody_registered_is_refused_on_every_node(
         assert "no host is connected for session AAAAAAAAAAAAAAAAAAAA" in err
 
 
-def host_with(user_env: UserEnv, server: str, name: str, *extra: str) -> dict:
-    out = headless(
-        user_env,
-        "host",
-        "--detach",
-        "--accept",
-        "--name",
-        name,
-        "--server",
-        server,
-        "--keepalive",
-        "1",
-        "--skip-host-key-check",
-        "--known-hosts",
-        str(Path(user_env.env["HOME"]) / "known_hosts"),
-        *extra,
-        "--",
-        "bash",
-        "--norc",
-        "--noprofile",
-    )
-    assert out.returncode == 0, out.stderr
-    return info(user_env, name)
-
-
 async def _hop(
     port: int,
     user: str,
@@ -229,7 +204,7 @@ def test_only_a_certificate_from_the_cluster_key_for_the_held_generation_gets_in
     """The cluster listener is not a way around joiner authentication: forged, self-signed,
     stale and wrong-key certificates and plain keys are all refused; the real thing works."""
     a = nodes[0]
-    first = host_with(user_env, a.url, "sec", "--authorized-keys", f"{joiner_key}.pub")
+    first = host(user_env, a.url, "sec", "--authorized-keys", f"{joiner_key}.pub")
     sid, user = first["sessionId"], first["sshUser"]
     gen, owner = wait_owner(redis, sid)
     port = member_addrs(redis)[owner]
@@ -704,7 +679,7 @@ def test_invites_work_through_any_node(
     member = joiner_key
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    host_with(
+    host(
         user_env,
         a.url,
         "inv",

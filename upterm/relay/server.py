@@ -277,24 +277,7 @@ class Relay:
         self._cluster_listener = GatedListener(
             *self._cluster_addr, guard, dataclasses.replace(self.gate_cfg, proxy_protocol=False)
         )
-        self._cluster_server = await asyncssh.listen(
-            tunnel=self._cluster_listener,
-            server_factory=lambda: RelayConnection(self, hop=True),
-            server_host_keys=host_keys,
-            server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
-            signature_algs=sshcompat.signature_algs(),
-            encoding=None,
-            login_timeout=self.limits.handshake_timeout_s + 5,
-            allow_scp=False,
-            line_editor=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            keepalive_interval=0,
-            password_auth=False,
-            kbdint_auth=False,
-            gss_host=None,
-            window=self.limits.joiner_window_bytes,
-        )
+        self._cluster_server = await self._listen(self._cluster_listener, host_keys, hop=True)
         advertised = self._cluster_advertise or (
             f"{self._cluster_addr[0]}:{self._cluster_listener.get_port()}"
         )
@@ -343,10 +326,14 @@ class Relay:
             return wire.BANNER_NO_HOST_FORMAT.format(session_id=token.session_id).strip()
         return None
 
-    async def _listen(self, listener: GatedListener, host_keys: list[Any]) -> asyncssh.SSHAcceptor:
+    async def _listen(
+        self, listener: GatedListener, host_keys: list[Any], hop: bool = False
+    ) -> asyncssh.SSHAcceptor:
+        """The SSH service behind one listener (``hop``: the cluster listener's, which
+        takes hop certificates only)."""
         return await asyncssh.listen(
             tunnel=listener,
-            server_factory=lambda: RelayConnection(self),
+            server_factory=lambda: RelayConnection(self, hop=hop),
             server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
             signature_algs=sshcompat.signature_algs(),

@@ -133,10 +133,6 @@ class SessionRecord:
             invites=frozenset(blobs("inv")),
         )
 
-    def allows_client(self, key_blob: bytes) -> bool:
-        """Whether a joiner presenting ``key_blob`` may reach this session."""
-        return not self.client_key_blobs or key_blob in self.client_key_blobs
-
 
 # -- the scripts: every decision about a lease is made inside Redis, atomically ----------
 
@@ -530,10 +526,6 @@ class RedisRegistry:
             ),
         )
         return int(ok) == 1
-
-    def forget(self, session_id: str) -> None:
-        """Stop renewing a lease without touching Redis (it was lost)."""
-        self._leases.pop(session_id, None)
 
     def holds(self, session_id: str, generation: int) -> bool:
         """Whether this node may serve ``session_id`` at ``generation`` right now: it holds

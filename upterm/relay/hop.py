@@ -45,7 +45,6 @@ class HopClaim:
     generation: int
     from_node: str
     to_node: str
-    certified_blob: bytes
 
 
 def build_hop_certificate(
@@ -110,5 +109,4 @@ def verify_hop_certificate(blob: bytes, cluster_blob: bytes, principal: str, now
         generation=gen,
         from_node=node,
         to_node=target,
-        certified_blob=cert.certified_blob,
     )

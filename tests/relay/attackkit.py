@@ -1035,9 +1035,10 @@ async def attack_idle_sockets(
 
 
 async def attack_wrong_keys(
-    ctx: AttackContext, port: int, src: str, token: str, parallel: int = 4
+    ctx: AttackContext, port: int, src: str, token: str, parallel: int = 4, settle_s: float = 20
 ) -> None:
-    """Log in to ``token`` with keys the session does not allow, again and again."""
+    """Log in to ``token`` with keys the session does not allow, again and again (ready once
+    refused at once, or after ``settle_s``)."""
     first_refusal: list[float] = []
     t0 = time.monotonic()
 
@@ -1060,7 +1061,7 @@ async def attack_wrong_keys(
             await one()
 
     workers = [asyncio.ensure_future(worker()) for _ in range(parallel)]
-    while not ctx.figures.get("refused") and time.monotonic() - t0 < 20:
+    while not ctx.figures.get("refused") and time.monotonic() - t0 < settle_s:
         await asyncio.sleep(0.05)
     ctx.emit("ready", **ctx.figures)
     await ctx.stop.wait()

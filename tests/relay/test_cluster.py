@@ -813,3 +813,43 @@ def test_draining_an_entry_node_tells_the_joiners_it_carries(
     assert told < 5, told  # the drain's settle, not its 10 s timeout
     assert c.proc.wait(15) == 0
     rejoin_within(dict(first, sshCommand=via(first["sshCommand"], a, b)), joiner_key, 10, "b")
+
+
+async def test_a_flood_of_unknown_sessions_costs_a_bystander_nothing(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Every joiner login naming a session this node does not hold costs a registry lookup
+    (one HMGET, bounded by the pre-auth caps like the SSH handshake before it). A flood of
+    them from one source leaves a bystander's session on the same node as it was."""
+    from tests.relay import attackkit as kit
+    from tests.relay.test_relay_attacks import verdict
+
+    relay = kit.start_relay(
+        tmp_path / "relay",
+        "--routing", "redis", "--redis-url", redis.url, "--cluster-addr", "127.0.0.1:0",
+    )  # fmt: skip
+    bystander = await kit.Bystander.start(relay.port, tmp_path / "bystander")
+    try:
+        out = await kit.run_attack(
+            "wrong_keys",
+            relay,
+            bystander,
+            tmp_path / "attacker",
+            label="unknown-session flood on a cluster node",
+            src="127.0.0.2",
+            token="ZZZZZZZZZZZZZZZZZZZZ",
+            parallel=8,
+            settle_s=3,
+        )
+        unknown = kit.metric(out.metrics, "uptermd_auth_failures_total", reason="unknown-session")
+        lookups = kit.metric(out.metrics, "uptermd_registry_seconds_count", op="lookup")
+        print(f"unknown-session refusals {unknown:.0f}, registry lookups {lookups:.0f}")
+        verdict(
+            out,
+            (out.done.get("logged_in", 0) == 0, "a login to an unknown session succeeded"),
+            (unknown >= 20, f"only {unknown:.0f} unknown-session logins were tried"),
+            (lookups >= unknown, "the flood did not reach the registry"),
+        )
+    finally:
+        await bystander.close()
+        relay.stop()

@@ -33,6 +33,8 @@ MAX_ID: Final = 2**53
 SIZE_POLICIES: Final = ("smallest", "host", "largest")
 #: What a joiner may do: watch, or watch and type.
 ROLES: Final = ("typist", "viewer")
+#: Where a joiner's ``ssh -L`` may lead ("" : nowhere).
+FORWARDING_MODES: Final = ("", "loopback", "any")
 #: ``wait`` can block at most this long (a week).
 MAX_WAIT_S: Final = 7 * 24 * 3600
 #: Session names: safe in file names, shell prompts and ssh config Host lines.
@@ -275,6 +277,12 @@ class CreateSession:
     #: For a ws:// or wss:// relay: the HTTP proxy (``--proxy``) and CA file (``--ca-file``).
     ws_proxy: str | None = None
     ca_file: str | None = None
+    #: File transfer offered (``--no-sftp``: not); without asking (``--accept-transfers``).
+    sftp: bool = True
+    accept_transfers: bool = False
+    #: ``ssh -L``: "" (refused), "loopback" or "any"; without asking (``--accept-forwards``).
+    allow_forwarding: str = ""
+    accept_forwards: bool = False
 
 
 @dataclass(frozen=True)
@@ -341,6 +349,8 @@ class ClientAction:
     session: str | None
     client: str | None
     role: str | None = None
+    #: For approve: also every later request of the same kind from this joiner.
+    everything: bool = False
 
 
 @dataclass(frozen=True)
@@ -473,6 +483,10 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             source_roles=_source_roles(obj),
             ws_proxy=_str(obj, "ws_proxy", required=False),
             ca_file=_str(obj, "ca_file", required=False),
+            sftp=_field(obj, "sftp", bool, required=False) is not False,
+            accept_transfers=bool(_field(obj, "accept_transfers", bool, required=False)),
+            allow_forwarding=_choice(obj, "allow_forwarding", FORWARDING_MODES, ""),
+            accept_forwards=bool(_field(obj, "accept_forwards", bool, required=False)),
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")
@@ -501,7 +515,14 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
         role = _choice(obj, "role", ROLES, "typist") if kind == "role" else None
         if kind == "role" and obj.get("role") is None:
             raise RemoteProtocolError("missing field 'role'")
-        return ClientAction(_req_id(obj), kind, _str(obj, "session", required=False), client, role)
+        return ClientAction(
+            _req_id(obj),
+            kind,
+            _str(obj, "session", required=False),
+            client,
+            role,
+            everything=kind == "approve" and bool(_field(obj, "everything", bool, required=False)),
+        )
     if kind == "invite":
         expires = _field(obj, "expires_s", (int, float), required=False)
         if expires is None:

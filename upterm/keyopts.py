@@ -12,9 +12,11 @@ session; any other is refused, naming the line (fail closed):
 - ``no-pty``: no terminal, so no seat (a shared terminal is all there is).
 - ``command="..."``: the joiner gets its own process running that command (as with
   ``--force-command``), never the shared terminal.
-- ``restrict``: a viewer at most (the host cannot make it a typist).
-- ``no-port-forwarding``, ``no-agent-forwarding``, ``no-X11-forwarding``, ``no-user-rc``,
-  ``pty``: held anyway (joiners get no forwarding, no rc file; ``pty`` only undoes the
+- ``restrict``: a viewer at most (the host cannot make it a typist), so downloads only, and
+  no port forwarding even where the session allows it.
+- ``no-port-forwarding``: no ``ssh -L`` even where the session allows it.
+- ``no-agent-forwarding``, ``no-X11-forwarding``, ``no-user-rc``, ``pty``: held anyway
+  (joiners never get agent or X11 forwarding, nor an rc file; ``pty`` only undoes the
   ``no-pty`` of ``restrict``, and a restricted key still only watches).
 """
 
@@ -27,11 +29,9 @@ import time
 from dataclasses import dataclass
 
 #: Options that restrict what upterm never offers anyway.
-_HELD_ANYWAY = frozenset(
-    {"no-port-forwarding", "no-agent-forwarding", "no-x11-forwarding", "no-user-rc", "pty"}
-)
+_HELD_ANYWAY = frozenset({"no-agent-forwarding", "no-x11-forwarding", "no-user-rc", "pty"})
 _WITH_VALUE = frozenset({"from", "expiry-time", "command"})
-_FLAGS = frozenset({"no-pty", "restrict"}) | _HELD_ANYWAY
+_FLAGS = frozenset({"no-pty", "restrict", "no-port-forwarding"}) | _HELD_ANYWAY
 
 
 class KeyOptionError(ValueError):
@@ -48,6 +48,7 @@ class KeyRules:
     no_pty: bool = False
     command: str | None = None
     viewer_only: bool = False
+    no_port_forwarding: bool = False
 
     def refusal(self, addr: str | None, now: float | None = None) -> str:
         """Why a joiner from ``addr`` ("ip:port"; None when unknown, end to end) may not
@@ -110,7 +111,7 @@ def parse_options(text: str) -> KeyRules:
         return KeyRules()
     patterns: tuple[str, ...] = ()
     expires_at: float | None = None
-    no_pty = viewer_only = False
+    no_pty = viewer_only = no_forwarding = False
     command: str | None = None
     for name, value in split_options(text):
         if name not in _WITH_VALUE | _FLAGS:
@@ -132,8 +133,10 @@ def parse_options(text: str) -> KeyRules:
         elif name == "no-pty":
             no_pty = True
         elif name == "restrict":
-            viewer_only = True
-    return KeyRules(patterns, expires_at, no_pty, command, viewer_only)
+            viewer_only = no_forwarding = True
+        elif name == "no-port-forwarding":
+            no_forwarding = True
+    return KeyRules(patterns, expires_at, no_pty, command, viewer_only, no_forwarding)
 
 
 def parse_expiry(value: str) -> float:

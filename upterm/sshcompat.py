@@ -33,9 +33,11 @@ from asyncssh.misc import map_handler_name
 
 log = logging.getLogger(__name__)
 
-#: The permission uptermd-style guest certificates do not carry but a shared terminal needs
-#: (asyncssh refuses a PTY without it). Nothing else: forwarding stays refused.
-_GUEST_PERMISSIONS = {"permit-pty": True}
+#: The permissions uptermd-style guest certificates do not carry but a joiner may need
+#: (asyncssh refuses a PTY, or an ``ssh -L`` channel, without them). Whether a joiner may
+#: forward is then the host's policy alone (``InnerServer.connection_requested``), as it is
+#: for end-to-end joiners, whose plain keys carry no permissions at all.
+_GUEST_PERMISSIONS = {"permit-pty": True, "permit-port-forwarding": True}
 
 
 #: Cipher preference for the connections upterm makes itself (host→relay, relay→host inner
@@ -746,6 +748,32 @@ class _MergingSendBuffer:
 
     def __len__(self) -> int:
         return len(self._runs)
+
+
+def on_refused_forwarding(chan: Any, note: Callable[[str], None]) -> None:
+    """Call ``note("agent")`` or ``note("x11")`` when the peer asks ``chan`` for agent or
+    X11 forwarding, before asyncssh refuses it (forwarding of both is off): OpenSSH shows
+    nothing, or only "request failed", so we tell the joiner why ourselves.
+
+    asyncssh looks up each channel request's handler by name on the channel; an instance
+    attribute of that name is found first (as for global requests, see above)."""
+    for request, what in (("auth-agent-req@openssh.com", "agent"), ("x11-req", "x11")):
+        name = "_process_" + map_handler_name(request) + "_request"
+        original = getattr(chan, name)
+
+        def handler(packet: Any, _original: Any = original, _what: str = what) -> Any:
+            note(_what)
+            return _original(packet)
+
+        setattr(chan, name, handler)
+
+
+def sftp_session(factory: Callable[[Any], asyncssh.SFTPServer]) -> Any:
+    """A session that serves SFTP on its channel with ``factory``'s server: asyncssh's own
+    stream session (not exported), for a channel whose other requests are ours."""
+    from asyncssh.stream import SSHServerStreamSession
+
+    return SSHServerStreamSession(None, factory, 3, False)
 
 
 def merge_channel_buffers(chan: Any) -> None:

@@ -65,6 +65,15 @@ BANNER_KEY_NOT_ALLOWED = (
     "upterm: session {session_id} does not let in key {fingerprint}; only keys the host "
     "authorized may join (ssh -i the key they allowed)\n"
 )
+#: Ours (relay and host alike): what a joiner asks for and never gets, and why.
+REMOTE_FORWARDING_REFUSED = (
+    "remote forwarding (ssh -R) is never offered: a joiner's listener would open a door "
+    "into the host's machine"
+)
+AGENT_FORWARDING_REFUSED = (
+    "agent forwarding (ssh -A) is never offered: others share this terminal, and so would your keys"
+)
+X11_FORWARDING_REFUSED = "X11 forwarding (ssh -X, -Y) is never offered in a shared terminal"
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_AUTH_FAILED = "ssh: unable to authenticate with the upstream"
 UPSTREAM_HOST_KEY_MISMATCH = "ssh: host key mismatch"

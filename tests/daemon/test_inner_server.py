@@ -200,8 +200,12 @@ async def test_exec_and_subsystem_requests_are_refused_with_the_reason(
         proc = await conn.run(f"touch {target}", term_type="xterm")
         assert proc.exit_status == 1
         assert "runs no commands" in str(proc.stderr) and "plain ssh" in str(proc.stderr)
+        host.policy.sftp = False  # --no-sftp
         sftp = await conn.run(subsystem="sftp")
-        assert sftp.exit_status == 1 and "no file transfer" in str(sftp.stderr)
+        assert sftp.exit_status == 1
+        assert "file transfer is disabled for this session" in str(sftp.stderr)
+        other = await conn.run(subsystem="netconf")
+        assert other.exit_status == 1 and "has no netconf subsystem" in str(other.stderr)
     assert not target.exists()
 
 

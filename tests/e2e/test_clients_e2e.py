@@ -146,12 +146,13 @@ def test_putty_plink_joins_end_to_end(user_env: UserEnv, joiner_key: Path, tmp_p
 def test_commands_and_file_transfers_are_refused_with_the_reason(
     user_env: UserEnv, joiner_key: Path, tmp_path: Path
 ) -> None:
-    """`ssh TOKEN@relay CMD`, scp and sftp reach a shared terminal that runs no commands:
-    each says so (through the relay and end to end), instead of "upstream unavailable"."""
+    """`ssh TOKEN@relay CMD` reaches a shared terminal that runs no commands, and scp and
+    sftp one with --no-sftp: each says so (through the relay and end to end), instead of
+    "upstream unavailable"."""
     from tests.conftest import SSH_OPTS
     from tests.e2e.test_cli_e2e import Joiner
 
-    info = detached(user_env, "noexec")
+    info = detached(user_env, "noexec", "--no-sftp")
     ssh = ["ssh", *Joiner.ssh_args(info, joiner_key), "-o", "BatchMode=yes"]
     target = tmp_path / "should-not-exist"
     out = subprocess.run([*ssh, "touch", str(target)], capture_output=True, text=True, timeout=30)
@@ -174,13 +175,20 @@ def test_commands_and_file_transfers_are_refused_with_the_reason(
         ["sftp", *opts, "-b", "-", "127.0.0.1"],
         input="ls\n", capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert sftp.returncode != 0 and "no file transfer" in sftp.stderr, sftp.stderr
+    assert sftp.returncode != 0, sftp.stderr
+    assert "file transfer is disabled for this session" in sftp.stderr
     (tmp_path / "file").write_text("x")
     scp = subprocess.run(
         ["scp", *opts, str(tmp_path / "file"), "127.0.0.1:/tmp/x"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert scp.returncode != 0 and "no file transfer" in scp.stderr, scp.stderr
+    assert scp.returncode != 0, scp.stderr
+    assert "file transfer is disabled for this session" in scp.stderr
+    legacy = subprocess.run(
+        ["scp", "-O", *opts, str(tmp_path / "file"), "127.0.0.1:/tmp/x"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert legacy.returncode != 0 and "use scp without -O" in legacy.stderr, legacy.stderr
     # End to end: the host's own server says it.
     config = tmp_path / "ssh_config"
     config.write_text(

@@ -356,6 +356,34 @@ def cli(ctx: click.Context) -> None:
     metavar="PEM",
     help="For a wss:// relay: check its certificate against these CAs instead of the system store.",
 )
+@click.option(
+    "--no-sftp",
+    is_flag=True,
+    help="No file transfer (sftp, scp) for joiners at all.",
+)
+@click.option(
+    "--accept-transfers",
+    is_flag=True,
+    help="Let joiners' downloads and uploads go ahead without asking you each time.",
+)
+@click.option(
+    "--allow-forwarding",
+    type=click.Choice(("loopback", "any")),
+    default=None,
+    help="Let joiners forward ports (ssh -L) to this machine's loopback, or anywhere it "
+    "reaches; each new destination asks you.",
+)
+@click.option(
+    "--accept-forwards",
+    is_flag=True,
+    help="With --allow-forwarding: do not ask about each new destination.",
+)
+@click.option(
+    "--full-access",
+    is_flag=True,
+    help="Trusted joiners: transfers and loopback forwards without asking (needs "
+    "--authorized-keys or a --*-user).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def host(
     server: str | None,
@@ -387,6 +415,11 @@ def host(
     hide_client_ip: bool | None,
     http_proxy: str | None,
     ca_file: str | None,
+    no_sftp: bool,
+    accept_transfers: bool,
+    allow_forwarding: str | None,
+    accept_forwards: bool,
+    full_access: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
@@ -445,8 +478,14 @@ def host(
             source_roles=parse_source_roles(source_roles),
             http_proxy=http_proxy,
             ca_file=str(Path(ca_file).expanduser().resolve()) if ca_file else None,
+            sftp=not no_sftp,
+            accept_transfers=accept_transfers or full_access,
+            allow_forwarding=allow_forwarding or ("loopback" if full_access else ""),
+            accept_forwards=accept_forwards or full_access,
+            full_access=full_access,
         )
         check_websocket_options(opts)
+        check_access_options(opts)
         if record_input and not record:
             raise UsageError("--record-input needs --record FILE.cast")
         for spec in authorized_user:
@@ -455,6 +494,33 @@ def host(
     except (UsageError, ConfigError, ValueError) as exc:
         _fail(exc if isinstance(exc, UptermError) else UsageError(f"--force-command: {exc}"))
     _run(_host(opts, command))
+
+
+def check_access_options(opts: HostOptions) -> None:
+    """Transfers and forwards: contradictions are one line before anything starts."""
+    if opts.full_access and opts.read_only:
+        raise UsageError("--full-access and --read-only contradict each other; drop one")
+    if opts.accept_transfers and not opts.sftp:
+        flag = "--full-access" if opts.full_access else "--accept-transfers"
+        raise UsageError(f"{flag} and --no-sftp contradict each other; drop one")
+    if opts.allow_forwarding and opts.read_only:
+        raise UsageError(
+            "--allow-forwarding cannot go with --read-only: a joiner who may not type must "
+            "not reach this machine's network either"
+        )
+    if opts.accept_forwards and not opts.allow_forwarding:
+        raise UsageError("--accept-forwards needs --allow-forwarding loopback (or any)")
+
+
+def accepting_flag(opts: HostOptions) -> str | None:
+    """The flag that lets joiners act without asking, if one was given."""
+    if opts.full_access:
+        return "--full-access"
+    if opts.accept_transfers:
+        return "--accept-transfers"
+    if opts.accept_forwards:
+        return "--accept-forwards"
+    return None
 
 
 def check_websocket_options(opts: HostOptions) -> None:
@@ -566,6 +632,11 @@ class HostOptions:
     source_roles: dict[str, str] = field(default_factory=dict)
     http_proxy: str | None = None
     ca_file: str | None = None
+    sftp: bool = True
+    accept_transfers: bool = False
+    allow_forwarding: str = ""
+    accept_forwards: bool = False
+    full_access: bool = False
 
 
 async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
@@ -580,6 +651,12 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
         raise UsageError(
             "--e2e-only needs --authorized-keys or a --*-user: if any key may join, so may "
             "the relay's operator"
+        )
+    flag = accepting_flag(opts)
+    if flag and not authorized:
+        raise UsageError(
+            f"{flag} needs --authorized-keys or a --*-user: otherwise anyone with the join "
+            "line could reach your files or network without asking you"
         )
     keys = identities.resolve(opts.private_keys, can_prompt=sys.stdin.isatty())
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
@@ -619,6 +696,10 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             source_roles=opts.source_roles,
             ws_proxy=opts.http_proxy,
             ca_file=opts.ca_file,
+            sftp=opts.sftp,
+            accept_transfers=opts.accept_transfers,
+            allow_forwarding=opts.allow_forwarding,
+            accept_forwards=opts.accept_forwards,
         )
         try:
             reply = await create()
@@ -966,15 +1047,28 @@ def _client_command(action: str, doc: str) -> None:
     """``upterm session ACTION``: its usage line shows only the arguments it takes."""
     needs_client = action in ("kick", "role")
 
-    def command(session_key: str, client: str | None = None, role: str | None = None) -> None:
+    def command(
+        session_key: str,
+        client: str | None = None,
+        role: str | None = None,
+        everything: bool = False,
+    ) -> None:
         async def run() -> int:
-            await _session_request(action, session_key, client=client, role=role)
+            extra = {"everything": True} if everything else {}
+            await _session_request(action, session_key, client=client, role=role, **extra)
             return 0
 
         _run(run())
 
     if action == "role":
         command = click.argument("role", type=click.Choice(adminproto.ROLES))(command)
+    if action == "approve":
+        command = click.option(
+            "--all",
+            "everything",
+            is_flag=True,
+            help="For a transfer or forward: also allow every later one of this joiner's.",
+        )(command)
     command = click.argument(
         "client", metavar="CLIENT" if needs_client else "[CLIENT]", required=needs_client
     )(command)
@@ -985,9 +1079,11 @@ def _client_command(action: str, doc: str) -> None:
 
 
 for _action, _doc in {
-    "approve": "Let a joiner who is waiting in (--approve); without CLIENT, the oldest.\n\n"
-    "\b\nExamples:\n  upterm session approve ci\n  upterm session approve ci 3",
-    "deny": "Refuse a joiner who is waiting (--approve); without CLIENT, the oldest.\n\n"
+    "approve": "Say yes to what a joiner waits for (to join, a file transfer, a port "
+    "forward); without CLIENT, the oldest question.\n\n"
+    "\b\nExamples:\n  upterm session approve ci\n  upterm session approve ci 3\n"
+    "  upterm session approve ci 3 --all   # and all its later transfers",
+    "deny": "Say no to what a joiner waits for; without CLIENT, the oldest question.\n\n"
     "\b\nExamples:\n  upterm session deny ci 3",
     "kick": "Disconnect a joiner (CLIENT as 'upterm session current' lists it).\n\n"
     "\b\nExamples:\n  upterm session kick ci 3",

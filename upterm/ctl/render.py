@@ -47,6 +47,7 @@ def session_detail(info: dict[str, Any]) -> str:
     if info.get("e2eCommand"):
         lines.append(_row("SSH (end-to-end)", str(info["e2eCommand"])))
         lines.append(_row("Host Key", str(info.get("hostKeyFingerprint", ""))))
+    lines += _access_rows(info)
     if not info.get("relayConnected", True):
         lines.append(_row("Relay", "disconnected (the command keeps running)"))
     clients = info.get("clients") or []
@@ -59,7 +60,16 @@ def session_detail(info: dict[str, Any]) -> str:
             f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']}{extra}{mode}{role}"
         )
     for c in info.get("pending") or []:
-        lines.append(f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']} (waiting)")
+        asks = f" asks to {c['kind']} {c['what']}" if c.get("kind", "join") != "join" else ""
+        lines.append(f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']}{asks} (waiting)")
+    activity = info.get("activity") or []
+    if activity:
+        lines.append(_row("Transfers/Forwards", f"the last {min(len(activity), 10)}"))
+    for a in activity[-10:]:
+        verdict = f"by {a['by']}" if a["allowed"] else f"refused: {a['by']}"
+        moved = a["bytesIn"] + a["bytesOut"]
+        state = " (open)" if a.get("open") else f", {moved} bytes" if a["allowed"] else ""
+        lines.append(f"  {a['client']}: {a['kind']} {a['what']} {verdict}{state}")
     refused = info.get("refused") or []
     if refused:
         lines.append(_row("Refused", f"the last {len(refused)}"))
@@ -67,6 +77,29 @@ def session_detail(info: dict[str, Any]) -> str:
         reason = str(r["reason"]).split("\r\n", 1)[0]
         lines.append(f"  {r['addr']} {r['fingerprint']}: {reason}")
     return "\n".join(lines)
+
+
+def _access_rows(info: dict[str, Any]) -> list[str]:
+    """What joiners may do besides the terminal: file transfer, port forwarding."""
+    rows = []
+    if info.get("sftp", True) is False:
+        rows.append(_row("File Transfer", "off (--no-sftp)"))
+    elif "sftp" in info:
+        how = (
+            "without asking (--accept-transfers)"
+            if info.get("acceptTransfers")
+            else "each transfer asks you (~y once, ~a all from that joiner, ~n no)"
+        )
+        downloads = " downloads only," if info.get("readOnly") else ""
+        rows.append(_row("File Transfer", f"sftp, scp:{downloads} {how}"))
+        if info.get("sftpCommand"):
+            rows.append(_row("SFTP", str(info["sftpCommand"])))
+            rows.append(_row("SCP", str(info["scpCommand"])))
+    if info.get("allowForwarding"):
+        where = "this machine's loopback" if info["allowForwarding"] == "loopback" else "anywhere"
+        how = "without asking" if info.get("acceptForwards") else "each destination asks you"
+        rows.append(_row("Port Forwarding", f"ssh -L to {where}, {how}"))
+    return rows
 
 
 def session_table(sessions: list[dict[str, Any]], current: str | None) -> str:

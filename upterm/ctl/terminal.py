@@ -62,15 +62,19 @@ def write_all(fd: int, data: bytes) -> None:
 
 DETACH_HELP = "~. at the start of a line detaches (~~ sends a ~)"
 #: Escapes after a newline and ``~``: what each one asks for.
-ESCAPES = {b".": "detach", b"y": "approve", b"n": "deny"}
+ESCAPES = {b".": "detach", b"y": "approve", b"a": "approve-all", b"n": "deny"}
+#: The escapes that answer a question (only while one waits).
+ANSWERS = frozenset({"approve", "approve-all", "deny"})
 
 
 class DetachFilter:
     """Spots escapes in typed input, the way ssh does.
 
-    At the start of a line, ``~.`` detaches, ``~~`` sends one ``~``, and while a joiner waits
-    for approval (:attr:`approvals_waiting`, from the daemon) ``~y`` / ``~n`` answer the
-    oldest; a ``~`` followed by anything else is sent as typed (``~nobody`` stays whole).
+    At the start of a line, ``~.`` detaches, ``~~`` sends one ``~``, and while a question
+    waits for the host (:attr:`approvals_waiting`, from the daemon: a joiner, a transfer, a
+    forward) ``~y`` / ``~n`` answer the oldest (``~a``: yes to it and to all like it from
+    that joiner); a ``~`` followed by anything else is sent as typed (``~nobody`` stays
+    whole).
     Sans-I/O: bytes in, bytes to forward (and the escapes seen) out.
     """
 
@@ -89,7 +93,7 @@ class DetachFilter:
             if self._tilde:
                 self._tilde = False
                 action = ESCAPES.get(ch)
-                if action in ("approve", "deny") and not self.approvals_waiting:
+                if action in ANSWERS and not self.approvals_waiting:
                     action = None
                 if action == "detach":
                     return bytes(out), [*actions, action]
@@ -108,9 +112,12 @@ class DetachFilter:
 
 
 async def _answer(client: AdminClient, action: str, session: str | None) -> None:
-    """Answer the oldest joiner waiting for approval; the daemon's notice confirms it."""
+    """Answer the oldest question waiting; the daemon's notice confirms it."""
     try:
-        await client.request(action, session=session)
+        if action == "approve-all":
+            await client.request("approve", session=session, everything=True)
+        else:
+            await client.request(action, session=session)
     except UptermError as exc:
         write_all(STDOUT_FD, f"\r\n[upterm: {exc}]\r\n".encode())
 
@@ -163,7 +170,7 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
                 if action == "detach" and not done.done():
                     client.send({"type": "detach", "stream": stream})
                     done.set_result(None)
-                elif action in ("approve", "deny"):
+                elif action in ANSWERS:
                     task = asyncio.ensure_future(_answer(client, action, session))
                     background.add(task)
                     task.add_done_callback(background.discard)

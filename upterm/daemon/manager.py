@@ -22,6 +22,7 @@ import asyncssh
 
 from upterm import __version__, adminproto, keyopts, paths, wire, wsclient
 from upterm.daemon.admin import AdminConnection, AdminServer
+from upterm.daemon.consent import Activity, Question
 from upterm.daemon.knownhosts import RelayTrust, known_hosts_name
 from upterm.daemon.localrelay import LocalRelay
 from upterm.daemon.recording import Recorder
@@ -128,7 +129,7 @@ class HostedSession:
 
     def waiting_changed(self) -> None:
         """Tell every attached terminal how many joiners wait for approval now."""
-        count = sum(1 for _, answer in self.policy.pending.values() if not answer.done())
+        count = sum(1 for question in self.policy.pending.values() if question.waiting)
         for terminal in list(self.terminals):
             terminal.tell_waiting(count)
 
@@ -144,6 +145,7 @@ class HostedSession:
         reg = self.tunnel.registered
         assert reg is not None
         host_key = self.tunnel.session_key.authorized_key_line().decode().strip()
+        scp, sftp = self.tunnel.url.transfer_commands(reg.token)
         return {
             "sessionId": self.session_id,
             "name": self.name,
@@ -166,6 +168,8 @@ class HostedSession:
             "e2eCommand": (
                 self.tunnel.url.e2e_join_command(reg.token, host_key) if reg.e2e_supported else ""
             ),
+            "scpCommand": scp if self.policy.sftp and not self.policy.e2e_only else "",
+            "sftpCommand": sftp if self.policy.sftp and not self.policy.e2e_only else "",
             "hostKey": host_key,
             "hostKeyFingerprint": self.tunnel.session_key.fingerprint,
             # The session key first, then the ECDSA and RSA keys for clients without ed25519.
@@ -185,6 +189,11 @@ class HostedSession:
             ],
             "clientCount": len(self.clients),
             "approve": self.policy.approve,
+            "sftp": self.policy.sftp,
+            "acceptTransfers": self.policy.accept_transfers,
+            "allowForwarding": self.policy.allow_forwarding,
+            "acceptForwards": self.policy.accept_forwards,
+            "activity": [a.as_dict() for a in self.policy.activity],
             "invites": [
                 {
                     "code": i.code,
@@ -197,13 +206,16 @@ class HostedSession:
             ],
             "pending": [
                 {
-                    "id": c.client_id,
-                    "version": c.version,
-                    "addr": c.addr,
-                    "fingerprint": c.fingerprint,
-                    "source": c.source,
+                    "id": q.client.client_id,
+                    "version": q.client.version,
+                    "addr": q.client.addr,
+                    "fingerprint": q.client.fingerprint,
+                    "source": q.client.source,
+                    "kind": q.kind,
+                    "what": q.what,
                 }
-                for c, _ in self.policy.pending.values()
+                for q in self.policy.pending.values()
+                if q.waiting
             ],
             "refused": [
                 {"fingerprint": r.fingerprint, "addr": r.addr, "reason": r.reason, "at": r.at}
@@ -315,15 +327,21 @@ class Manager:
     def _client_action(self, hosted: HostedSession, req: adminproto.ClientAction) -> dict[str, Any]:
         policy = hosted.policy
         if req.action in ("approve", "deny"):
-            client = policy.answer(req.client, req.action == "approve")
-            if client is None:
+            question = policy.answer(req.client, req.action == "approve", req.everything)
+            if question is None:
                 raise SessionNotFound(
                     f"no joiner {req.client} is waiting for approval"
                     if req.client
                     else "no joiner is waiting for approval"
                 )
-            verb = "let in" if req.action == "approve" else "refused"
-            self._notice(hosted, f"{client.fingerprint} {verb}")
+            client = question.client
+            if question.kind == "join":
+                verb = "let in" if req.action == "approve" else "refused"
+                self._notice(hosted, f"{client.fingerprint} {verb}")
+            else:
+                verb = "allowed" if req.action == "approve" else "refused"
+                scope = ", and all like it from this joiner" if req.everything else ""
+                self._notice(hosted, f"{question.kind} {question.what} {verb}{scope}")
             return adminproto.ok(req.id, client=client.client_id)
         assert req.client is not None
         if req.client not in hosted.clients:
@@ -512,8 +530,14 @@ class Manager:
                 source_roles=dict(req.source_roles),
                 approve=req.approve,
                 approve_timeout_s=req.approve_timeout_s,
-                on_pending=lambda c: self._ask_host(hosted, c),
+                on_pending=lambda q: self._ask_host(hosted, q),
                 on_pending_done=lambda: hosted.waiting_changed(),
+                sftp=req.sftp,
+                accept_transfers=req.accept_transfers,
+                allow_forwarding=req.allow_forwarding,
+                accept_forwards=req.accept_forwards,
+                can_ask=lambda: bool(hosted.terminals),
+                on_activity=lambda a: self._activity(hosted, a),
                 e2e_line=lambda user: tunnel.url.e2e_join_command(
                     user, tunnel.session_key.authorized_key_line().decode().strip()
                 ),
@@ -611,19 +635,52 @@ class Manager:
             hosted.notify_change()
             self._notice(hosted, f"{client.addr} left ({client.fingerprint})")
 
-    def _ask_host(self, hosted: HostedSession, client: ClientInfo) -> None:
+    def _ask_host(self, hosted: HostedSession, question: Question) -> None:
         hosted.waiting_changed()  # before the question: ~y typed on reading it must work
+        client = question.client
         source = f", {client.source}" if client.source else ""
         handle = hosted.name or hosted.session_id
-        log.info("session %s: joiner %s waits for approval", hosted.session_id, client.fingerprint)
+        who = f"{client.addr} ({client.version}, {client.fingerprint}{source})"
         # Shown even with --quiet: the host has to answer.
-        hosted.session.notify_host(
-            f"{client.addr} ({client.version}, {client.fingerprint}{source}) asks "
-            f"to join: ~y lets in, ~n refuses; or 'upterm session approve {handle} "
-            f"{client.client_id}'",
-            urgent=True,
-        )
+        if question.kind == "join":
+            log.info(
+                "session %s: joiner %s waits for approval", hosted.session_id, client.fingerprint
+            )
+            text = (
+                f"{who} asks to join: ~y lets in, ~n refuses; or 'upterm session approve "
+                f"{handle} {client.client_id}'"
+            )
+        else:
+            log.info(
+                "session %s: joiner %s asks to %s %s",
+                hosted.session_id,
+                client.fingerprint,
+                question.kind,
+                question.what,
+            )
+            text = (
+                f"joiner {client.client_id} {who} asks to {question.kind} {question.what}: "
+                "~y allows it, ~a allows all like it from this joiner, ~n refuses; or "
+                f"'upterm session approve {handle} {client.client_id} [--all]'"
+            )
+        hosted.session.notify_host(text, urgent=True)
         hosted.notify_change()
+
+    def _activity(self, hosted: HostedSession, activity: Activity) -> None:
+        """A transfer or forward was decided, or ended: the log, the recording, the host."""
+        line = activity.describe()
+        log.info("session %s: %s", hosted.session_id, line)
+        recorder = hosted.session.recorder
+        if recorder is not None and activity.ended:
+            recorder.marker(line)
+        # The host hears of refusals, of each forward allowed, and of each transfer done
+        # (not of each forwarded connection's end: a web page opens dozens).
+        if activity.kind == "forward":
+            told = not activity.ended or not activity.allowed
+        else:
+            told = activity.ended
+        if told:
+            self._notice(hosted, line)
 
     @staticmethod
     def _notice(hosted: HostedSession, text: str) -> None:

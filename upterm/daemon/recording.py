@@ -77,6 +77,10 @@ class Recorder:
         if text:
             self._write([round(self._clock() - self._start, 6), kind, text])
 
+    def marker(self, text: str) -> None:
+        """A marker event (asciinema shows it as a chapter): a transfer, a forward."""
+        self._event("m", text)
+
     def output(self, data: bytes) -> None:
         """What the session showed."""
         self._event("o", self._out.decode(data))

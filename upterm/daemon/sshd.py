@@ -18,11 +18,14 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 
 from upterm import sshcompat, wire
+from upterm.daemon import consent, forward, transfer
+from upterm.daemon.consent import Activity, Decision, Question
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.errors import RemoteProtocolError, UptermError
@@ -36,14 +39,14 @@ RECORDED_BANNER = "this session is being recorded"
 RECORDED_WITH_INPUT_BANNER = "this session is being recorded, including what you type"
 READ_ONLY_BANNER = "attached to a read-only session: what you type is dropped"
 COMMAND_REFUSED = (
-    "this session shares a terminal and runs no commands (ssh TOKEN@HOST COMMAND, scp); "
+    "this session shares a terminal and runs no commands (ssh TOKEN@HOST COMMAND); "
     "join with a plain ssh line and type them there"
 )
-FILE_TRANSFER_REFUSED = (
-    "this session shares a terminal and has no file transfer (sftp, scp); "
-    "join with a plain ssh line"
+LEGACY_SCP_REFUSED = (
+    "this session transfers files over SFTP only: use scp without -O (or sftp, pscp, psftp)"
 )
 SUBSYSTEM_REFUSED = "this session shares a terminal and has no {} subsystem"
+KEY_COMMAND_ONLY = "your key is authorized only for its own command (command=), not file transfer"
 KEY_NOT_ALLOWED = (
     "your key {} is not allowed in this session; ask the host to authorize it, or for an invite"
 )
@@ -164,9 +167,10 @@ class GuestPolicy:
     #: Ask the host before letting each joiner in (--approve).
     approve: bool = False
     approve_timeout_s: float = 60.0
-    #: Joiners waiting for the host's answer, oldest first.
-    pending: dict[str, tuple[ClientInfo, asyncio.Future[bool]]] = field(default_factory=dict)
-    on_pending: Callable[[ClientInfo], None] | None = None
+    #: Questions waiting for the host's answer, oldest first: joiners (keyed by client id)
+    #: and their transfers and forwards.
+    pending: dict[str, Question] = field(default_factory=dict)
+    on_pending: Callable[[Question], None] | None = None
     #: Called when a joiner stops waiting (answered, timed out, gone).
     on_pending_done: Callable[[], None] | None = None
     #: Open channels of each joiner, to tell or remove them.
@@ -179,6 +183,24 @@ class GuestPolicy:
     refusals: collections.deque[Refusal] = field(
         default_factory=lambda: collections.deque(maxlen=MAX_REFUSALS_KEPT)
     )
+    #: File transfer (SFTP, scp) offered at all (--no-sftp turns it off).
+    sftp: bool = True
+    #: Transfers go ahead without asking the host (--accept-transfers, --full-access).
+    accept_transfers: bool = False
+    #: ``ssh -L`` through the session: "" (refused), "loopback" or "any" destination.
+    allow_forwarding: str = ""
+    #: Forwards go ahead without asking the host (--accept-forwards, --full-access).
+    accept_forwards: bool = False
+    #: Whether someone can answer a question now (a host terminal is attached).
+    can_ask: Callable[[], bool] = lambda: False
+    #: (client id, "transfer" or "forward"): the host allowed everything of that kind.
+    allowed_all: set[tuple[str, str]] = field(default_factory=set)
+    #: The last transfers and forwards, for ``upterm session info``.
+    activity: collections.deque[Activity] = field(
+        default_factory=lambda: collections.deque(maxlen=consent.MAX_ACTIVITY_KEPT)
+    )
+    #: Told of each activity when decided and again when it ends (log, notice, recording).
+    on_activity: Callable[[Activity], None] | None = None
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -234,7 +256,7 @@ class GuestPolicy:
         """Decide on a joiner who proved its key: its role, and the host's approval if
         asked. Returns None to let it in, else what to tell it."""
         if self.approve:
-            waiting = [c for c, f in self.pending.values() if not f.done()]
+            waiting = [q.client for q in self.pending.values() if q.waiting and q.kind == "join"]
             if len(waiting) >= MAX_PENDING_APPROVALS or any(
                 c.fingerprint == client.fingerprint for c in waiting
             ):
@@ -244,20 +266,11 @@ class GuestPolicy:
                     len(waiting),
                 )
                 return TOO_MANY_WAITING
-            answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            self.pending[client.client_id] = (client, answer)
-            if self.on_pending is not None:
-                self.on_pending(client)
-            try:
-                approved = await asyncio.wait_for(answer, self.approve_timeout_s)
-            except TimeoutError:
+            reply = await self._put(client.client_id, client, "join", "")
+            if reply is None:
                 log.info("joiner %s: the host did not answer", client.fingerprint)
                 return NOT_ANSWERED
-            finally:
-                self.pending.pop(client.client_id, None)
-                if self.on_pending_done is not None:
-                    self.on_pending_done()
-            if not approved:
+            if reply in ("no", "gone"):
                 log.info("joiner %s not approved", client.fingerprint)
                 return NOT_APPROVED
         role = self.source_roles.get(client.source, self.default_role)
@@ -266,17 +279,105 @@ class GuestPolicy:
         self.roles[client.client_id] = role
         return None
 
-    def answer(self, client_id: str | None, approved: bool) -> ClientInfo | None:
-        """The host's answer for a waiting joiner (the oldest if ``client_id`` is None)."""
-        waiting = (k for k, (_, f) in self.pending.items() if not f.done())
-        key = client_id if client_id is not None else next(waiting, None)
-        entry = self.pending.get(key) if key is not None else None
-        if entry is None:
+    async def _put(self, qid: str, client: ClientInfo, kind: str, what: str) -> str | None:
+        """Ask the host and wait: "once", "all" or "no"; None if nobody answered in time."""
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = Question(qid, client, kind, what, answer)
+        if self.on_pending is not None:
+            self.on_pending(self.pending[qid])
+        try:
+            return await asyncio.wait_for(answer, self.approve_timeout_s)
+        except TimeoutError:
             return None
-        client, future = entry
-        if not future.done():
-            future.set_result(approved)
-        return client
+        finally:
+            self.pending.pop(qid, None)
+            if self.on_pending_done is not None:
+                self.on_pending_done()
+
+    def answer(
+        self, client_id: str | None, approved: bool, everything: bool = False
+    ) -> Question | None:
+        """The host's answer to the oldest question waiting (of this joiner, if given).
+
+        ``everything`` allows this and every later request of the same group (transfers,
+        or forwards) from the joiner, for as long as it stays connected.
+        """
+        question = next(
+            (
+                q
+                for q in self.pending.values()
+                if q.waiting and (client_id is None or q.client.client_id == client_id)
+            ),
+            None,
+        )
+        if question is None:
+            return None
+        if approved and everything and question.kind != "join":
+            self.allowed_all.add((question.client.client_id, consent.group_of(question.kind)))
+        question.answer.set_result(("all" if everything else "once") if approved else "no")
+        return question
+
+    async def ask(
+        self,
+        client: ClientInfo,
+        kind: str,
+        what: str,
+        asking: Callable[[], None] | None = None,
+    ) -> Activity:
+        """May this joiner do this (a transfer or a forward)? Asks the host unless allowed
+        up front (``asking`` is called when it does); refused if nobody can answer. The
+        decision is recorded and reported."""
+        decision = await self._decide(client, kind, what, asking)
+        activity = Activity(
+            client, kind, what, decision.allowed, decision.by, ended=not decision.allowed
+        )
+        self.activity.append(activity)
+        self.report(activity)
+        return activity
+
+    def report(self, activity: Activity) -> None:
+        """Tell the host's side (log, terminal, recording) about an activity's news."""
+        if self.on_activity is not None:
+            self.on_activity(activity)
+
+    async def _decide(
+        self, client: ClientInfo, kind: str, what: str, asking: Callable[[], None] | None
+    ) -> Decision:
+        group = consent.group_of(kind)
+        if group == "transfer" and self.accept_transfers:
+            return Decision(True, "--accept-transfers")
+        if group == "forward" and self.accept_forwards:
+            return Decision(True, "--accept-forwards")
+        if (client.client_id, group) in self.allowed_all:
+            return Decision(True, consent.BY_HOST_ALL)
+        if not self.can_ask():
+            return Decision(False, consent.BY_NOBODY)
+        waiting = [q for q in self.pending.values() if q.waiting and q.kind != "join"]
+        mine = [q for q in waiting if q.client.client_id == client.client_id]
+        if (
+            len(waiting) >= consent.MAX_WAITING_QUESTIONS
+            or len(mine) >= consent.MAX_WAITING_PER_JOINER
+        ):
+            return Decision(False, consent.BY_TOO_MANY)
+        qid = f"{client.client_id}.{next(_client_counter)}"
+        if asking is not None:
+            asking()
+        reply = await self._put(qid, client, kind, what)
+        if reply is None:
+            return Decision(False, consent.BY_TIMEOUT)
+        if reply == "gone":
+            return Decision(False, consent.BY_JOINER_GONE)
+        if reply == "no":
+            return Decision(False, consent.BY_HOST)
+        return Decision(True, consent.BY_HOST_ALL if reply == "all" else consent.BY_HOST)
+
+    def forget(self, client_id: str) -> None:
+        """A joiner's connection closed: what the host allowed it goes with it."""
+        self.allowed_all.discard((client_id, "transfer"))
+        self.allowed_all.discard((client_id, "forward"))
+        for question in list(self.pending.values()):
+            if question.client.client_id == client_id and question.waiting:
+                question.answer.set_result("gone")
 
     def can_type(self, client_id: str) -> bool:
         """Whether this joiner's keystrokes reach the terminal."""
@@ -315,6 +416,8 @@ class InnerServer(asyncssh.SSHServer):
         self._refusal = ""
         #: The host's decision on this connection: None (let in) or the refusal's words.
         self._admission: asyncio.Task[str | None] | None = None
+        #: What the joiner asked for and never gets (ssh -R), told on its terminal.
+        self._notes: set[str] = set()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -335,6 +438,7 @@ class InnerServer(asyncssh.SSHServer):
         if self._client is not None:
             self._policy.roles.pop(self._client.client_id, None)
             self._policy.client_rules.pop(self._client.client_id, None)
+            self._policy.forget(self._client.client_id)
             self._policy.removed.discard(self._client.client_id)
 
     def begin_auth(self, username: str) -> bool:
@@ -448,8 +552,62 @@ class InnerServer(asyncssh.SSHServer):
             return False
         return GuestSession(self._policy, self._client, self)
 
-    def connection_requested(self, *args: Any) -> Any:
-        return False  # no forwarding of any kind, refused joiner or not
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        """``ssh -L``: refused unless the host allows forwarding, and then asked about."""
+        if self._client is None or not self._allowed:
+            return False
+        if self._refusal:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"upterm: {self._refusal}"
+            )
+        return self._forward(dest_host, dest_port)
+
+    async def _forward(self, dest_host: str, dest_port: int) -> asyncssh.SSHTCPSession[bytes]:
+        client, policy = self._client, self._policy
+        assert client is not None
+        if policy.allow_forwarding:
+            # The host's decision on the joiner comes first (--approve, invites), as for
+            # a terminal: a connection that only forwards is a joiner too.
+            refusal = await self.admission()
+            if refusal is not None:
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"upterm: {refusal}"
+                )
+        rules = policy.client_rules.get(client.client_id)
+        may_forward = ""
+        if rules is not None and rules.no_port_forwarding:
+            may_forward = forward.KEY_NO_FORWARDING
+        elif not policy.can_type(client.client_id):
+            may_forward = forward.NOT_FOR_VIEWERS
+        return await forward.open_forward(
+            mode=policy.allow_forwarding,
+            may_forward=may_forward,
+            client=client,
+            dest_host=dest_host,
+            dest_port=dest_port,
+            ask=policy.ask,
+            report=policy.report,
+        )
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.note(wire.REMOTE_FORWARDING_REFUSED)
+        return False
+
+    def note(self, text: str) -> None:
+        """Something the joiner asked for and never gets: told once, on its terminal's
+        stderr when it has one (now, or once it opens)."""
+        if text in self._notes:
+            return
+        self._notes.add(text)
+        client_id = self._client.client_id if self._client else ""
+        for guest in self._policy.by_client.get(client_id, ()):
+            guest.write_note(text, joined_only=True)
+
+    def notes(self) -> set[str]:
+        """What :meth:`note` was told so far."""
+        return self._notes
 
 
 class _RefusedSession(asyncssh.SSHServerSession[bytes]):
@@ -515,6 +673,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         #: whether it closed its input meanwhile: played once it is let in.
         self._early: bytearray | None = bytearray()
         self._early_eof = False
+        #: An SFTP channel's server session (asyncssh's), which gets the channel's data.
+        self._files: Any = None
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
@@ -532,6 +692,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         chan.set_write_buffer_limits(FOLLOW_HIGH_WATER_BYTES)
         self._policy.channel_opened(self)
         self._policy.by_client.setdefault(self._client.client_id, set()).add(self)
+        sshcompat.on_refused_forwarding(chan, self._note_refused)
+
+    def _note_refused(self, what: str) -> None:
+        text = wire.AGENT_FORWARDING_REFUSED if what == "agent" else wire.X11_FORWARDING_REFUSED
+        self._server.note(text)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _m: Any) -> bool:
         cols, rows = term_size[0] or 80, term_size[1] or 24
@@ -546,14 +711,35 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def exec_requested(self, command: str) -> bool:
         # Accepted only to say why nothing runs: a refused request reaches the joiner as a
         # bare "exec request failed" (or, through the relay, "upstream unavailable").
-        self._refusal = COMMAND_REFUSED
+        legacy_scp = command.startswith("scp ") and ("-t" in command or "-f" in command)
+        self._refusal = LEGACY_SCP_REFUSED if legacy_scp else COMMAND_REFUSED
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        self._refusal = (
-            FILE_TRANSFER_REFUSED if subsystem == "sftp" else SUBSYSTEM_REFUSED.format(subsystem)
-        )
+        rules = self._policy.client_rules.get(self._client.client_id)
+        if subsystem != "sftp":
+            self._refusal = SUBSYSTEM_REFUSED.format(subsystem)
+        elif not self._policy.sftp:
+            self._refusal = transfer.TRANSFERS_OFF
+        elif rules is not None and rules.command is not None:
+            self._refusal = KEY_COMMAND_ONLY
+        else:
+            assert self._chan is not None
+            self._files = sshcompat.sftp_session(self._host_files)
+            self._files.connection_made(self._chan)
         return True
+
+    def _host_files(self, chan: asyncssh.SSHServerChannel[bytes]) -> transfer.HostFiles:
+        env = self._policy.session.env
+        client_id = self._client.client_id
+        return transfer.HostFiles(
+            chan,
+            home=env.get("HOME") or str(Path.home()),
+            client=self._client,
+            ask=self._policy.ask,
+            report=self._policy.report,
+            may_write=lambda: self._policy.can_type(client_id),
+        )
 
     def session_started(self) -> None:
         assert self._chan is not None
@@ -561,6 +747,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             log.info("joiner %s: %s", self._client.fingerprint, self._refusal)
             self._chan.write_stderr(f"upterm: {self._refusal}\r\n".encode())
             self._chan.exit(1)
+            return
+        if self._files is not None:
+            # File transfer waits for the host's decision on the joiner, as a terminal does.
+            self._server.admission().add_done_callback(self._files_admitted)
             return
         if self._pty is None:
             self._chan.write(PTY_REQUIRED_MESSAGE)
@@ -573,6 +763,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._policy.approve:
             self._chan.write(WAITING_MESSAGE)
         admission.add_done_callback(self._admitted)
+
+    def _files_admitted(self, admission: asyncio.Task[str | None]) -> None:
+        chan = self._chan
+        if chan is None or admission.cancelled():
+            return
+        refusal = admission.result()
+        if refusal is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                chan.write_stderr(f"upterm: {refusal}.\r\n".encode())
+                chan.exit(1)
+            return
+        self._policy.on_join(self._client)
+        self._files.session_started()
 
     def _admitted(self, admission: asyncio.Task[str | None]) -> None:
         """The host decided: join, or be told why not."""
@@ -592,7 +795,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._early_eof:
             self.eof_received()
 
+    def write_note(self, text: str, joined_only: bool = False) -> None:
+        """One line of ours on the joiner's stderr (not on the shared screen); with
+        ``joined_only``, only if it is on the shared terminal already (else it is told when
+        it gets there)."""
+        if joined_only and not self._attached:
+            return
+        if self._chan is not None and self._files is None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.write_stderr(f"upterm: {text}\r\n".encode())
+
     def _join(self) -> None:
+        for text in sorted(self._server.notes()):
+            self.write_note(text)
         self._policy.on_join(self._client)
         assert self._pty is not None
         rules = self._policy.client_rules.get(self._client.client_id)
@@ -656,6 +871,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.exit(status)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self._files is not None:
+            self._files.data_received(data, datatype)
+            return
         if datatype is not None:
             return
         if self._early is not None:  # the host has not decided yet: kept, bounded
@@ -693,11 +911,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._policy.session.resize(self.viewer_id, *size)
 
     def pause_writing(self) -> None:
+        if self._files is not None:
+            self._files.pause_writing()
+            return
         # A forced command is the joiner's own: it may wait for its joiner.
         if self._forced is not None:
             self._forced.pause_output()
 
     def resume_writing(self) -> None:
+        if self._files is not None:
+            self._files.resume_writing()
+            return
         if self._forced is not None:
             self._forced.resume_output()
         elif self._attached:
@@ -751,6 +975,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.write(self._policy.session.title_restored(self.viewer_id))
 
     def eof_received(self) -> bool:
+        if self._files is not None:
+            return bool(self._files.eof_received())
         if self._early is not None:
             self._early_eof = True  # acted on once the host decided
             return True
@@ -764,6 +990,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._files is not None:
+            self._files.connection_lost(exc)
         self._policy.channel_closed(self)
         for timer in (self._frame_timer, self._title_timer):
             if timer is not None:

@@ -113,6 +113,17 @@ class RelayURL:
         port = "" if self.port == 22 else f" -p {self.port}"
         return f"ssh {token}@{self.host}{port}"
 
+    def transfer_commands(self, token: str) -> tuple[str, str]:
+        """``scp`` and ``sftp`` lines that work as typed: the token's ``:`` would end the
+        host name in ``TOKEN@HOST:PATH``, so the user goes in ``-o User=``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.websocket:
+            proxy = shlex.quote(f"upterm proxy {self}".replace("://", f"://{token}@", 1))
+            opts = f"-o ProxyCommand={proxy} -o User={token}"
+        else:
+            opts = ("" if self.port == 22 else f"-P {self.port} ") + f"-o User={token}"
+        return f"scp {opts} FILE {host}:", f"sftp {opts} {host}"
+
     def e2e_join_command(self, token: str, host_key_line: str) -> str:
         """The end-to-end join: the relay as a jump host, the host's key pinned inline.
 

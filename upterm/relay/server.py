@@ -597,6 +597,8 @@ class RelayConnection(asyncssh.SSHServer):
         self._refused_text: str | None = None
         self._lost = False
         self._unused_timer: asyncio.TimerHandle | None = None
+        #: What this joiner asked for and never gets (ssh -R, -A, -X), told on its terminal.
+        self.notes: set[str] = set()
 
     # -- connection lifecycle --
 
@@ -1145,7 +1147,17 @@ class RelayConnection(asyncssh.SSHServer):
         return sshcompat.PassiveListener(lambda: self.drop_session(listen_path))
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        if not self.is_host:
+            self.note(wire.REMOTE_FORWARDING_REFUSED)
         return False
+
+    def note(self, text: str) -> None:
+        """Tell the joiner once, on its terminal's stderr, what it asked for and never gets
+        (OpenSSH shows a bare failure or nothing)."""
+        if text not in self.notes:
+            self.notes.add(text)
+            for session in self._sessions:
+                session.tell(f"upterm: {text}")
 
     # -- joiner side: proxy each session channel to the host --
 
@@ -1186,8 +1198,10 @@ class RelayConnection(asyncssh.SSHServer):
         it authenticated the joiner for this hop only and sees no keystroke or output.
         Any other destination is refused: the relay is not a TCP proxy.
         """
-        if self.is_host or self._reg is None or dest_host != E2E_DESTINATION:
+        if self.is_host or self._reg is None:
             return False
+        if dest_host != E2E_DESTINATION:
+            return self._forward(dest_host, dest_port, orig_host, orig_port)
         sid = self._reg.session_id
         if self._target is not None:
             # Owned by another node: the splice goes through the hop, still end to end.
@@ -1215,6 +1229,33 @@ class RelayConnection(asyncssh.SSHServer):
                 factory, sid, max_pktsize=TUNNEL_MAX_PACKET_BYTES
             ),
         )
+
+    def _forward(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        """``ssh -L`` in relay mode: the host decides (its inner server refuses unless the
+        host allowed forwarding), so the channel goes to it as the joiner opened it; the
+        relay itself never connects anywhere."""
+        self._take_channel()
+
+        async def via_host(factory: Callable[[], Any]) -> tuple[Any, Any]:
+            try:
+                upstream = await asyncio.shield(self.upstream())
+                return await upstream.create_connection(
+                    factory,
+                    dest_host,
+                    dest_port,
+                    orig_host,
+                    orig_port,
+                    max_pktsize=TUNNEL_MAX_PACKET_BYTES,
+                )
+            except asyncssh.ChannelOpenError:
+                raise  # the host's own refusal, with its words
+            except Exception as exc:
+                log.info("joiner %s: forward to its host failed: %r", self.peer(), exc)
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, f"upterm: {wire.UPSTREAM_UNAVAILABLE}"
+                ) from None
+
+        return _open_splice(self, via_host)
 
     def _live_host(self) -> asyncssh.SSHServerConnection | None:
         """The connection of this joiner's host, if its registration is still current."""
@@ -1456,6 +1497,14 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         sshcompat.merge_channel_buffers(chan)
+        sshcompat.on_refused_forwarding(chan, self._refused_forwarding)
+        for text in sorted(self._link.notes):
+            self.tell(f"upterm: {text}")
+
+    def _refused_forwarding(self, what: str) -> None:
+        self._link.note(
+            wire.AGENT_FORWARDING_REFUSED if what == "agent" else wire.X11_FORWARDING_REFUSED
+        )
 
     def tell(self, text: str) -> None:
         """A line of ours on the joiner's terminal (stderr)."""

@@ -1,0 +1,328 @@
+"""Files and ports through a session, only with the host's consent.
+
+The real ``sftp``, ``scp`` and ``ssh -L`` from OpenSSH and ``psftp``/``pscp`` from PuTTY,
+through the relay and end to end, against a session whose host answers in its terminal,
+from another shell, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SSH_OPTS, PtyClient, UserEnv, make_key, wait_for
+from tests.e2e.test_cli_e2e import headless
+from tests.e2e.test_clients_e2e import putty_key, relay_fingerprint, relay_port
+from tests.e2e.test_host_features_e2e import SHELL, detached
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def info_of(user_env: UserEnv, name: str) -> dict:
+    return json.loads(headless(user_env, "session", "info", name, "-o", "json").stdout)
+
+
+def home(user_env: UserEnv) -> Path:
+    return Path(user_env.env["HOME"])
+
+
+def printed(line: str, key: Path, *extra: str) -> list[str]:
+    """A printed scp/sftp line as typed, plus the test's key and options."""
+    argv = shlex.split(line)
+    return [argv[0], *SSH_OPTS, "-i", str(key), "-o", "BatchMode=yes", *extra, *argv[1:]]
+
+
+def sftp(info: dict, key: Path, commands: str, env: dict[str, str], timeout: float = 60):
+    argv = printed(str(info["sftpCommand"]), key, "-b", "-")
+    return subprocess.run(
+        argv, input=commands, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def scp(info: dict, key: Path, src: str, dst: str, env: dict[str, str]):
+    """``src``/``dst`` with ``REMOTE:`` for the session's side (the printed host part)."""
+    argv = printed(str(info["scpCommand"]), key)
+    remote = argv[-1]  # "HOST:"
+    argv = argv[:-2]
+    return subprocess.run(
+        [*argv, src.replace("REMOTE:", remote), dst.replace("REMOTE:", remote)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def keyed(user_env: UserEnv, tmp_path: Path) -> Path:
+    return make_key(tmp_path / "friend")
+
+
+def test_sftp_and_scp_with_the_printed_lines(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    """Download, upload, listing, setstat, symlinks out of the home, odd names: all work
+    as the host user, and each is in the session's activity with its bytes."""
+    root = home(user_env)
+    (root / "notes.txt").write_text("host notes\n")
+    spaced = root / "dir with spaces"
+    spaced.mkdir()
+    (spaced / "größe ✓.txt").write_text("unicode content\n")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("beyond the home\n")
+    (root / "out-link").symlink_to(outside)
+    info = detached(user_env, "files", "--accept-transfers", "--authorized-keys", f"{keyed}.pub")
+    assert info["sftpCommand"].startswith("sftp ") and "-o User=" in info["sftpCommand"]
+    assert info["scpCommand"].startswith("scp ") and info["scpCommand"].endswith(":")
+    card = headless(user_env, "session", "info", "files").stdout
+    assert "File Transfer:" in card and "without asking (--accept-transfers)" in card
+    assert f"SFTP:               {info['sftpCommand']}" in card
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "up load.bin").write_bytes(os.urandom(300_000))
+    out = sftp(
+        info,
+        keyed,
+        f"""ls -l
+get notes.txt {local}/notes.txt
+get "dir with spaces/größe ✓.txt" {local}/unicode.txt
+get out-link {local}/outside.txt
+put "{local}/up load.bin" "dir with spaces/up load.bin"
+chmod 600 "dir with spaces/up load.bin"
+mkdir made
+rename notes.txt made/notes-moved.txt
+symlink /etc/hostname made/host-link
+rm "dir with spaces/größe ✓.txt"
+ls made
+pwd
+""",
+        user_env.env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "notes.txt" in out.stdout and "dir with spaces" in out.stdout
+    assert f"Remote working directory: {root}" in out.stdout
+    assert (local / "notes.txt").read_text() == "host notes\n"
+    assert (local / "unicode.txt").read_text() == "unicode content\n"
+    assert (local / "outside.txt").read_text() == "beyond the home\n"
+    uploaded = spaced / "up load.bin"
+    assert uploaded.read_bytes() == (local / "up load.bin").read_bytes()
+    assert uploaded.stat().st_mode & 0o777 == 0o600
+    assert (root / "made" / "notes-moved.txt").read_text() == "host notes\n"
+    assert os.readlink(root / "made" / "host-link") == "/etc/hostname"
+    assert not (spaced / "größe ✓.txt").exists()
+
+    # scp (SFTP mode, OpenSSH's default) with the printed line, both ways, with ~ paths.
+    (local / "for-scp.txt").write_text("by scp\n")
+    up = scp(info, keyed, str(local / "for-scp.txt"), "REMOTE:~/scp-up.txt", user_env.env)
+    assert up.returncode == 0, up.stderr
+    assert (root / "scp-up.txt").read_text() == "by scp\n"
+    down = scp(info, keyed, "REMOTE:made/notes-moved.txt", str(local / "back.txt"), user_env.env)
+    assert down.returncode == 0, down.stderr
+    assert (local / "back.txt").read_text() == "host notes\n"
+
+    activity = info_of(user_env, "files")["activity"]
+    kinds = [(a["kind"], a["what"]) for a in activity]
+    assert ("download", "~/notes.txt") in kinds
+    assert ("upload", "~/dir with spaces/up load.bin") in kinds
+    assert ("rename", "~/notes.txt -> ~/made/notes-moved.txt") in kinds
+    assert ("remove", "~/dir with spaces/größe ✓.txt") in kinds
+    assert ("upload", "~/scp-up.txt") in kinds
+    upload = next(a for a in activity if a["what"] == "~/dir with spaces/up load.bin")
+    assert upload["bytesIn"] == 300_000 and upload["allowed"] and not upload["open"]
+    assert upload["by"] == "--accept-transfers"
+    assert all(a["allowed"] for a in activity)
+
+
+def _sftp_bg(info: dict, key: Path, commands: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        printed(str(info["sftpCommand"]), key, "-b", "-"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(commands)
+    proc.stdin.close()
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    assert proc.stderr is not None
+    rc = proc.wait(60)
+    return rc, proc.stderr.read()
+
+
+def test_each_transfer_asks_the_host_who_answers_here_or_from_any_shell(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    """Allow once (~y), refuse (~n), allow all from this joiner (~a), answer from another
+    shell; a question nobody can answer (no terminal attached, or no answer in time) is
+    refused, never allowed."""
+    root = home(user_env)
+    for name in ("a.txt", "c.txt"):
+        (root / name).write_text(f"content of {name}\n")
+    (tmp_path / "b.txt").write_text("uploaded\n")
+    host = PtyClient(
+        ["upterm", "host", "--accept", "--name", "ask", "--approve-timeout", "4s", "--", *SHELL],
+        user_env.env,
+        140,
+        40,
+    )
+    host.expect(b"sends a ~).")
+    info = info_of(user_env, "ask")
+    env = user_env.env
+
+    get = _sftp_bg(info, keyed, f"get a.txt {tmp_path}/a.txt\n", env)
+    host.expect(b"asks to download ~/a.txt: ~y allows it, ~a allows all")
+    pending = info_of(user_env, "ask")["pending"]
+    assert [(p["kind"], p["what"]) for p in pending] == [("download", "~/a.txt")]
+    host.type("\r~y")
+    rc, err = _finish(get)
+    assert rc == 0, err
+    assert "upterm: asking the host to allow: download ~/a.txt" in err
+    assert (tmp_path / "a.txt").read_text() == "content of a.txt\n"
+
+    host.seen = b""
+    put = _sftp_bg(info, keyed, f"put {tmp_path}/b.txt b.txt\n", env)
+    host.expect(b"asks to upload ~/b.txt")
+    host.type("\r~n")
+    rc, err = _finish(put)
+    assert rc != 0 and "upload ~/b.txt refused: the host" in err, err
+    assert not (root / "b.txt").exists()
+
+    # ~a: this and everything later from this joiner (same key, new connections too are
+    # new joiners: the allowance lives as long as the connection).
+    host.seen = b""
+    batch = f"put {tmp_path}/b.txt b.txt\nrm a.txt\nrename c.txt c-renamed.txt\n"
+    both = _sftp_bg(info, keyed, batch, env)
+    host.expect(b"asks to upload ~/b.txt")
+    host.type("\r~a")
+    rc, err = _finish(both)
+    assert rc == 0, err
+    assert (root / "b.txt").read_text() == "uploaded\n" and not (root / "a.txt").exists()
+    assert (root / "c-renamed.txt").exists()
+    assert b"asks to remove" not in host.seen and b"asks to rename" not in host.seen
+
+    # From any shell: 'upterm session approve NAME CLIENT'.
+    other = _sftp_bg(info, make_key(tmp_path / "other"), f"get b.txt {tmp_path}/b2.txt\n", env)
+    wait_for(lambda: info_of(user_env, "ask")["pending"], what="a waiting download")
+    client = info_of(user_env, "ask")["pending"][0]["id"]
+    out = headless(user_env, "session", "approve", "ask", client)
+    assert out.returncode == 0, out.stderr
+    rc, err = _finish(other)
+    assert rc == 0 and (tmp_path / "b2.txt").read_text() == "uploaded\n", err
+
+    # Nobody answers in time: refused.
+    started = time.monotonic()
+    late = _sftp_bg(info, keyed, f"get b.txt {tmp_path}/late.txt\n", env)
+    rc, err = _finish(late)
+    assert rc != 0 and "refused: the host did not answer in time" in err, err
+    assert 3 < time.monotonic() - started < 30
+
+    # Detached: no terminal to ask in, so refused at once.
+    host.type("\r~.")
+    host.wait()
+    started = time.monotonic()
+    rc, err = _finish(_sftp_bg(info, keyed, f"get b.txt {tmp_path}/none.txt\n", env))
+    assert rc != 0 and "refused: nobody could answer (no host terminal attached)" in err, err
+    assert time.monotonic() - started < 10 and not (tmp_path / "none.txt").exists()
+
+    verdicts = [(a["kind"], a["allowed"], a["by"]) for a in info_of(user_env, "ask")["activity"]]
+    assert ("download", True, "the host") in verdicts
+    assert ("upload", False, "the host") in verdicts
+    assert ("remove", True, "the host (everything from this joiner)") in verdicts
+    assert ("download", False, "the host did not answer in time") in verdicts
+    assert ("download", False, "nobody could answer (no host terminal attached)") in verdicts
+    headless(user_env, "session", "stop", "ask")
+
+
+def test_read_only_sessions_and_viewers_only_download(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    (home(user_env) / "shared.txt").write_text("read me\n")
+    (tmp_path / "up.txt").write_text("nope\n")
+    viewer_key = make_key(tmp_path / "viewer")
+    for name, flags, key in (
+        ("ro", ["--read-only"], keyed),
+        ("vw", ["--authorized-keys", f"{viewer_key}.pub", "--role", f"{viewer_key}.pub=viewer"],
+         viewer_key),
+    ):  # fmt: skip
+        info = detached(
+            user_env, name, "--accept-transfers", "--authorized-keys", f"{keyed}.pub", *flags
+        )
+        down = sftp(info, key, f"get shared.txt {tmp_path}/{name}.txt\n", user_env.env)
+        assert down.returncode == 0, down.stderr
+        for command in (
+            "put {0}/up.txt up.txt",
+            "rm shared.txt",
+            "mkdir d",
+            "chmod 600 shared.txt",
+        ):
+            out = sftp(info, key, command.format(tmp_path) + "\n", user_env.env)
+            assert out.returncode != 0, command
+            assert "you may only download in this session" in out.stderr, out.stderr
+        assert not (home(user_env) / "up.txt").exists()
+        assert (home(user_env) / "shared.txt").stat().st_mode & 0o777 != 0o600
+
+
+def test_end_to_end_and_ssh_config_aliases(user_env: UserEnv, keyed: Path, tmp_path: Path) -> None:
+    """``upterm session ssh-config`` Host aliases carry the token: ``scp FILE ALIAS:`` and
+    ``sftp ALIAS-e2e`` work as typed, through the relay and end to end."""
+    info = detached(user_env, "cfg", "--accept-transfers", "--authorized-keys", f"{keyed}.pub")
+    config = tmp_path / "ssh_config"
+    stanza = headless(user_env, "session", "ssh-config", "cfg").stdout
+    config.write_text(
+        stanza + f"\nHost *\n  IdentityFile {keyed}\n  IdentitiesOnly yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+        "  LogLevel ERROR\n"
+    )
+    (tmp_path / "via-relay.txt").write_text("through the relay\n")
+    up = subprocess.run(
+        ["scp", "-F", str(config), str(tmp_path / "via-relay.txt"), "cfg:"],
+        capture_output=True, text=True, timeout=60, env=user_env.env,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    assert (home(user_env) / "via-relay.txt").read_text() == "through the relay\n"
+    e2e = subprocess.run(
+        ["sftp", "-F", str(config), "-b", "-", "cfg-e2e"],
+        input=f"get via-relay.txt {tmp_path}/back.txt\nput {tmp_path}/via-relay.txt e2e.txt\n",
+        capture_output=True, text=True, timeout=60, env=user_env.env,
+    )  # fmt: skip
+    assert e2e.returncode == 0, e2e.stderr
+    assert (tmp_path / "back.txt").read_text() == "through the relay\n"
+    assert (home(user_env) / "e2e.txt").exists()
+    modes = {a["what"]: a for a in info_of(user_env, "cfg")["activity"]}
+    assert modes["~/e2e.txt"]["kind"] == "upload" and info["e2eCommand"]
+
+
+def test_putty_psftp_and_pscp(user_env: UserEnv, keyed: Path, tmp_path: Path) -> None:
+    info = detached(user_env, "putty", "--accept-transfers", "--authorized-keys", f"{keyed}.pub")
+    (home(user_env) / "for-putty.txt").write_text("hello putty\n")
+    (tmp_path / "from-putty.txt").write_text("from pscp\n")
+    base = [
+        "-batch", "-P", str(relay_port(info)), "-l", str(info["sshUser"]),
+        "-i", str(putty_key(keyed)), "-hostkey", relay_fingerprint(user_env),
+    ]  # fmt: skip
+    script = tmp_path / "psftp.txt"
+    script.write_text(f"get for-putty.txt {tmp_path}/got.txt\nls\n")
+    out = subprocess.run(
+        ["psftp", *base, "-b", str(script), "127.0.0.1"],
+        capture_output=True, text=True, timeout=60, env=user_env.env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "got.txt").read_text() == "hello putty\n"
+    pscp = subprocess.run(
+        ["pscp", *base, str(tmp_path / "from-putty.txt"), "127.0.0.1:pscp.txt"],
+        capture_output=True, text=True, timeout=60, env=user_env.env,
+    )  # fmt: skip
+    assert pscp.returncode == 0, pscp.stdout + pscp.stderr
+    assert (home(user_env) / "pscp.txt").read_text() == "from pscp\n"

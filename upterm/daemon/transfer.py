@@ -1,0 +1,290 @@
+"""File transfer for joiners: an SFTP server over the host user's own files, with consent.
+
+A joiner's ``sftp``, ``scp`` (SFTP mode, OpenSSH's default), ``psftp`` or ``pscp`` reach the
+host's files as the host user sees them: the daemon's own permissions, no chroot, relative
+paths and ``~`` from the host's home. Listing and reading attributes ask nobody; every
+download, upload, overwrite, removal, rename and other change asks the host first (unless
+allowed up front), and read-only sessions and viewers may only download. What happened goes
+to the policy's activity (the log, ``upterm session info``, the recording).
+
+Every file system call runs on a worker thread: a home on a slow or network file system
+must not stall the shared terminal, which runs on the same event loop.
+"""
+
+# Paths stay bytes from the joiner to the system call (a file name need not be UTF-8),
+# which pathlib does not take.
+# ruff: noqa: PTH101, PTH104
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import posixpath
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from upterm.daemon.consent import READING_KINDS, Activity
+from upterm.daemon.session import ClientInfo
+from upterm.text import printable
+
+#: Files one joiner's SFTP session may hold open at once (each is a descriptor of ours).
+MAX_OPEN_FILES = 64
+#: The worker threads reading and writing files for every transfer of the daemon.
+_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upterm-files")
+
+
+async def _run(call: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_io, call, *args)
+
+
+READ_ONLY_REFUSAL = "you may only download in this session (read-only, or you are a viewer)"
+TRANSFERS_OFF = "file transfer is disabled for this session"
+
+
+@dataclass
+class _OpenFile:
+    fd: int
+    activity: Activity
+
+
+class HostFiles(asyncssh.SFTPServer):
+    """One joiner's SFTP session over the host user's files."""
+
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel[bytes],
+        *,
+        home: str,
+        client: ClientInfo,
+        ask: Callable[[ClientInfo, str, str, Callable[[], None]], Any],
+        report: Callable[[Activity], None],
+        may_write: Callable[[], bool],
+    ) -> None:
+        super().__init__(chan)
+        self._home = os.fsencode(home.rstrip("/") or "/")
+        self._client = client
+        self._ask = ask
+        self._report = report
+        self._may_write = may_write
+        self._open: dict[int, _OpenFile] = {}
+
+    # -- paths --
+
+    def map_path(self, path: bytes) -> bytes:
+        """The joiner's path on the host: relative paths and ``~`` from the host's home."""
+        if path == b"~" or path.startswith(b"~/"):
+            return self._home + path[1:]
+        if path.startswith(b"/"):
+            return path
+        return posixpath.join(self._home, path) if path not in (b"", b".") else self._home
+
+    def reverse_map_path(self, path: bytes) -> bytes:
+        return path
+
+    def _show(self, path: bytes) -> str:
+        """A path as the host reads it in a question: ``~/...`` under the home, and never a
+        control character (a joiner names the files)."""
+        full = posixpath.normpath(self.map_path(path))
+        if full == self._home:
+            full = b"~"
+        elif full.startswith(self._home + b"/"):
+            full = b"~" + full[len(self._home) :]
+        return printable(os.fsdecode(full), 300)
+
+    # -- consent --
+
+    def _tell(self, text: str) -> None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.channel.write_stderr(f"upterm: {text}\r\n".encode())
+
+    async def _allowed(self, kind: str, what: str) -> Activity:
+        """Ask for one operation; raise the SFTP refusal if it is not allowed."""
+        if kind not in READING_KINDS and not self._may_write():
+            self._tell(f"{kind} {what} refused: {READ_ONLY_REFUSAL}")
+            raise asyncssh.SFTPPermissionDenied(READ_ONLY_REFUSAL)
+        activity: Activity = await self._ask(
+            self._client,
+            kind,
+            what,
+            lambda: self._tell(f"asking the host to allow: {kind} {what}"),
+        )
+        if not activity.allowed:
+            self._tell(f"{kind} {what} refused: {activity.by}")
+            raise asyncssh.SFTPPermissionDenied(f"refused: {activity.by}")
+        return activity
+
+    # -- files --
+
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        if len(self._open) >= MAX_OPEN_FILES:
+            raise asyncssh.SFTPFailure(f"at most {MAX_OPEN_FILES} open files per session")
+        local = self.map_path(path)
+        writing = bool(pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND))
+        if writing:
+            flags = os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
+            flags |= os.O_APPEND if pflags & asyncssh.FXF_APPEND else 0
+            flags |= os.O_CREAT if pflags & asyncssh.FXF_CREAT else 0
+            flags |= os.O_TRUNC if pflags & asyncssh.FXF_TRUNC else 0
+            flags |= os.O_EXCL if pflags & asyncssh.FXF_EXCL else 0
+            kind = "overwrite" if await _run(os.path.lexists, local) else "upload"
+        else:
+            flags = os.O_RDONLY
+            kind = "download"
+            # What cannot be downloaded does not bother the host with a question.
+            if stat.S_ISDIR((await _run(os.stat, local)).st_mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), local)
+        activity = await self._allowed(kind, self._show(path))
+        mode = attrs.permissions & 0o7777 if attrs.permissions is not None else 0o666
+        try:
+            fd = await _run(os.open, local, flags | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            activity.allowed, activity.by = False, f"{activity.by}, then {exc.strerror}"
+            activity.ended = True
+            self._report(activity)
+            raise
+        opened = _OpenFile(fd, activity)
+        self._open[fd] = opened
+        return opened
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        assert isinstance(file_obj, _OpenFile)
+        data: bytes = await _run(os.pread, file_obj.fd, size, offset)
+        file_obj.activity.bytes_out += len(data)
+        return data
+
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, _OpenFile)
+        written: int = await _run(_write_all, file_obj.fd, data, offset)
+        file_obj.activity.bytes_in += written
+        return written
+
+    def close(self, file_obj: object) -> None:
+        assert isinstance(file_obj, _OpenFile)
+        self._close(file_obj)
+
+    def _close(self, opened: _OpenFile) -> None:
+        if self._open.pop(opened.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(opened.fd)
+            opened.activity.ended = True
+            self._report(opened.activity)
+
+    def exit(self) -> None:
+        # The joiner went away mid-transfer: its files close, and the audit says how far
+        # each got.
+        for opened in list(self._open.values()):
+            self._close(opened)
+        # An exit status, as sshd's sftp-server gives: scp fails the copy without one.
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.channel.exit(0)
+
+    def fstat(self, file_obj: object) -> os.stat_result:
+        assert isinstance(file_obj, _OpenFile)
+        return os.fstat(file_obj.fd)
+
+    async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
+        assert isinstance(file_obj, _OpenFile)
+        # Setting a file's times or mode after writing it is part of that upload (scp -p);
+        # on a file opened only to read it is a change of its own.
+        if file_obj.activity.kind == "download":
+            await self._allowed("chmod", file_obj.activity.what)
+        await _run(_apply_attrs, file_obj.fd, attrs)
+
+    async def fsync(self, file_obj: object) -> None:
+        assert isinstance(file_obj, _OpenFile)
+        await _run(os.fsync, file_obj.fd)
+
+    async def stat(self, path: bytes) -> os.stat_result:
+        result: os.stat_result = await _run(os.stat, self.map_path(path))
+        return result
+
+    async def lstat(self, path: bytes) -> os.stat_result:
+        result: os.stat_result = await _run(os.lstat, self.map_path(path))
+        return result
+
+    # -- changes by path --
+
+    async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        await self._allowed("chmod", self._show(path))
+        await _run(_apply_attrs, self.map_path(path), attrs)
+
+    async def lsetstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        await self._allowed("chmod", self._show(path))
+        await _run(_apply_attrs, self.map_path(path), attrs, False)
+
+    async def remove(self, path: bytes) -> None:
+        await self._allowed("remove", self._show(path))
+        await _run(os.remove, self.map_path(path))
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._allowed("rmdir", self._show(path))
+        await _run(os.rmdir, self.map_path(path))
+
+    async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        await self._allowed("mkdir", self._show(path))
+        mode = attrs.permissions & 0o7777 if attrs.permissions is not None else 0o777
+        await _run(os.mkdir, self.map_path(path), mode)
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._allowed("rename", f"{self._show(oldpath)} -> {self._show(newpath)}")
+        # SFTP's rename does not replace (as OpenSSH's sftp-server); posix-rename does.
+        await _run(_rename_new, self.map_path(oldpath), self.map_path(newpath))
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._allowed("rename", f"{self._show(oldpath)} -> {self._show(newpath)}")
+        await _run(os.replace, self.map_path(oldpath), self.map_path(newpath))
+
+    async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        # OpenSSH (and paramiko) send SSH_FXP_SYMLINK's two paths the other way round, and
+        # asyncssh puts them right by the SSH client's version. Through the relay that is
+        # the relay's, not the joiner's: ours is the joiner's own, from its certificate.
+        relayed = str(self.connection.get_extra_info("client_version") or "")
+        if _swaps_symlink(relayed) != _swaps_symlink(self._client.version):
+            oldpath, newpath = newpath, oldpath
+        # The target is stored as given (relative targets are relative to the link).
+        target = printable(os.fsdecode(oldpath))
+        await self._allowed("link", f"{self._show(newpath)} -> {target}")
+        await _run(os.symlink, oldpath, self.map_path(newpath))
+
+    async def link(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._allowed("link", f"{self._show(newpath)} => {self._show(oldpath)}")
+        await _run(os.link, self.map_path(oldpath), self.map_path(newpath))
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def _swaps_symlink(version: str) -> bool:
+    return any(name in version for name in ("OpenSSH", "paramiko"))
+
+
+def _rename_new(old: bytes, new: bytes) -> None:
+    """Rename, refusing to replace what is there."""
+    if os.path.lexists(new):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(new))
+    os.rename(old, new)
+
+
+def _apply_attrs(target: int | bytes, attrs: asyncssh.SFTPAttrs, follow: bool = True) -> None:
+    """Apply what the joiner may set: size, mode and times (never the owner)."""
+    if attrs.size is not None:
+        os.truncate(target, attrs.size)
+    if attrs.permissions is not None and (isinstance(target, int) or follow):
+        os.chmod(target, attrs.permissions & 0o7777)
+    if attrs.atime is not None and attrs.mtime is not None:
+        if isinstance(target, int):
+            os.utime(target, (attrs.atime, attrs.mtime))
+        else:
+            os.utime(target, (attrs.atime, attrs.mtime), follow_symlinks=follow)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
+import socketserver
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -326,3 +330,195 @@ def test_putty_psftp_and_pscp(user_env: UserEnv, keyed: Path, tmp_path: Path) ->
     )  # fmt: skip
     assert pscp.returncode == 0, pscp.stdout + pscp.stderr
     assert (home(user_env) / "pscp.txt").read_text() == "from pscp\n"
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A TCP echo server on loopback: what a joiner's ssh -L reaches."""
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def through(port: int, payload: bytes = b"ping\n") -> bytes:
+    """What comes back from a connection to the joiner's forwarded local port (b"" when the
+    forward was refused); waits for ssh to listen."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, "ssh never listened"
+            time.sleep(0.1)
+    with sock:
+        sock.sendall(payload)
+        try:
+            return sock.recv(100)
+        except ConnectionResetError:
+            return b""
+
+
+def joiner_with(info: dict, key: Path, *extra: str, env: dict[str, str]) -> PtyClient:
+    from tests.e2e.test_cli_e2e import Joiner
+
+    # LogLevel INFO (ssh's default; the tests' options say ERROR): "open failed: ..." is
+    # logged at INFO.
+    return PtyClient(
+        ["ssh", "-o", "LogLevel=INFO", *extra, *Joiner.ssh_args(info, key)], env, 120, 30
+    )
+
+
+def test_forwarding_is_off_by_default_and_remote_agent_x11_never_offered(
+    user_env: UserEnv, keyed: Path, echo_port: int, tmp_path: Path
+) -> None:
+    info = detached(user_env, "fwoff")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(tmp_path / "agent.sock")])
+    try:
+        wait_for((tmp_path / "agent.sock").exists, what="ssh-agent")
+        local = free_port()
+        joiner = joiner_with(
+            info, keyed,
+            "-L", f"{local}:127.0.0.1:{echo_port}", "-R", "0:127.0.0.1:9", "-A", "-X",
+            env={**user_env.env, "SSH_AUTH_SOCK": str(tmp_path / "agent.sock"), "DISPLAY": ":99"},
+        )  # fmt: skip
+        joiner.expect(b"$ ")
+        joiner.expect(b"upterm: remote forwarding (ssh -R) is never offered")
+        joiner.expect(b"upterm: agent forwarding (ssh -A) is never offered")
+        joiner.expect(b"upterm: X11 forwarding (ssh -X, -Y) is never offered")
+        assert through(local) == b""
+        joiner.expect(b"port forwarding (ssh -L) is off in this session")
+        joiner.type("echo still-$((20+22))\r")
+        joiner.expect(b"still-42")
+        joiner.close()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_loopback_forwards_ask_per_destination(
+    user_env: UserEnv, keyed: Path, echo_port: int
+) -> None:
+    host = PtyClient(
+        ["upterm", "host", "--accept", "--name", "fw", "--allow-forwarding", "loopback",
+         "--", *SHELL],
+        user_env.env, 160, 40,
+    )  # fmt: skip
+    host.expect(b"sends a ~).")
+    info = info_of(user_env, "fw")
+    assert "Port Forwarding:    ssh -L to this machine's loopback, each destination asks you" in (
+        headless(user_env, "session", "info", "fw").stdout
+    )
+    ports = [free_port() for _ in range(3)]
+    joiner = joiner_with(
+        info, keyed,
+        "-L", f"{ports[0]}:127.0.0.1:{echo_port}",
+        "-L", f"{ports[1]}:0.0.0.0:{echo_port}",
+        "-L", f"{ports[2]}:localhost:{echo_port}",
+        env=user_env.env,
+    )  # fmt: skip
+    joiner.expect(b"$ ")
+    replies: list[bytes] = []
+    first = threading.Thread(target=lambda: replies.append(through(ports[0], b"one\n")))
+    first.start()
+    host.expect(f"asks to forward 127.0.0.1:{echo_port}: ~y allows it".encode())
+    host.type("\r~y")
+    first.join(30)
+    assert replies == [b"one\n"]
+    host.seen = b""
+    assert through(ports[0], b"two\n") == b"two\n"  # the same destination: not asked again
+    # 0.0.0.0 reaches this machine's services too, but is not a loopback address: refused
+    # without a question.
+    assert through(ports[1]) == b""
+    joiner.expect(f"only loopback destinations (localhost, 127.0.0.0/8, ::1) may be forwarded "
+                  f"in this session, not 0.0.0.0:{echo_port}".encode())  # fmt: skip
+    second = threading.Thread(target=lambda: replies.append(through(ports[2], b"three\n")))
+    second.start()
+    host.expect(f"asks to forward localhost:{echo_port}".encode())
+    host.type("\r~n")
+    second.join(30)
+    assert replies[-1] == b""
+    joiner.expect(b"refused: the host")
+    assert b"asks to forward 0.0.0.0" not in host.seen and b"asks to forward 127.0.0.1" not in (
+        host.seen
+    )
+    activity = info_of(user_env, "fw")["activity"]
+    done = [a for a in activity if a["what"] == f"127.0.0.1:{echo_port}"]
+    assert [a["by"] for a in done] == ["the host", "the host (this destination, earlier)"]
+    assert all(a["bytesIn"] == a["bytesOut"] == 4 for a in done)
+    joiner.close()
+    host.type("exit\r")
+    host.wait()
+
+
+def test_any_forwards_accepted_up_front_and_who_may_not(
+    user_env: UserEnv, keyed: Path, echo_port: int, tmp_path: Path
+) -> None:
+    viewer = make_key(tmp_path / "viewer")
+    locked = make_key(tmp_path / "locked")
+    locked_line = tmp_path / "locked.keys"
+    locked_line.write_text("no-port-forwarding " + Path(f"{locked}.pub").read_text())
+    info = detached(
+        user_env, "any", "--allow-forwarding", "any", "--accept-forwards",
+        "--authorized-keys", f"{keyed}.pub", "--authorized-keys", f"{viewer}.pub",
+        "--authorized-keys", str(locked_line), "--role", f"{viewer}.pub=viewer",
+    )  # fmt: skip
+    port = free_port()
+    # 0.0.0.0 is not loopback, so only "any" lets it through (to this machine).
+    joiner = joiner_with(info, keyed, "-N", "-L", f"{port}:0.0.0.0:{echo_port}", env=user_env.env)
+    assert through(port, b"anywhere\n") == b"anywhere\n"
+    joiner.close()
+    # End to end the host's own server decides the same way.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host *\n  IdentityFile {keyed}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+    )
+    port = free_port()
+    e2e = PtyClient(
+        ["ssh", "-F", str(config), "-N", "-L", f"{port}:127.0.0.1:{echo_port}",
+         *shlex.split(str(info["e2eCommand"]))[1:]],
+        user_env.env,
+    )  # fmt: skip
+    assert through(port, b"e2e\n") == b"e2e\n"
+    e2e.close()
+    for key, why in (
+        (viewer, b"viewers may not forward ports"),
+        (locked, b"your key may not forward ports (no-port-forwarding or restrict)"),
+    ):
+        port = free_port()
+        joiner = joiner_with(info, key, "-L", f"{port}:127.0.0.1:{echo_port}", env=user_env.env)
+        joiner.expect(b"$ ")
+        assert through(port) == b""
+        joiner.expect(why)
+        joiner.close()
+
+
+def test_access_options_are_checked_before_anything_starts(user_env: UserEnv) -> None:
+    for flags, words in (
+        (["--allow-forwarding", "loopback", "--read-only"], "cannot go with --read-only"),
+        (["--accept-forwards"], "--accept-forwards needs --allow-forwarding"),
+        (["--accept-transfers", "--no-sftp"], "contradict each other"),
+        (["--full-access", "--read-only"], "contradict each other"),
+        (["--accept-transfers"], "--accept-transfers needs --authorized-keys or a --*-user"),
+        (["--full-access"], "--full-access needs --authorized-keys or a --*-user"),
+    ):
+        out = headless(user_env, "host", "--accept", *flags, "--", "true")
+        assert out.returncode != 0, flags
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (flags, out.stderr)

@@ -36,6 +36,7 @@ MAX_ACTIVITY_KEPT = 64
 #: Who decided, as the audit says it.
 BY_HOST = "the host"
 BY_HOST_ALL = "the host (everything from this joiner)"
+BY_HOST_BEFORE = "the host (this destination, earlier)"
 BY_NOBODY = "nobody could answer (no host terminal attached)"
 BY_TIMEOUT = "the host did not answer in time"
 BY_TOO_MANY = "too many requests already wait for the host"

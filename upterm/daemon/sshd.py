@@ -195,6 +195,9 @@ class GuestPolicy:
     can_ask: Callable[[], bool] = lambda: False
     #: (client id, "transfer" or "forward"): the host allowed everything of that kind.
     allowed_all: set[tuple[str, str]] = field(default_factory=set)
+    #: (client id, destination): forwards the host allowed; the next connection there
+    #: does not ask again (a web page opens many).
+    allowed_destinations: set[tuple[str, str]] = field(default_factory=set)
     #: The last transfers and forwards, for ``upterm session info``.
     activity: collections.deque[Activity] = field(
         default_factory=lambda: collections.deque(maxlen=consent.MAX_ACTIVITY_KEPT)
@@ -350,6 +353,8 @@ class GuestPolicy:
             return Decision(True, "--accept-forwards")
         if (client.client_id, group) in self.allowed_all:
             return Decision(True, consent.BY_HOST_ALL)
+        if kind == "forward" and (client.client_id, what) in self.allowed_destinations:
+            return Decision(True, consent.BY_HOST_BEFORE)
         if not self.can_ask():
             return Decision(False, consent.BY_NOBODY)
         waiting = [q for q in self.pending.values() if q.waiting and q.kind != "join"]
@@ -369,12 +374,15 @@ class GuestPolicy:
             return Decision(False, consent.BY_JOINER_GONE)
         if reply == "no":
             return Decision(False, consent.BY_HOST)
+        if kind == "forward":
+            self.allowed_destinations.add((client.client_id, what))
         return Decision(True, consent.BY_HOST_ALL if reply == "all" else consent.BY_HOST)
 
     def forget(self, client_id: str) -> None:
         """A joiner's connection closed: what the host allowed it goes with it."""
         self.allowed_all.discard((client_id, "transfer"))
         self.allowed_all.discard((client_id, "forward"))
+        self.allowed_destinations = {d for d in self.allowed_destinations if d[0] != client_id}
         for question in list(self.pending.values()):
             if question.client.client_id == client_id and question.waiting:
                 question.answer.set_result("gone")

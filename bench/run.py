@@ -199,7 +199,7 @@ class World:
             f"AuthorizedKeysFile {authorized}\nPidFile {sshd_dir / 'pid'}\n"
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPermitRootLogin yes\nPrintMotd no\n"
-            "PrintLastLog no\nUseDNS no\n"
+            "PrintLastLog no\nUseDNS no\nSubsystem sftp internal-sftp\n"
         )
         with contextlib.suppress(OSError):  # sshd wants its privilege-separation dir
             Path("/run/sshd").mkdir(exist_ok=True)

@@ -242,3 +242,19 @@ def test_cluster_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
         assert expected in names, names
     for figure in data["figures"]:
         assert figure["value"] >= 0, figure
+
+
+def test_bench_transfer_quick_run(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.transfer", "--quick", "--json", str(tmp_path / "t.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = {f["name"]: f for f in json.loads((tmp_path / "t.json").read_text())["figures"]}
+    for leg in ("download", "upload"):
+        assert figures[f"scp {leg} of 4 MiB, via uptermd"]["ratio"] > 0
+        for who in ("another joiner", "the host's terminal"):
+            assert figures[f"echo p99, {who}, during a {leg}"]["baseline"] > 0

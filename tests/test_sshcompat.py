@@ -683,3 +683,54 @@ async def test_lazy_keepalive_probes_only_a_silent_peer_and_sets_no_timer_per_pa
         loop.call_later = real_call_later  # type: ignore[method-assign]
         conn.close()
         server.close()
+
+
+async def test_a_smaller_receive_window_is_what_the_peer_is_granted_next() -> None:
+    """set_receive_window: after the next top-up the peer may have at most the new window
+    in flight (an upload paced by the host arrives in small bursts)."""
+    from upterm.sshcompat import set_receive_window
+
+    got: list[int] = []
+    opened: asyncio.Future[asyncssh.SSHServerChannel[bytes]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    class Sink(asyncssh.SSHServerSession[bytes]):
+        def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+            set_receive_window(chan, 64 * 1024)
+            opened.set_result(chan)
+
+        def shell_requested(self) -> bool:
+            return True
+
+        def data_received(self, data: bytes, datatype: int | None) -> None:
+            got.append(len(data))
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+        def session_requested(self) -> Any:
+            return Sink()
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        server_factory=Server, encoding=None, line_editor=False,
+    )  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    async with asyncssh.connect(
+        "127.0.0.1", port, known_hosts=None, username="x", agent_path=None, config=None
+    ) as conn:
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, encoding=None)
+        await opened
+        chan.write(b"x" * (4 << 20))
+        for _ in range(200):
+            if sum(got) == 4 << 20:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(got) == 4 << 20
+        # Once the first 2 MiB window is used, top-ups are at most 64 KiB: the client never
+        # holds more than that again (asyncssh's default would have it at 2 MiB).
+        assert chan._send_window <= 64 * 1024
+        chan.close()
+    server.close()

@@ -768,6 +768,16 @@ def on_refused_forwarding(chan: Any, note: Callable[[str], None]) -> None:
         setattr(chan, name, handler)
 
 
+def set_receive_window(chan: Any, size: int) -> None:
+    """Make ``chan`` grant its peer at most ``size`` bytes in flight from now on.
+
+    asyncssh fixes a channel's window when it opens and tops it up to that size whenever
+    half of it was used; a smaller one means the peer sends in smaller bursts. (A larger
+    window than the one granted now is granted at the next top-up.) ``chan`` must be the
+    channel itself: with asyncssh's line editor on, sessions get a wrapper instead."""
+    chan._init_recv_window = size
+
+
 def sftp_session(factory: Callable[[Any], asyncssh.SFTPServer]) -> Any:
     """A session that serves SFTP on its channel with ``factory``'s server: asyncssh's own
     stream session (not exported), for a channel whose other requests are ours."""

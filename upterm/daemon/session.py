@@ -135,6 +135,10 @@ class ClientInfo:
 class Session:
     """The terminal core of a hosted session."""
 
+    #: When anyone last typed into any session of this daemon (monotonic): file transfers
+    #: yield to a terminal in use (upterm.daemon.transfer).
+    last_input_at: float = 0.0
+
     def __init__(
         self,
         argv: Sequence[str],
@@ -569,6 +573,7 @@ class Session:
 
     def input(self, data: bytes, who: str = "host") -> None:
         """Keystrokes from a viewer with the keyboard (``who``: "host" or a key fingerprint)."""
+        Session.last_input_at = time.monotonic()
         if self._proc is not None:
             if self.recorder is not None:
                 self.recorder.input(data, who)

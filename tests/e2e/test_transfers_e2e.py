@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -522,3 +523,91 @@ def test_access_options_are_checked_before_anything_starts(user_env: UserEnv) ->
         assert out.returncode != 0, flags
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (flags, out.stderr)
+
+
+async def test_a_flood_of_file_requests_costs_a_bystander_little(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    """Attack: a joiner floods the host's SFTP server with stat requests (they ask
+    nobody) and with opens that are refused at once (no terminal to ask). Each is a
+    request the daemon serves on the terminal's event loop; while someone types they move
+    at the transfer pace, and refusals past ten per ten seconds reach neither the log nor
+    the host's screen one by one. A bystander joiner typing meanwhile keeps its echo."""
+    import asyncio
+
+    import asyncssh
+
+    from tests.relay.attackkit import Latency, judge
+
+    victim, attacker = make_key(tmp_path / "victim"), make_key(tmp_path / "attacker")
+    info = detached(
+        user_env, "flood", "--authorized-keys", f"{victim}.pub",
+        "--authorized-keys", f"{attacker}.pub", cmd=["cat"],
+    )  # fmt: skip
+    port, token = relay_port(info), str(info["sshUser"])
+
+    def connect(key: Path) -> Any:
+        return asyncssh.connect(
+            "127.0.0.1", port, username=token, client_keys=[str(key)], known_hosts=None,
+            agent_path=None, config=None,
+        )  # fmt: skip
+
+    async with connect(victim) as typing:
+        out: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Screen(asyncssh.SSHClientSession[bytes]):
+            def data_received(self, data: bytes, datatype: int | None) -> None:
+                out.put_nowait(data)
+
+        chan, _ = await typing.create_session(Screen, term_type="xterm", encoding=None)
+        await asyncio.sleep(1)
+
+        async def echoes(n: int) -> Latency:
+            samples = []
+            for i in range(n):
+                ch = bytes([97 + i % 26])
+                while not out.empty():
+                    out.get_nowait()
+                start = time.perf_counter()
+                chan.write(ch)
+                seen = b""
+                while ch not in seen:
+                    seen += await asyncio.wait_for(out.get(), 5)
+                samples.append(time.perf_counter() - start)
+                await asyncio.sleep(0.01)
+            return Latency(tuple(samples))
+
+        before = await echoes(150)
+        log_file = Path(user_env.env["XDG_STATE_HOME"]) / "upterm" / "daemon.log"
+        log_before = log_file.read_text().count("refused:")
+        requests = 0
+        async with connect(attacker) as hostile, hostile.start_sftp_client() as files:
+            stop = asyncio.Event()
+
+            async def stats() -> None:
+                nonlocal requests
+                while not stop.is_set():
+                    await files.stat(".")
+                    requests += 1
+
+            async def opens() -> None:
+                nonlocal requests
+                while not stop.is_set():
+                    with pytest.raises(asyncssh.SFTPPermissionDenied):
+                        await files.open(".bashrc-nope", "w")
+                    requests += 1
+
+            workers = [asyncio.ensure_future(w()) for w in (stats, stats, stats, opens, opens)]
+            await asyncio.sleep(0.5)
+            during = await echoes(150)
+            stop.set()
+            await asyncio.gather(*workers)
+        ok, line = judge("sftp flood", before, during)
+        print(line, f"; {requests} requests")
+        assert ok, line
+        assert requests > 500  # a real flood, even paced
+        refusals = log_file.read_text().count("refused:") - log_before
+        assert 0 < refusals <= 12, refusals  # ten a window, not one per refused open
+        activity = info_of(user_env, "flood")["activity"]
+        assert len(activity) <= 64
+        chan.close()

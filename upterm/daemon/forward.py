@@ -5,7 +5,8 @@ literal loopback address or ``localhost`` (no DNS: a name that resolves elsewher
 cannot get in); any means what the host's resolver says. Each new destination of each
 joiner asks the host (unless accepted up front), viewers and keys marked
 ``no-port-forwarding``/``restrict`` never forward, and each connection's bytes go to the
-activity log when it closes.
+activity log when it closes. Forwarded bytes yield to a terminal in use, as file transfers
+do (:class:`upterm.daemon.transfer.Pacer`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Awaitable, Callable
 
 import asyncssh
 
+from upterm import sshcompat
 from upterm.daemon.consent import Activity
 from upterm.daemon.session import ClientInfo
+from upterm.daemon.transfer import FULL_WINDOW_BYTES, PACED_WINDOW_BYTES, PACER
 from upterm.text import printable
 
 FORWARDING_OFF = (
@@ -38,6 +41,20 @@ CONNECT_FAILED = "upterm: the host could not connect to {}: {}"
 CONNECT_TIMEOUT_S = 10.0
 #: Bytes a forwarded connection holds for a slow reader before it stops reading the other.
 HIGH_WATER_BYTES = 256 * 1024
+
+
+def _pace(size: int, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+    """Forwarded bytes yield to a terminal in use as file transfers do (the same pacer):
+    stop reading until the bytes just passed on were due."""
+    delay = PACER.reserve(size)
+    if delay > 0:
+        pause()
+        asyncio.get_running_loop().call_later(delay, _quietly, resume)
+
+
+def _quietly(call: Callable[[], None]) -> None:
+    with contextlib.suppress(OSError, asyncssh.Error, RuntimeError):
+        call()  # the connection may have closed meanwhile
 
 
 def _prohibited(text: str) -> asyncssh.ChannelOpenError:
@@ -133,6 +150,8 @@ class _Splice(asyncio.Protocol):
             self.activity.bytes_out += len(data)
         if self.chan is not None:
             self.chan.write(data)
+        if self.transport is not None:
+            _pace(len(data), self.transport.pause_reading, self.transport.resume_reading)
 
     def eof_received(self) -> bool:
         if self.chan is not None:
@@ -179,6 +198,11 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
             splice.activity.bytes_in += len(data)
         if splice.transport is not None:
             splice.transport.write(data)
+        chan = splice.chan
+        if chan is not None:
+            paced = PACER.interactive()
+            sshcompat.set_receive_window(chan, PACED_WINDOW_BYTES if paced else FULL_WINDOW_BYTES)
+            _pace(len(data), chan.pause_reading, chan.resume_reading)
 
     def eof_received(self) -> bool:
         transport = self._splice.transport

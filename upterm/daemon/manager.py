@@ -105,6 +105,11 @@ class AttachedTerminal:
         self._conn.close()
 
 
+#: Refusals of one joiner's requests reported per window (see Manager._refusal_shown).
+REFUSALS_SHOWN = 10
+REFUSAL_WINDOW_S = 10.0
+
+
 @dataclass
 class HostedSession:
     """Everything the daemon holds for one session."""
@@ -126,6 +131,8 @@ class HostedSession:
     on_change: Callable[[], None] | None = None
     #: The host's terminals attached now (told how many joiners wait for approval).
     terminals: set[AttachedTerminal] = field(default_factory=set)
+    #: Per joiner: (window start, refusals reported, refusals not reported).
+    refusal_counts: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
     def waiting_changed(self) -> None:
         """Tell every attached terminal how many joiners wait for approval now."""
@@ -629,6 +636,7 @@ class Manager:
         )
 
     def _left(self, hosted: HostedSession, client_id: str) -> None:
+        hosted.refusal_counts.pop(client_id, None)
         client = hosted.clients.pop(client_id, None)
         if client is not None:
             log.info("session %s: client %s left", hosted.session_id, client_id)
@@ -668,6 +676,8 @@ class Manager:
 
     def _activity(self, hosted: HostedSession, activity: Activity) -> None:
         """A transfer or forward was decided, or ended: the log, the recording, the host."""
+        if not activity.allowed and not self._refusal_shown(hosted, activity):
+            return
         line = activity.describe()
         log.info("session %s: %s", hosted.session_id, line)
         recorder = hosted.session.recorder
@@ -681,6 +691,28 @@ class Manager:
             told = activity.ended
         if told:
             self._notice(hosted, line)
+
+    def _refusal_shown(self, hosted: HostedSession, activity: Activity) -> bool:
+        """Whether this refusal is reported: a joiner asking again and again (each refused
+        at once) gets REFUSALS_SHOWN lines per REFUSAL_WINDOW_S, and then one that counts
+        the rest, so it cannot fill the log, the recording or the host's screen."""
+        now = time.monotonic()
+        cid = activity.client.client_id
+        start, shown, hidden = hosted.refusal_counts.get(cid, (now, 0, 0))
+        if now - start > REFUSAL_WINDOW_S:
+            if hidden:
+                line = (
+                    f"{hidden} more requests of {activity.client.addr} "
+                    f"({activity.client.fingerprint}) were refused"
+                )
+                log.info("session %s: %s", hosted.session_id, line)
+                self._notice(hosted, line)
+            start, shown, hidden = now, 0, 0
+        if shown >= REFUSALS_SHOWN:
+            hosted.refusal_counts[cid] = (start, shown, hidden + 1)
+            return False
+        hosted.refusal_counts[cid] = (start, shown + 1, hidden)
+        return True
 
     @staticmethod
     def _notice(hosted: HostedSession, text: str) -> None:

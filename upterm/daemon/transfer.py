@@ -55,6 +55,8 @@ INTERACTIVE_S = 2.0
 #: ... by moving at most this many bytes a second, in steps of at most PACE_STEP_BYTES.
 INTERACTIVE_RATE = 16 * 1024 * 1024
 PACE_STEP_BYTES = 32 * 1024
+#: What any request counts as, whatever it moves (a flood of stat requests is work too).
+REQUEST_BYTES = 16 * 1024
 #: An upload's channel window while paced, and otherwise (asyncssh's default).
 PACED_WINDOW_BYTES = 64 * 1024
 FULL_WINDOW_BYTES = 2 * 1024 * 1024
@@ -79,16 +81,21 @@ class Pacer:
         """Whether a terminal is in use now (transfers yield to it)."""
         return time.monotonic() - Session.last_input_at <= INTERACTIVE_S
 
-    async def take(self, size: int) -> None:
-        """Wait until ``size`` bytes may move."""
+    def reserve(self, size: int) -> float:
+        """Book ``size`` bytes: how many seconds to wait before they may move."""
         now = time.monotonic()
         if not self.interactive():
             self._next = now
-            return
+            return 0.0
         start = max(self._next, now)
         self._next = start + size / self.rate
-        if start > now:
-            await asyncio.sleep(start - now)
+        return start - now
+
+    async def take(self, size: int) -> None:
+        """Wait until ``size`` bytes may move."""
+        delay = self.reserve(size)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 #: One for the daemon: its sessions share one event loop.
@@ -153,6 +160,7 @@ class HostFiles(asyncssh.SFTPServer):
 
     async def _allowed(self, kind: str, what: str) -> Activity:
         """Ask for one operation; raise the SFTP refusal if it is not allowed."""
+        await PACER.take(REQUEST_BYTES)
         if kind not in READING_KINDS and not self._may_write():
             self._tell(f"{kind} {what} refused: {READ_ONLY_REFUSAL}")
             raise asyncssh.SFTPPermissionDenied(READ_ONLY_REFUSAL)
@@ -170,6 +178,7 @@ class HostFiles(asyncssh.SFTPServer):
     # -- files --
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        await PACER.take(REQUEST_BYTES)
         if len(self._open) >= MAX_OPEN_FILES:
             raise asyncssh.SFTPFailure(f"at most {MAX_OPEN_FILES} open files per session")
         local = self.map_path(path)
@@ -257,11 +266,24 @@ class HostFiles(asyncssh.SFTPServer):
         await _run(os.fsync, file_obj.fd)
 
     async def stat(self, path: bytes) -> os.stat_result:
+        await PACER.take(REQUEST_BYTES)
         result: os.stat_result = await _run(os.stat, self.map_path(path))
         return result
 
     async def lstat(self, path: bytes) -> os.stat_result:
+        # Also each entry of a listing (asyncssh's readdir stats them one by one).
+        await PACER.take(REQUEST_BYTES)
         result: os.stat_result = await _run(os.lstat, self.map_path(path))
+        return result
+
+    async def realpath(self, path: bytes) -> bytes:
+        await PACER.take(REQUEST_BYTES)
+        result: bytes = await _run(os.path.realpath, self.map_path(path))
+        return result
+
+    async def readlink(self, path: bytes) -> bytes:
+        await PACER.take(REQUEST_BYTES)
+        result: bytes = await _run(os.readlink, self.map_path(path))
         return result
 
     # -- changes by path --

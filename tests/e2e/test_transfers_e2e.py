@@ -611,3 +611,30 @@ async def test_a_flood_of_file_requests_costs_a_bystander_little(
         activity = info_of(user_env, "flood")["activity"]
         assert len(activity) <= 64
         chan.close()
+
+
+def test_transfers_go_to_the_recording_and_the_log(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    (home(user_env) / "report.txt").write_text("r" * 5000)
+    cast = tmp_path / "session.cast"
+    info = detached(
+        user_env, "rec", "--record", str(cast), "--accept-transfers",
+        "--authorized-keys", f"{keyed}.pub",
+    )  # fmt: skip
+    out = sftp(info, keyed, f"get report.txt {tmp_path}/r.txt\n", user_env.env)
+    assert out.returncode == 0, out.stderr
+    wait_for(
+        lambda: any(a["what"] == "~/report.txt" for a in info_of(user_env, "rec")["activity"]),
+        what="the download in the activity",
+    )
+    assert headless(user_env, "session", "stop", "rec").returncode == 0
+    wait_for(lambda: "rec" not in headless(user_env, "session", "list").stdout, what="the end")
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    markers = [e[2] for e in events if e[1] == "m"]
+    assert any(
+        m.startswith("download ~/report.txt by ") and "allowed by --accept-transfers, 4.9 KiB" in m
+        for m in markers
+    ), markers
+    log = (Path(user_env.env["XDG_STATE_HOME"]) / "upterm" / "daemon.log").read_text()
+    assert "download ~/report.txt by " in log and "4.9 KiB" in log

@@ -127,6 +127,22 @@ def test_a_joiner_on_any_node_reaches_a_host_on_another(
     assert "e2e" in modes, modes
     e2e.close()
 
+    # File transfer through the hop: listing asks nobody; a download asks the host, who has
+    # no terminal attached here, so it is refused (never allowed).
+    sftp_line = first["sftpCommand"].replace(f"-P {a.port}", f"-P {c.port}")
+    assert sftp_line != first["sftpCommand"]
+    argv = shlex.split(sftp_line)
+    (Path(user_env.env["HOME"]) / "hop.txt").write_text("far away\n")
+    files = subprocess.run(
+        [argv[0], "-F", str(config), "-b", "-", *argv[1:]],
+        input=f"pwd\nls\nget hop.txt {tmp_path}/x\n",
+        capture_output=True, text=True, timeout=60, env=user_env.env,
+    )  # fmt: skip
+    assert f"Remote working directory: {user_env.env['HOME']}" in files.stdout, files.stderr
+    assert "hop.txt" in files.stdout and files.returncode != 0
+    assert "download ~/hop.txt refused: nobody could answer" in files.stderr, files.stderr
+    assert not (tmp_path / "x").exists()
+
 
 def ssh_stderr(port: int, user: str, key: Path) -> tuple[int, str]:
     """A plain OpenSSH join that shows the relay's banner (LogLevel INFO): exit, stderr."""

@@ -318,6 +318,8 @@ class Attach:
     rows: int
     #: The host's own terminal: if it goes away without detaching, the session ends.
     primary: bool = False
+    #: Someone can answer questions there (its input is a terminal: ~y, ~a, ~n).
+    answers: bool = True
 
 
 @dataclass(frozen=True)
@@ -502,6 +504,7 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             cols,
             rows,
             primary=bool(_field(obj, "primary", bool, required=False)),
+            answers=_field(obj, "answers", bool, required=False) is not False,
         )
     if kind == "stop":
         return Stop(_req_id(obj), _str(obj, "session", required=False))

@@ -638,3 +638,26 @@ def test_transfers_go_to_the_recording_and_the_log(
     ), markers
     log = (Path(user_env.env["XDG_STATE_HOME"]) / "upterm" / "daemon.log").read_text()
     assert "download ~/report.txt by " in log and "4.9 KiB" in log
+
+
+def test_a_terminal_nobody_types_in_answers_nothing(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    """Attached with its input not a terminal (a CI log, a pipe): nobody can type ~y there,
+    so a transfer is refused at once rather than after the approval timeout."""
+    (home(user_env) / "f.txt").write_text("x\n")
+    info = detached(user_env, "piped")
+    watcher = subprocess.Popen(
+        ["upterm", "session", "attach", "piped"],
+        env=user_env.env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)  # attached
+        started = time.monotonic()
+        out = sftp(info, keyed, f"get f.txt {tmp_path}/f.txt\n", user_env.env)
+        assert out.returncode != 0 and "nobody could answer" in out.stderr, out.stderr
+        assert time.monotonic() - started < 10
+    finally:
+        watcher.kill()
+        watcher.wait()

@@ -149,7 +149,13 @@ async def relay_attached(client: AdminClient, session: str | None, primary: bool
     cols, rows = terminal_size()
     with raw_mode(STDIN_FD):
         reply = await client.request(
-            "attach", session=session, cols=cols, rows=rows, primary=primary
+            "attach",
+            session=session,
+            cols=cols,
+            rows=rows,
+            primary=primary,
+            # Questions (a joiner, a transfer) wait only for a terminal someone types in.
+            answers=os.isatty(STDIN_FD),
         )
         stream = int(reply["stream"])
         stream_box.append(stream)

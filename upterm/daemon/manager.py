@@ -56,8 +56,12 @@ class AttachedTerminal:
     is paused until it drains, so the host's own screen never loses output.
     """
 
-    def __init__(self, conn: AdminConnection, stream: int, session: Session) -> None:
+    def __init__(
+        self, conn: AdminConnection, stream: int, session: Session, answers: bool = True
+    ) -> None:
         self._conn = conn
+        #: Someone types there who can answer questions (its input is a terminal).
+        self.answers = answers
         self.stream = stream
         self.session = session
         self.viewer_id = f"local-{id(conn)}-{stream}"
@@ -543,7 +547,7 @@ class Manager:
                 accept_transfers=req.accept_transfers,
                 allow_forwarding=req.allow_forwarding,
                 accept_forwards=req.accept_forwards,
-                can_ask=lambda: bool(hosted.terminals),
+                can_ask=lambda: any(t.answers for t in hosted.terminals),
                 on_activity=lambda a: self._activity(hosted, a),
                 e2e_line=lambda user: tunnel.url.e2e_join_command(
                     user, tunnel.session_key.authorized_key_line().decode().strip()
@@ -730,7 +734,7 @@ class Manager:
                 "connections?'; answer it there"
             )
         stream = conn.new_stream()
-        viewer = AttachedTerminal(conn, stream, hosted.session)
+        viewer = AttachedTerminal(conn, stream, hosted.session, req.answers)
         _streams(conn)[stream] = viewer
 
         def closed() -> None:

@@ -39,7 +39,7 @@ from bench.run import (
 )
 
 FULL_MIB, QUICK_MIB = 200, 4
-FULL_ECHOES, QUICK_ECHOES = 400, 30
+FULL_ECHOES, QUICK_ECHOES = 1000, 30
 
 
 def _ssh_options(key_file: Path) -> list[str]:

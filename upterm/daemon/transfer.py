@@ -53,10 +53,10 @@ TRANSFERS_OFF = "file transfer is disabled for this session"
 #: A terminal typed into this recently is in use: transfers then yield to it ...
 INTERACTIVE_S = 2.0
 #: ... by moving at most this many bytes a second, in steps of at most PACE_STEP_BYTES.
-INTERACTIVE_RATE = 16 * 1024 * 1024
-PACE_STEP_BYTES = 32 * 1024
+INTERACTIVE_RATE = 4 * 1024 * 1024
+PACE_STEP_BYTES = 16 * 1024
 #: What any request counts as, whatever it moves (a flood of stat requests is work too).
-REQUEST_BYTES = 16 * 1024
+REQUEST_BYTES = 4 * 1024
 #: An upload's channel window while paced, and otherwise (asyncssh's default).
 PACED_WINDOW_BYTES = 64 * 1024
 FULL_WINDOW_BYTES = 2 * 1024 * 1024
@@ -69,8 +69,12 @@ class Pacer:
 
     The daemon and the relay carry a transfer on the same event loops and the same cores
     as every keystroke. Unpaced, a 200 MiB download at full speed (220 MiB/s here) made
-    another joiner's echo p99 17x idle, the host's 20x; paced, both stay within a
-    millisecond or so (bench/transfer.py). Nobody typing costs a transfer nothing.
+    another joiner's echo p99 17x idle (13 ms), the host's 20x; paced, another joiner's stays
+    within 1.0-1.6x idle on downloads and 1.0-2.0x on uploads, the host's own terminal
+    within 1.4-2.3x on uploads and 1.7-3.2x on downloads, under a millisecond
+    (bench/transfer.py). Steps are small because a keystroke that arrives during one waits
+    for it; the rate matters less (2 MiB/s measured no better). Nobody typing costs a
+    transfer nothing: it runs at full speed.
     """
 
     def __init__(self, rate: int = INTERACTIVE_RATE) -> None:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,7 +232,14 @@ class PtyClient:
     What it prints is fed to pyte, so tests can assert what a person would see.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 80, rows: int = 24):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cols: int = 80,
+        rows: int = 24,
+        preexec: Callable[[], None] | None = None,
+    ):
         import fcntl
         import struct
         import termios
@@ -244,6 +251,8 @@ class PtyClient:
 
         def controlling_tty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if preexec is not None:
+                preexec()  # e.g. a resource limit the daemon it starts inherits
 
         self.proc = subprocess.Popen(
             argv,

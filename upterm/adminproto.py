@@ -270,6 +270,8 @@ class CreateSession:
     e2e_only: bool = False
     record: str | None = None
     record_input: bool = False
+    #: End the session (or refuse to start it) when the recording cannot be written.
+    record_required: bool = False
     approve: bool = False
     approve_timeout_s: float = 60.0
     default_role: str = "typist"
@@ -479,6 +481,7 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             e2e_only=bool(_field(obj, "e2e_only", bool, required=False)),
             record=_str(obj, "record", required=False),
             record_input=bool(_field(obj, "record_input", bool, required=False)),
+            record_required=bool(_field(obj, "record_required", bool, required=False)),
             approve=bool(_field(obj, "approve", bool, required=False)),
             approve_timeout_s=_approve_timeout(obj),
             default_role=_choice(obj, "default_role", ROLES, "typist"),

@@ -298,12 +298,19 @@ def cli(ctx: click.Context) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     metavar="FILE.cast",
-    help="Record what the session shows as asciicast v2 (asciinema play FILE.cast).",
+    help="Record what the session shows, and who typed how much, as asciicast v2 "
+    "(asciinema play FILE.cast).",
 )
 @click.option(
     "--record-input",
     is_flag=True,
-    help="With --record: also record keystrokes, marked with who typed them.",
+    help="With --record: also record the keystrokes themselves, marked with who typed "
+    "them (never while the terminal has echo off: passwords stay out).",
+)
+@click.option(
+    "--record-required",
+    is_flag=True,
+    help="With --record: end the session if the recording cannot be written (a full disk).",
 )
 @click.option(
     "--approve",
@@ -407,6 +414,7 @@ def host(
     quiet: bool,
     record: Path | None,
     record_input: bool,
+    record_required: bool,
     approve: bool,
     approve_timeout: str,
     default_role: str,
@@ -472,6 +480,7 @@ def host(
             e2e_only=e2e_only,
             record=str(record.resolve()) if record else None,
             record_input=record_input,
+            record_required=record_required,
             approve=approve,
             approve_timeout_s=parse_duration(approve_timeout),
             default_role=default_role,
@@ -488,6 +497,8 @@ def host(
         check_access_options(opts)
         if record_input and not record:
             raise UsageError("--record-input needs --record FILE.cast")
+        if record_required and not record:
+            raise UsageError("--record-required needs --record FILE.cast")
         for spec in authorized_user:
             keysources.parse_authorized_user(spec)
         check_role_sources(opts)
@@ -626,6 +637,7 @@ class HostOptions:
     e2e_only: bool = False
     record: str | None = None
     record_input: bool = False
+    record_required: bool = False
     approve: bool = False
     approve_timeout_s: float = 60.0
     default_role: str = "typist"
@@ -690,6 +702,7 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
             e2e_only=opts.e2e_only,
             record=opts.record,
             record_input=opts.record_input,
+            record_required=opts.record_required,
             approve=opts.approve,
             approve_timeout_s=opts.approve_timeout_s,
             default_role=opts.default_role,

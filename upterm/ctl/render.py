@@ -26,7 +26,7 @@ def session_detail(info: dict[str, Any]) -> str:
         _row("Command", str(info.get("command", ""))),
         *([_row("Force Command", str(info["forceCommand"]))] if info.get("forceCommand") else []),
         *([_row("Access", "read-only for joiners")] if info.get("readOnly") else []),
-        *([_row("Recording", str(info["recording"]))] if info.get("recording") else []),
+        *([_row("Recording", _recording(info))] if info.get("recording") else []),
         _row("Host", str(info.get("host", ""))),
     ]
     keys = info.get("authorizedKeys") or []
@@ -77,6 +77,13 @@ def session_detail(info: dict[str, Any]) -> str:
         reason = str(r["reason"]).split("\r\n", 1)[0]
         lines.append(f"  {r['addr']} {r['fingerprint']}: {reason}")
     return "\n".join(lines)
+
+
+def _recording(info: dict[str, Any]) -> str:
+    text = str(info["recording"])
+    if info.get("recordingError"):
+        return f"{text} (STOPPED: {info['recordingError']})"
+    return text + (" (required)" if info.get("recordingRequired") else "")
 
 
 def _access_rows(info: dict[str, Any]) -> list[str]:

@@ -135,6 +135,8 @@ class HostedSession:
     on_change: Callable[[], None] | None = None
     #: The host's terminals attached now (told how many joiners wait for approval).
     terminals: set[AttachedTerminal] = field(default_factory=set)
+    #: Why the recording stopped (its file could not be written), or "".
+    recording_error: str = ""
     #: Per joiner: (window start, refusals reported, refusals not reported).
     refusal_counts: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
@@ -187,6 +189,8 @@ class HostedSession:
             "hostKeys": [k.authorized_key_line().decode().strip() for k in self.tunnel.host_keys],
             "e2eOnly": self.policy.e2e_only,
             "recording": self.options.record if self.options else None,
+            "recordingError": self.recording_error,
+            "recordingRequired": bool(self.options and self.options.record_required),
             "adminSocket": str(paths.session_socket_path(self.session_id)),
             "pid": self.session.pid,
             "accepting": self.accepting.is_set(),
@@ -519,6 +523,9 @@ class Manager:
                     rows=req.rows,
                     env=env,
                     record_input=req.record_input,
+                    on_failure=lambda why: (
+                        self._recording_failed(hosted_box[0], why) if hosted_box else None
+                    ),
                 )
             accepting = asyncio.Event()
             policy = GuestPolicy(
@@ -677,6 +684,26 @@ class Manager:
             )
         hosted.session.notify_host(text, urgent=True)
         hosted.notify_change()
+
+    def _recording_failed(self, hosted: HostedSession, why: str) -> None:
+        """The recording's file could not be written: end the session if the recording is
+        required, else say so to everyone at once (joiners were told it records)."""
+        hosted.recording_error = why
+        hosted.policy.recorded = ""
+        path = hosted.options.record if hosted.options else "?"
+        if hosted.options is not None and hosted.options.record_required:
+            log.error("session %s: recording failed (%s); ending it", hosted.session_id, why)
+            hosted.session.broadcast(
+                f"the recording to {path} failed ({why}); --record-required ends the session"
+            )
+            hosted.session.hangup()
+            return
+        log.error("session %s: recording stopped (%s)", hosted.session_id, why)
+        hosted.session.notify_host(
+            f"the recording to {path} stopped: {why}; the session goes on unrecorded",
+            urgent=True,
+        )
+        hosted.session.tell_joiners("this session is no longer being recorded")
 
     def _activity(self, hosted: HostedSession, activity: Activity) -> None:
         """A transfer or forward was decided, or ended: the log, the recording, the host."""

@@ -202,6 +202,20 @@ class PtyProcess:
                 return
             view = view[n:]
 
+    def reading_secret(self) -> bool:
+        """Whether the terminal reads a line without echoing it: a password or passphrase
+        prompt (getpass, readpassphrase, ``read -s``, sudo, ssh all turn echo off and keep
+        line editing on). Line editors and full-screen programs (readline, vim) turn both
+        off and echo what they show themselves. Unknown counts as secret: it decides
+        whether keystrokes may be recorded."""
+        if self.master_fd < 0:
+            return True
+        try:
+            lflag = termios.tcgetattr(self.master_fd)[3]
+        except termios.error:
+            return True
+        return not lflag & termios.ECHO and bool(lflag & termios.ICANON)
+
     def resize(self, cols: int, rows: int) -> None:
         """Set the PTY size."""
         if self.master_fd >= 0:

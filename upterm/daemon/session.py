@@ -480,6 +480,10 @@ class Session:
         """Show a notice in the host's own attached terminals only."""
         self.notice([v.viewer_id for v in self._viewers.values() if v.paces], text, urgent=urgent)
 
+    def tell_joiners(self, text: str) -> None:
+        """A notice for every joiner's terminal (not the host's)."""
+        self.notice([k for k, v in self._viewers.items() if not v.paces], text)
+
     def broadcast(self, text: str) -> None:
         """Say something to everyone as the session ends: a notice on the host's terminals,
         and to each joiner once its terminal is given back (a notice there could be lost on
@@ -576,7 +580,7 @@ class Session:
         Session.last_input_at = time.monotonic()
         if self._proc is not None:
             if self.recorder is not None:
-                self.recorder.input(data, who)
+                self.recorder.input(data, who, secret=self._proc.reading_secret())
             self._proc.write(data)
 
     def _answerer(self) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import shlex
 import shutil
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -363,3 +366,15 @@ def start_shell(cwd: Path):
 def ssh_join_command(join_line: str, key: Path) -> str:
     """The printed join line plus what a test joiner needs (its key, no host-key prompts)."""
     return join_line + " -i " + shlex.quote(str(key)) + " " + shlex.join(SSH_OPTS)
+
+
+@pytest.fixture
+def keys_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A local stand-in for https://github.com/<user>.keys."""
+    root = tmp_path / "keys"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()

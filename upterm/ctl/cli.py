@@ -7,13 +7,15 @@ admin socket, prints what the daemon says, and relays the local terminal while a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +24,7 @@ import click
 from click.shell_completion import CompletionItem, get_completion_class
 
 from upterm import __version__, adminproto, config, wire
-from upterm.ctl import identities, keysources, render
+from upterm.ctl import ci, identities, keysources, render
 from upterm.ctl.client import AdminClient, connect_daemon
 from upterm.ctl.terminal import DETACH_HELP, STDIN_FD, relay_attached, terminal_size
 from upterm.errors import (
@@ -187,6 +189,181 @@ def cli(ctx: click.Context) -> None:
     Inside a shared terminal:   upterm session current
     """
     _load_config(ctx)
+
+
+# --- host -----------------------------------------------------------------------------------
+
+
+@cli.command("ci")
+@click.option(
+    "--server",
+    envvar=f"{ENV_PREFIX}_SERVER",
+    default=None,
+    metavar="URL",
+    help="Relay to use, ssh://HOST:PORT (it must be reachable from the job and from you).",
+)
+@click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    multiple=True,
+    metavar="FILE",
+    help="Only keys in FILE may join (repeatable).",
+)
+@click.option("--github-user", multiple=True, metavar="USER", help="Only USER's GitHub keys.")
+@click.option("--gitlab-user", multiple=True, metavar="USER", help="Same, for GitLab.")
+@click.option(
+    "--authorized-user",
+    multiple=True,
+    metavar="FORGE:USER",
+    help="Same, generic form: github:, gitlab:, srht: or codeberg:.",
+)
+@click.option("--name", default="ci", show_default=True, help="Name the session.")
+@click.option(
+    "--wait-timeout",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="Go on if nobody joined within this long (no limit once someone joined).",
+)
+@click.option(
+    "--continue-file",
+    "continue_files",
+    multiple=True,
+    metavar="PATH",
+    help="Go on as soon as PATH exists (repeatable; default /continue and "
+    "$GITHUB_WORKSPACE/continue).",
+)
+@click.option(
+    "--log-session-output",
+    is_flag=True,
+    help="Also copy what the shared terminal shows into the job's log (off: it stays out).",
+)
+@click.option(
+    "-r", "--read-only", is_flag=True, help="Joiners watch; their keystrokes are dropped."
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ci_command(
+    server: str | None,
+    authorized_keys: tuple[str, ...],
+    github_user: tuple[str, ...],
+    gitlab_user: tuple[str, ...],
+    authorized_user: tuple[str, ...],
+    name: str,
+    wait_timeout: str,
+    continue_files: tuple[str, ...],
+    log_session_output: bool,
+    read_only: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Share this CI job's terminal, publish how to join, and let the job go on after.
+
+    No prompt. The join line goes where the CI shows it: on GitHub Actions a notice, the
+    step's outputs (ssh-command, e2e-command, sftp-command, session-id) and the job
+    summary; elsewhere the log. Without --authorized-keys or a --*-user only the GitHub
+    user who started the run may join (GITHUB_ACTOR); with neither, nothing is shared.
+    The job goes on when the last joiner leaves, when a continue file appears, when the
+    command ends, or when nobody joined within --wait-timeout.
+
+    \b
+    Examples:
+      upterm ci                                   # on GitHub: the actor may join
+      upterm ci --github-user octocat --wait-timeout 30m
+      upterm ci --authorized-keys keys -- bash -l
+    """
+    env = os.environ
+    github = env.get("GITHUB_ACTIONS") == "true"
+    try:
+        wait_s = parse_duration(wait_timeout)
+        if not (authorized_keys or github_user or gitlab_user or authorized_user):
+            if not env.get("GITHUB_ACTOR"):
+                raise UsageError(
+                    "upterm ci needs --authorized-keys or a --*-user: its join line lands in "
+                    "the CI log, which others may read"
+                )
+            github_user = (env["GITHUB_ACTOR"],)
+        for spec in authorized_user:
+            keysources.parse_authorized_user(spec)
+        opts = HostOptions(
+            server,
+            True,
+            authorized_keys,
+            env.get(f"{ENV_PREFIX}_KNOWN_HOSTS"),
+            name,
+            True,
+            50.0,
+            read_only=read_only,
+            quiet=True,
+            hide_client_ip=True,
+            forge_users={"github": github_user, "gitlab": gitlab_user},
+            authorized_users=authorized_user,
+            # A CI job has nobody to confirm a relay's key: trust on first use, as ssh's
+            # accept-new (a changed key is still refused).
+            skip_host_key_check=True,
+        )
+    except UptermError as exc:
+        _ci_fail(exc, github)
+    files = continue_files or ci.default_continue_files(env)
+    argv = command or (("bash", "-l") if shutil.which("bash") else ())
+
+    async def then(client: AdminClient, info: dict[str, Any]) -> int:
+        published = ci.publication(info, wait_timeout, files, github)
+        click.echo("Or add this to ~/.ssh/config, then 'ssh NAME' (scp FILE NAME:):")
+        click.echo(render.ssh_config(info))
+        for line in published.stdout:
+            click.echo(line)
+        ci.write_github_files(env, published)
+        sid = str(info["sessionId"])
+        follower = None
+        if log_session_output:
+            follower = asyncio.ensure_future(_copy_output(sid))
+        try:
+            why = await ci.wait_for_the_job(
+                client.request,
+                sid,
+                wait_timeout_s=wait_s,
+                continue_files=files,
+                say=lambda text: click.echo(text, err=True),
+            )
+        finally:
+            if follower is not None:
+                follower.cancel()
+        click.echo(f"upterm: {why}; the job goes on", err=True)
+        with contextlib.suppress(UptermError):
+            await client.request("stop", session=sid)
+        return 0
+
+    try:
+        status = asyncio.run(_host(opts, argv, then))
+    except UptermError as exc:
+        _ci_fail(exc, github)
+    except KeyboardInterrupt:
+        click.echo("upterm: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(status)
+
+
+def _ci_fail(exc: UptermError, github: bool) -> NoReturn:
+    if github:
+        click.echo(f"::error title=upterm::{ci.workflow_escape(str(exc))}")
+    _fail(exc)
+
+
+async def _copy_output(session: str) -> None:
+    """--log-session-output: what the shared terminal shows, into the job's log."""
+    client = await connect_daemon(autostart=False)
+    out = sys.stdout.buffer
+
+    def on_stream(frame: dict[str, Any]) -> None:
+        if frame.get("type") == "output" and isinstance(frame.get("data"), bytes):
+            out.write(frame["data"])
+            out.flush()
+
+    client.on_stream = on_stream
+    try:
+        await client.request("attach", session=session, cols=120, rows=40, answers=False)
+        await asyncio.Future()  # until cancelled
+    finally:
+        await client.aclose()
 
 
 # --- host -----------------------------------------------------------------------------------
@@ -651,7 +828,12 @@ class HostOptions:
     full_access: bool = False
 
 
-async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
+#: Called with the daemon client and the session's info once a detached session is shared
+#: (``upterm ci`` waits for its job there); returns the exit status.
+AfterShare = Callable[[AdminClient, dict[str, Any]], Awaitable[int]]
+
+
+async def _host(opts: HostOptions, command: tuple[str, ...], then: AfterShare | None = None) -> int:
     server, accept, name, detach = opts.server, opts.accept, opts.name, opts.detach
     if not accept and not sys.stdin.isatty():
         raise UsageError(
@@ -745,6 +927,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...]) -> int:
                 return 0
             await client.request("accept", session=sid)
         handle = name or sid
+        if detach and then is not None:
+            return await then(client, info)
         if detach:
             click.echo(f"Running in the background. Attach: upterm session attach {handle}")
             return 0

@@ -203,6 +203,7 @@ class HostedSession:
                 {"fingerprint": k.fingerprint, "comment": k.comment} for k in self.authorized
             ],
             "clientCount": len(self.clients),
+            "hadJoiner": self.had_joiner,
             "approve": self.policy.approve,
             "sftp": self.policy.sftp,
             "acceptTransfers": self.policy.accept_transfers,

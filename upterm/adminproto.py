@@ -32,7 +32,9 @@ MAX_ID: Final = 2**53
 #: How the shared PTY's size follows the attached terminals.
 SIZE_POLICIES: Final = ("smallest", "host", "largest")
 #: What a joiner may do: watch, or watch and type.
-ROLES: Final = ("typist", "viewer")
+ROLES: Final = ("typist", "viewer", "moderator")
+#: What a moderated session does when it has fewer moderators than it needs.
+MODERATOR_LEAVE: Final = ("pause", "end")
 #: Where a joiner's ``ssh -L`` may lead ("" : nowhere).
 FORWARDING_MODES: Final = ("", "loopback", "any")
 #: ``wait`` can block at most this long (a week).
@@ -276,6 +278,9 @@ class CreateSession:
     approve_timeout_s: float = 60.0
     default_role: str = "typist"
     source_roles: dict[str, str] = field(default_factory=dict)
+    #: Input (and output) only while this many moderators are connected (0: unmoderated).
+    moderators: int = 0
+    on_moderator_leave: str = "pause"
     #: For a ws:// or wss:// relay: the HTTP proxy (``--proxy``) and CA file (``--ca-file``).
     ws_proxy: str | None = None
     ca_file: str | None = None
@@ -486,6 +491,8 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             approve_timeout_s=_approve_timeout(obj),
             default_role=_choice(obj, "default_role", ROLES, "typist"),
             source_roles=_source_roles(obj),
+            moderators=_int(obj, "moderators", 0, 100, required=False) or 0,
+            on_moderator_leave=_choice(obj, "on_moderator_leave", MODERATOR_LEAVE, "pause"),
             ws_proxy=_str(obj, "ws_proxy", required=False),
             ca_file=_str(obj, "ca_file", required=False),
             sftp=_field(obj, "sftp", bool, required=False) is not False,

@@ -541,6 +541,20 @@ async def _copy_output(session: str) -> None:
     help="For a wss:// relay: check its certificate against these CAs instead of the system store.",
 )
 @click.option(
+    "--moderators",
+    type=click.IntRange(1, 100),
+    default=None,
+    metavar="N",
+    help="Input (and output) only while N moderators (--role SOURCE=moderator) are joined.",
+)
+@click.option(
+    "--on-moderator-leave",
+    type=click.Choice(adminproto.MODERATOR_LEAVE),
+    default="pause",
+    show_default=True,
+    help="With --moderators: what happens when too few are left, once they had joined.",
+)
+@click.option(
     "--no-sftp",
     is_flag=True,
     help="No file transfer (sftp, scp) for joiners at all.",
@@ -600,6 +614,8 @@ def host(
     hide_client_ip: bool | None,
     http_proxy: str | None,
     ca_file: str | None,
+    moderators: int | None,
+    on_moderator_leave: str,
     no_sftp: bool,
     accept_transfers: bool,
     allow_forwarding: str | None,
@@ -664,6 +680,8 @@ def host(
             source_roles=parse_source_roles(source_roles),
             http_proxy=http_proxy,
             ca_file=str(Path(ca_file).expanduser().resolve()) if ca_file else None,
+            moderators=moderators or 0,
+            on_moderator_leave=on_moderator_leave,
             sftp=not no_sftp,
             accept_transfers=accept_transfers or full_access,
             allow_forwarding=allow_forwarding or ("loopback" if full_access else ""),
@@ -672,6 +690,13 @@ def host(
         )
         check_websocket_options(opts)
         check_access_options(opts)
+        if opts.moderators and not (
+            opts.default_role == "moderator" or "moderator" in opts.source_roles.values()
+        ):
+            raise UsageError(
+                f"--moderators {opts.moderators} needs --role SOURCE=moderator (or "
+                "--default-role moderator): otherwise nobody could ever moderate"
+            )
         if record_input and not record:
             raise UsageError("--record-input needs --record FILE.cast")
         if record_required and not record:
@@ -826,6 +851,8 @@ class HostOptions:
     allow_forwarding: str = ""
     accept_forwards: bool = False
     full_access: bool = False
+    moderators: int = 0
+    on_moderator_leave: str = "pause"
 
 
 #: Called with the daemon client and the session's info once a detached session is shared
@@ -891,6 +918,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...], then: AfterShare | 
             source_roles=opts.source_roles,
             ws_proxy=opts.http_proxy,
             ca_file=opts.ca_file,
+            moderators=opts.moderators,
+            on_moderator_leave=opts.on_moderator_leave,
             sftp=opts.sftp,
             accept_transfers=opts.accept_transfers,
             allow_forwarding=opts.allow_forwarding,

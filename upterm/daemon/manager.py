@@ -37,6 +37,7 @@ from upterm.errors import (
     UsageError,
 )
 from upterm.keys import Ed25519Key
+from upterm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class HostedSession:
     on_change: Callable[[], None] | None = None
     #: The host's terminals attached now (told how many joiners wait for approval).
     terminals: set[AttachedTerminal] = field(default_factory=set)
+    #: A moderated session had its moderators at least once (then --on-moderator-leave).
+    moderated_once: bool = False
     #: Why the recording stopped (its file could not be written), or "".
     recording_error: str = ""
     #: Per joiner: (window start, refusals reported, refusals not reported).
@@ -204,6 +207,10 @@ class HostedSession:
             ],
             "clientCount": len(self.clients),
             "hadJoiner": self.had_joiner,
+            "moderators": self.policy.moderators,
+            "moderatorsPresent": self.policy.moderators_present(),
+            "onModeratorLeave": self.policy.on_moderator_leave,
+            "held": self.session.moderation_held,
             "approve": self.policy.approve,
             "sftp": self.policy.sftp,
             "acceptTransfers": self.policy.accept_transfers,
@@ -370,16 +377,21 @@ class Manager:
                 guest.remove(b"\r\n[upterm: the host removed you from the session]\r\n")
             return adminproto.ok(req.id)
         assert req.role is not None
-        if req.role == "typist" and policy.viewer_only(req.client):
+        if req.role in ("typist", "moderator") and policy.viewer_only(req.client):
             raise UsageError(
                 f"joiner {req.client}'s key is restricted to watching (restrict in its "
                 "authorized_keys line); it cannot type"
             )
         policy.roles[req.client] = req.role
-        text = "you can type now" if req.role == "typist" else "you are a viewer now"
+        text = {
+            "typist": "you can type now",
+            "viewer": "you are a viewer now",
+            "moderator": "you are a moderator now (~: then help)",
+        }[req.role]
         for guest in channels:
             guest.role_changed()
             guest.tell(text)
+        policy.moderation_changed()
         return adminproto.ok(req.id)
 
     async def _invite(self, hosted: HostedSession, req: adminproto.CreateInvite) -> dict[str, Any]:
@@ -517,6 +529,8 @@ class Manager:
                 size_policy=req.size_policy,
                 pinned_size=req.pty_size,
             )
+            # A moderated session is held from the start, until its moderators are here.
+            session.set_moderation_hold(req.moderators > 0)
             if req.record:
                 session.recorder = Recorder(
                     Path(req.record),
@@ -557,6 +571,10 @@ class Manager:
                 accept_forwards=req.accept_forwards,
                 can_ask=lambda: any(t.answers for t in hosted.terminals),
                 on_activity=lambda a: self._activity(hosted, a),
+                moderators=req.moderators,
+                on_moderator_leave=req.on_moderator_leave,
+                on_moderation=lambda: self._moderation(hosted),
+                on_command=lambda c, text: self._joiner_command(hosted, c, text),
                 e2e_line=lambda user: tunnel.url.e2e_join_command(
                     user, tunnel.session_key.authorized_key_line().decode().strip()
                 ),
@@ -685,6 +703,74 @@ class Manager:
             )
         hosted.session.notify_host(text, urgent=True)
         hosted.notify_change()
+
+    def _moderation(self, hosted: HostedSession) -> None:
+        """Hold a moderated session while it has fewer moderators than it needs (at once,
+        in the callback that saw one leave), release it when they are back, or end it
+        (--on-moderator-leave end) once it had them."""
+        policy, session = hosted.policy, hosted.session
+        present, needed = policy.moderators_present(), policy.moderators
+        held = present < needed
+        if held == session.moderation_held:
+            return
+        if not held:
+            hosted.moderated_once = True
+            session.set_moderation_hold(False)
+            log.info("session %s: %d moderators here; input open", hosted.session_id, present)
+            session.notice(session.viewer_ids, f"{present} of {needed} moderators here: input open")
+            return
+        session.set_moderation_hold(True)
+        log.info("session %s: %d of %d moderators here; held", hosted.session_id, present, needed)
+        if policy.on_moderator_leave == "end" and hosted.moderated_once:
+            session.broadcast(
+                f"fewer moderators than the {needed} this session needs; it ends "
+                "(--on-moderator-leave end)"
+            )
+            session.hangup()
+            return
+        session.notice(
+            session.viewer_ids,
+            f"input paused and output held: {present} of {needed} moderators here",
+            urgent=True,
+        )
+
+    def _joiner_command(self, hosted: HostedSession, client: ClientInfo, text: str) -> str:
+        """A command a joiner typed at its ~: prompt; the answer it sees."""
+        words = text.split()
+        policy = hosted.policy
+        role = policy.roles.get(client.client_id, "")
+        if not words:
+            return ""
+        if words[0] == "who":
+            return "\r\n".join(
+                f"{c.client_id}: {c.addr} {c.fingerprint} [{policy.roles.get(c.client_id, '')}]"
+                + (" (you)" if c.client_id == client.client_id else "")
+                for c in hosted.clients.values()
+            )
+        if words[0] not in ("kick", "role", "end"):
+            return f"no command {printable(words[0], 40)!r}; help lists them"
+        if role != "moderator":
+            return f"only moderators may {words[0]}; you are a {role}"
+        log.info(
+            "session %s: moderator %s: %s", hosted.session_id, client.fingerprint, printable(text)
+        )
+        if words[0] == "end":
+            hosted.session.broadcast(f"moderator {client.fingerprint} ended the session")
+            hosted.session.hangup()
+            return "ending the session"
+        if len(words) != (2 if words[0] == "kick" else 3):
+            return "usage: kick ID, or role ID typist|viewer|moderator (ids: who)"
+        if words[0] == "role" and words[2] not in adminproto.ROLES:
+            return f"no role {printable(words[2], 20)!r}: typist, viewer or moderator"
+        action = adminproto.ClientAction(
+            0, words[0], None, words[1], words[2] if words[0] == "role" else None
+        )
+        try:
+            self._client_action(hosted, action)
+        except UptermError as exc:
+            return str(exc)
+        self._notice(hosted, f"moderator {client.fingerprint}: {printable(text)}")
+        return "done"
 
     def _recording_failed(self, hosted: HostedSession, why: str) -> None:
         """The recording's file could not be written: end the session if the recording is

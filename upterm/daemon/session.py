@@ -199,6 +199,8 @@ class Session:
         self._stall_timer: asyncio.TimerHandle | None = None
         #: Set by the manager when the session is recorded.
         self.recorder: Recorder | None = None
+        #: Held for want of moderators (see set_moderation_hold).
+        self.moderation_held = False
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     # -- lifecycle --
@@ -215,6 +217,20 @@ class Session:
             on_output=self._output,
             on_exit=self._exit,
         )
+        if self.moderation_held:
+            self._proc.pause_output()
+
+    def set_moderation_hold(self, held: bool) -> None:
+        """Hold the session for want of moderators: no input reaches the command, and its
+        output stays unread (it blocks once the PTY buffer fills) until released. Takes
+        effect now, before anything else the event loop does."""
+        self.moderation_held = held
+        if self._proc is None:
+            return
+        if held:
+            self._proc.pause_output()
+        else:
+            self._maybe_resume()
 
     @property
     def started(self) -> bool:
@@ -480,6 +496,11 @@ class Session:
         """Show a notice in the host's own attached terminals only."""
         self.notice([v.viewer_id for v in self._viewers.values() if v.paces], text, urgent=urgent)
 
+    @property
+    def viewer_ids(self) -> list[str]:
+        """Every attached terminal, the host's and the joiners'."""
+        return list(self._viewers)
+
     def tell_joiners(self, text: str) -> None:
         """A notice for every joiner's terminal (not the host's)."""
         self.notice([k for k, v in self._viewers.items() if not v.paces], text)
@@ -578,6 +599,8 @@ class Session:
     def input(self, data: bytes, who: str = "host") -> None:
         """Keystrokes from a viewer with the keyboard (``who``: "host" or a key fingerprint)."""
         Session.last_input_at = time.monotonic()
+        if self.moderation_held:
+            return  # a moderated session without its moderators takes no input, anyone's
         if self._proc is not None:
             if self.recorder is not None:
                 self.recorder.input(data, who, secret=self._proc.reading_secret())
@@ -719,7 +742,7 @@ class Session:
 
     def _must_wait(self) -> bool:
         """Whether reading the PTY now would outrun every viewer."""
-        if self._pacing_blocked:
+        if self._pacing_blocked or self.moderation_held:
             return True
         viewers = self._viewers.values()
         if any(v.paces for v in viewers):

@@ -26,6 +26,7 @@ import asyncssh
 from upterm import sshcompat, wire
 from upterm.daemon import consent, forward, transfer
 from upterm.daemon.consent import Activity, Decision, Question
+from upterm.daemon.escapes import Escape, JoinerEscapes
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
 from upterm.errors import RemoteProtocolError, UptermError
@@ -38,6 +39,7 @@ PTY_REQUIRED_MESSAGE = b"PTY is required.\r\n"
 RECORDED_BANNER = "this session is being recorded"
 RECORDED_WITH_INPUT_BANNER = "this session is being recorded, including what you type"
 READ_ONLY_BANNER = "attached to a read-only session: what you type is dropped"
+MODERATED_BANNER = "a moderated session: input only while its moderators are here"
 COMMAND_REFUSED = (
     "this session shares a terminal and runs no commands (ssh TOKEN@HOST COMMAND); "
     "join with a plain ssh line and type them there"
@@ -204,6 +206,13 @@ class GuestPolicy:
     )
     #: Told of each activity when decided and again when it ends (log, notice, recording).
     on_activity: Callable[[Activity], None] | None = None
+    #: Moderators needed for input (--moderators; 0: not moderated), and what happens
+    #: when fewer are present ("pause" or "end"); on_moderation re-judges it.
+    moderators: int = 0
+    on_moderator_leave: str = "pause"
+    on_moderation: Callable[[], None] | None = None
+    #: A moderator's command from its own terminal (~: kick 3): the answer to show it.
+    on_command: Callable[[ClientInfo, str], str] | None = None
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -389,7 +398,20 @@ class GuestPolicy:
 
     def can_type(self, client_id: str) -> bool:
         """Whether this joiner's keystrokes reach the terminal."""
-        return not self.read_only and self.roles.get(client_id) == "typist"
+        return not self.read_only and self.roles.get(client_id) in ("typist", "moderator")
+
+    def moderators_present(self) -> int:
+        """Moderators on the shared terminal now (a connection, a terminal channel)."""
+        return sum(
+            1
+            for cid, channels in self.by_client.items()
+            if self.roles.get(cid) == "moderator" and any(c.attached for c in channels)
+        )
+
+    def moderation_changed(self) -> None:
+        """Who is on the terminal changed: a moderated session may be held or released."""
+        if self.moderators and self.on_moderation is not None:
+            self.on_moderation()
 
     def channel_opened(self, chan: object) -> None:
         """Track a joiner channel."""
@@ -683,12 +705,18 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._early_eof = False
         #: An SFTP channel's server session (asyncssh's), which gets the channel's data.
         self._files: Any = None
+        self._escapes = JoinerEscapes()
         self.viewer_id = f"guest-{client.client_id}-{next(_client_counter)}"
 
     @property
     def paces(self) -> bool:
         """Joiners never hold the shared PTY back."""
         return False
+
+    @property
+    def attached(self) -> bool:
+        """Whether this channel is on the shared terminal now."""
+        return self._attached
 
     # asyncssh callbacks
 
@@ -841,6 +869,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 RECORDED_WITH_INPUT_BANNER if self._policy.recorded == "input" else RECORDED_BANNER,
                 urgent=True,
             )
+        if self._policy.moderators:
+            role = self._policy.roles.get(self._client.client_id, "")
+            session.notice([self.viewer_id], f"{MODERATED_BANNER}; you are a {role} (~? helps)")
+        self._policy.moderation_changed()
 
     def role_changed(self) -> None:
         """The host changed this joiner's role: its size counts only while it may type."""
@@ -887,12 +919,51 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._early is not None:  # the host has not decided yet: kept, bounded
             self._early += data[: max(0, EARLY_INPUT_BYTES - len(self._early))]
             return
-        if not self._policy.can_type(self._client.client_id):
+        data, escapes = self._escapes.feed(data)
+        for escape in escapes:
+            self._escape(escape)
+        if not data or not self._policy.can_type(self._client.client_id):
             return  # viewers' keystrokes are read and dropped, whatever the relay does
         if self._forced is not None:
             self._forced.write(data)
         elif self._attached:
             self._policy.session.input(data, self._client.fingerprint)
+
+    def _escape(self, escape: Escape) -> None:
+        """The joiner's own prompt (~:): shown on its terminal only."""
+        chan = self._chan
+        if chan is None:
+            return
+        if escape.kind == "open":
+            text = "\r\nupterm> "
+        elif escape.kind == "echo":
+            text = escape.text
+        elif escape.kind == "cancel":
+            text = "\r\n"
+        elif escape.kind == "help" or escape.text in ("help", "?"):
+            text = "\r\n" + self._help() + "\r\n"
+        else:
+            answer = ""
+            if self._policy.on_command is not None:
+                answer = self._policy.on_command(self._client, escape.text)
+            text = "\r\n" + (f"upterm: {answer}\r\n" if answer else "")
+        with contextlib.suppress(OSError, asyncssh.Error):
+            chan.write(text.encode())
+
+    def _help(self) -> str:
+        role = self._policy.roles.get(self._client.client_id, "")
+        lines = [
+            f"upterm: you are a {role}. At the start of a line, ~: opens this prompt; then:",
+            "  help          this list",
+            "  who           who is here: ids, addresses, keys, roles",
+        ]
+        if role == "moderator":
+            lines += [
+                "  kick ID       remove a joiner",
+                "  role ID ROLE  typist, viewer or moderator",
+                "  end           end the session for everyone",
+            ]
+        return "\r\n".join(lines)
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         if not (width and height):
@@ -1040,6 +1111,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._attached:
             self._attached = False
             self._policy.session.detach(self.viewer_id)
+            # A moderator leaving holds the session before anything else runs.
+            self._policy.moderation_changed()
         forced, self._forced = self._forced, None
         if forced is not None and forced.returncode is None:
             task = asyncio.ensure_future(hang_up(forced))

@@ -194,6 +194,40 @@ def cli(ctx: click.Context) -> None:
 # --- host -----------------------------------------------------------------------------------
 
 
+@cli.command(
+    "join", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.option(
+    "--retry-for",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="After a drop, keep rejoining this long.",
+)
+@click.argument("line")
+@click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
+def join_command(retry_for: str, line: str, ssh_args: tuple[str, ...]) -> None:
+    """Join a session with the line its host printed, and rejoin by yourself after a drop.
+
+    LINE is the printed ssh line (quoted as one argument); anything after it goes to ssh
+    (-i KEY, -o ...). The end-to-end line shows the host's key fingerprint first. Plain
+    ssh works as well; this only adds rejoining and gives your terminal back in order.
+
+    \b
+    Examples:
+      upterm join 'ssh TOKEN@uptermd.upterm.dev'
+      upterm join "$(upterm session current -o template='{e2eCommand}')" -i ~/.ssh/work
+    """
+    from upterm.ctl import join as joining
+
+    try:
+        retry_s = parse_duration(retry_for)
+        parsed = joining.parse_line(line)
+    except UptermError as exc:
+        _fail(exc)
+    sys.exit(joining.run(parsed, ssh_args, retry_s))
+
+
 @cli.command("ci")
 @click.option(
     "--server",

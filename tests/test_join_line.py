@@ -18,7 +18,7 @@ def test_relay_and_end_to_end_lines() -> None:
         f"ssh -J abc@relay:2222 -o KnownHostsCommand='/bin/echo upterm {pub}' abc@upterm"
     )
     assert e2e.end_to_end and e2e.host_key is not None
-    assert e2e.host_key.fingerprint == key.public().fingerprint
+    assert e2e.host_key.fingerprint == key.public.fingerprint
     assert e2e.argv[0] == "-J"
 
 

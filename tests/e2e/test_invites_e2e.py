@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import SSH_OPTS, UserEnv, make_key
 from tests.e2e.test_cli_e2e import headless
-from tests.e2e.test_github_action import keys_server  # noqa: F401 - fixture
 from tests.e2e.test_host_features_e2e import detached
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +35,7 @@ def try_join(line: str, key: Path) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_invites(user_env: UserEnv, keys_server, tmp_path: Path) -> None:  # noqa: F811
+def test_invites(user_env: UserEnv, keys_server, tmp_path: Path) -> None:
     url, root = keys_server
     user_env.env["UPTERM_GITHUB_KEYS_URL"] = url
     member, bob, stranger = (make_key(tmp_path / n) for n in ("member", "bob", "stranger"))

@@ -9,13 +9,12 @@ import pytest
 
 from tests.conftest import UserEnv, make_key
 from tests.e2e.test_cli_e2e import Joiner, headless
-from tests.e2e.test_github_action import keys_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def forges(user_env: UserEnv, keys_server) -> tuple[str, Path]:  # noqa: F811
+def forges(user_env: UserEnv, keys_server) -> tuple[str, Path]:
     url, root = keys_server
     for forge in ("GITHUB", "GITLAB", "SRHT", "CODEBERG"):
         user_env.env[f"UPTERM_{forge}_KEYS_URL"] = url

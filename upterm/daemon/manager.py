@@ -113,6 +113,8 @@ class AttachedTerminal:
 #: Refusals of one joiner's requests reported per window (see Manager._refusal_shown).
 REFUSALS_SHOWN = 10
 REFUSAL_WINDOW_S = 10.0
+#: Joiners whose refusals are counted before quiet ones are forgotten.
+MAX_REFUSAL_COUNTS = 256
 
 
 @dataclass
@@ -816,6 +818,13 @@ class Manager:
         the rest, so it cannot fill the log, the recording or the host's screen."""
         now = time.monotonic()
         cid = activity.client.client_id
+        if len(hosted.refusal_counts) > MAX_REFUSAL_COUNTS:
+            # Connections that only forwarded never "leave": forget quiet windows.
+            hosted.refusal_counts = {
+                k: v
+                for k, v in hosted.refusal_counts.items()
+                if now - v[0] <= REFUSAL_WINDOW_S or v[2]
+            }
         start, shown, hidden = hosted.refusal_counts.get(cid, (now, 0, 0))
         if now - start > REFUSAL_WINDOW_S:
             if hidden:

@@ -661,3 +661,54 @@ def test_a_terminal_nobody_types_in_answers_nothing(
     finally:
         watcher.kill()
         watcher.wait()
+
+
+async def test_what_a_hostile_sftp_client_tries(
+    user_env: UserEnv, keyed: Path, tmp_path: Path
+) -> None:
+    """An SFTP client of our own making (asyncssh's) tries what OpenSSH's never sends:
+    reading a file opened to overwrite it, a 4 GiB read, listings left open, a path whose
+    ``..`` goes through a symlink, a truncate and a setuid mode dressed as "attributes"."""
+    import asyncssh
+
+    root = home(user_env)
+    (root / "secret.txt").write_text("do not read me\n")
+    (root / "big.bin").write_bytes(os.urandom(1 << 20))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "inner").mkdir(parents=True)
+    (root / "door").symlink_to(elsewhere / "inner")
+    info = detached(user_env, "hostile", "--accept-transfers", "--authorized-keys", f"{keyed}.pub")
+    async with asyncssh.connect(
+        "127.0.0.1", relay_port(info), username=str(info["sshUser"]), client_keys=[str(keyed)],
+        known_hosts=None, agent_path=None, config=None,
+    ) as conn, conn.start_sftp_client() as files:  # fmt: skip
+        # Read and write at once: the download is asked (and recorded) too.
+        async with files.open("secret.txt", "r+b") as f:
+            assert await f.read(5) == b"do no"
+        # One read never returns more than 256 KiB, whatever it asks.
+        handle = await files._handler.open(b"big.bin", asyncssh.FXF_READ, asyncssh.SFTPAttrs())
+        data, _ = await files._handler.read(handle, 0, 0xFFFFFFF0)
+        assert len(data) == 256 * 1024
+        await files._handler.close(handle)
+        # A server-side copy (copy-data) copies everything.
+        await files.copy("big.bin", "copy.bin", remote_only=True)
+        assert (root / "copy.bin").read_bytes() == (root / "big.bin").read_bytes()
+        # Listings left open are bounded.
+        handles = []
+        with pytest.raises(asyncssh.SFTPFailure, match="open listings"):
+            for _ in range(40):
+                handles.append(await files._handler.opendir(b"."))
+        assert len(handles) == 16
+        # The question names what the change really touches.
+        async with files.open("door/../planted.txt", "wb") as f:
+            await f.write(b"x")
+        assert (elsewhere / "planted.txt").exists()
+        # Attributes said plainly; no setuid bit from a joiner.
+        await files.truncate("copy.bin", 0)
+        await files.chmod("copy.bin", 0o4777)
+        assert (root / "copy.bin").stat().st_mode & 0o7777 == 0o777
+    activity = [(a["kind"], a["what"]) for a in info_of(user_env, "hostile")["activity"]]
+    assert ("download", "~/secret.txt") in activity and ("overwrite", "~/secret.txt") in activity
+    assert ("upload", f"{elsewhere}/planted.txt") in activity
+    assert ("truncate", "~/copy.bin to 0 bytes") in activity
+    assert ("chmod", "~/copy.bin (mode 777)") in activity

@@ -516,7 +516,7 @@ async def _copy_output(session: str) -> None:
     "--record-input",
     is_flag=True,
     help="With --record: also record the keystrokes themselves, marked with who typed "
-    "them (never while the terminal has echo off: passwords stay out).",
+    "them (never at a prompt that reads a line without echo: passwords stay out).",
 )
 @click.option(
     "--record-required",

@@ -21,7 +21,18 @@ from upterm.daemon.session import ClientInfo
 #: File operations that change nothing and ask nobody: listing, stat, realpath, readlink.
 #: Everything a joiner does to the host's files is one of these kinds.
 TRANSFER_KINDS = frozenset(
-    {"download", "upload", "overwrite", "remove", "rename", "mkdir", "rmdir", "chmod", "link"}
+    {
+        "download",
+        "upload",
+        "overwrite",
+        "remove",
+        "rename",
+        "mkdir",
+        "rmdir",
+        "chmod",
+        "truncate",
+        "link",
+    }
 )
 #: Kinds that only read: the only ones read-only sessions and viewers may do.
 READING_KINDS = frozenset({"download"})

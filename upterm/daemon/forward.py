@@ -43,20 +43,6 @@ CONNECT_TIMEOUT_S = 10.0
 HIGH_WATER_BYTES = 256 * 1024
 
 
-def _pace(size: int, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-    """Forwarded bytes yield to a terminal in use as file transfers do (the same pacer):
-    stop reading until the bytes just passed on were due."""
-    delay = PACER.reserve(size)
-    if delay > 0:
-        pause()
-        asyncio.get_running_loop().call_later(delay, _quietly, resume)
-
-
-def _quietly(call: Callable[[], None]) -> None:
-    with contextlib.suppress(OSError, asyncssh.Error, RuntimeError):
-        call()  # the connection may have closed meanwhile
-
-
 def _prohibited(text: str) -> asyncssh.ChannelOpenError:
     return asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, text)
 
@@ -82,7 +68,7 @@ async def open_forward(
     dest_port: int,
     ask: Callable[[ClientInfo, str, str], Awaitable[Activity]],
     report: Callable[[Activity], None],
-) -> asyncssh.SSHTCPSession[bytes]:
+) -> _ChannelSide:
     """Decide on one ``direct-tcpip`` channel and connect it; raises the refusal the
     joiner's ssh shows ("open failed: administratively prohibited: ...")."""
     if not mode:
@@ -126,9 +112,42 @@ async def _connect(hosts: list[str], port: int) -> tuple[asyncio.BaseTransport, 
     raise last
 
 
+class _Reading:
+    """Whether one side is read: paused while any reason holds it (the other side's buffer
+    is full, the pacer, the channel not open yet), read again once none does."""
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self._pause, self._resume = pause, resume
+        self._holds: dict[str, int] = {}
+
+    def hold(self, reason: str) -> None:
+        if not self._holds:
+            with contextlib.suppress(OSError, asyncssh.Error, RuntimeError):
+                self._pause()
+        self._holds[reason] = self._holds.get(reason, 0) + 1
+
+    def release(self, reason: str, all_of_it: bool = False) -> None:
+        left = 0 if all_of_it else self._holds.get(reason, 0) - 1
+        if left > 0:
+            self._holds[reason] = left
+        else:
+            self._holds.pop(reason, None)
+        if not self._holds:
+            with contextlib.suppress(OSError, asyncssh.Error, RuntimeError):
+                self._resume()  # the connection may have closed meanwhile
+
+    def pace(self, size: int) -> None:
+        """Bytes just passed on: stop reading until they were due (the transfer pacer)."""
+        delay = PACER.reserve(size)
+        if delay > 0:
+            self.hold("pace")
+            asyncio.get_running_loop().call_later(delay, self.release, "pace")
+
+
 class _Splice(asyncio.Protocol):
     """The TCP side of a forward; :attr:`channel_side` is the SSH side. Each side stops
-    reading while the other holds more than HIGH_WATER_BYTES for its reader."""
+    reading while the other holds more than HIGH_WATER_BYTES for its reader, and while
+    the pacer says so."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -136,22 +155,25 @@ class _Splice(asyncio.Protocol):
         self.activity: Activity | None = None
         self.report: Callable[[Activity], None] | None = None
         self.channel_side = _ChannelSide(self)
+        self.tcp_reading: _Reading | None = None
+        self.chan_reading: _Reading | None = None
         self._reported = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER_BYTES)
+        self.tcp_reading = _Reading(transport.pause_reading, transport.resume_reading)
         # Nothing is read (a server's greeting) until the channel is there to carry it.
-        transport.pause_reading()
+        self.tcp_reading.hold("opening")
 
     def data_received(self, data: bytes) -> None:
         if self.activity is not None:
             self.activity.bytes_out += len(data)
         if self.chan is not None:
             self.chan.write(data)
-        if self.transport is not None:
-            _pace(len(data), self.transport.pause_reading, self.transport.resume_reading)
+        if self.tcp_reading is not None:
+            self.tcp_reading.pace(len(data))
 
     def eof_received(self) -> bool:
         if self.chan is not None:
@@ -165,15 +187,16 @@ class _Splice(asyncio.Protocol):
         self.finished()
 
     def pause_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.pause_reading()
+        if self.chan_reading is not None:
+            self.chan_reading.hold("full")
 
     def resume_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.resume_reading()
+        if self.chan_reading is not None:
+            self.chan_reading.release("full", all_of_it=True)
 
     def finished(self) -> None:
-        """Both sides are done: the forward's bytes go to the audit, once."""
+        """Both sides are done (or the joiner went before the channel opened): the
+        connection closes, and the forward's bytes go to the audit, once."""
         if self.transport is not None:
             self.transport.close()
         if self.activity is not None and self.report is not None and not self._reported:
@@ -186,11 +209,17 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
     def __init__(self, splice: _Splice) -> None:
         self._splice = splice
 
+    def abandon(self) -> None:
+        """The channel never opened (the joiner left meanwhile): close the TCP side."""
+        self._splice.finished()
+
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self._splice.chan = chan
+        splice = self._splice
+        splice.chan = chan
         chan.set_write_buffer_limits(HIGH_WATER_BYTES)
-        if self._splice.transport is not None:
-            self._splice.transport.resume_reading()
+        splice.chan_reading = _Reading(chan.pause_reading, chan.resume_reading)
+        if splice.tcp_reading is not None:
+            splice.tcp_reading.release("opening")
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         splice = self._splice
@@ -199,10 +228,10 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
         if splice.transport is not None:
             splice.transport.write(data)
         chan = splice.chan
-        if chan is not None:
+        if chan is not None and splice.chan_reading is not None:
             paced = PACER.interactive()
             sshcompat.set_receive_window(chan, PACED_WINDOW_BYTES if paced else FULL_WINDOW_BYTES)
-            _pace(len(data), chan.pause_reading, chan.resume_reading)
+            splice.chan_reading.pace(len(data))
 
     def eof_received(self) -> bool:
         transport = self._splice.transport
@@ -212,12 +241,12 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
         return False
 
     def pause_writing(self) -> None:
-        if self._splice.transport is not None:
-            self._splice.transport.pause_reading()
+        if self._splice.tcp_reading is not None:
+            self._splice.tcp_reading.hold("full")
 
     def resume_writing(self) -> None:
-        if self._splice.transport is not None:
-            self._splice.transport.resume_reading()
+        if self._splice.tcp_reading is not None:
+            self._splice.tcp_reading.release("full", all_of_it=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._splice.finished()

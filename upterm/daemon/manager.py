@@ -142,7 +142,7 @@ class HostedSession:
     moderated_once: bool = False
     #: Why the recording stopped (its file could not be written), or "".
     recording_error: str = ""
-    #: Per joiner: (window start, refusals reported, refusals not reported).
+    #: Per joiner key: (window start, refusals reported, refusals not reported).
     refusal_counts: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
     def waiting_changed(self) -> None:
@@ -352,6 +352,15 @@ class Manager:
     def _client_action(self, hosted: HostedSession, req: adminproto.ClientAction) -> dict[str, Any]:
         policy = hosted.policy
         if req.action in ("approve", "deny"):
+            waiting = [q for q in policy.pending.values() if q.waiting]
+            if req.client is None and len(waiting) > 1:
+                # ~y typed while several questions wait would answer one the host may not
+                # have read (a joiner could keep one waiting for that): name it.
+                raise UsageError(
+                    f"{len(waiting)} questions wait; answer one by its joiner: 'upterm "
+                    f"session approve|deny {hosted.name or hosted.session_id} ID' "
+                    "('upterm session info' lists them)"
+                )
             question = policy.answer(req.client, req.action == "approve", req.everything)
             if question is None:
                 raise SessionNotFound(
@@ -668,7 +677,6 @@ class Manager:
         )
 
     def _left(self, hosted: HostedSession, client_id: str) -> None:
-        hosted.refusal_counts.pop(client_id, None)
         client = hosted.clients.pop(client_id, None)
         if client is not None:
             log.info("session %s: client %s left", hosted.session_id, client_id)
@@ -817,9 +825,9 @@ class Manager:
         at once) gets REFUSALS_SHOWN lines per REFUSAL_WINDOW_S, and then one that counts
         the rest, so it cannot fill the log, the recording or the host's screen."""
         now = time.monotonic()
-        cid = activity.client.client_id
+        cid = activity.client.fingerprint  # per key: new connections start no new window
         if len(hosted.refusal_counts) > MAX_REFUSAL_COUNTS:
-            # Connections that only forwarded never "leave": forget quiet windows.
+            # Keys come and go: forget the quiet windows of the ones seen before.
             hosted.refusal_counts = {
                 k: v
                 for k, v in hosted.refusal_counts.items()

@@ -367,7 +367,8 @@ class GuestPolicy:
         if not self.can_ask():
             return Decision(False, consent.BY_NOBODY)
         waiting = [q for q in self.pending.values() if q.waiting and q.kind != "join"]
-        mine = [q for q in waiting if q.client.client_id == client.client_id]
+        # Per key, not per connection: more connections must not mean more questions.
+        mine = [q for q in waiting if q.client.fingerprint == client.fingerprint]
         if (
             len(waiting) >= consent.MAX_WAITING_QUESTIONS
             or len(mine) >= consent.MAX_WAITING_PER_JOINER
@@ -401,11 +402,16 @@ class GuestPolicy:
         return not self.read_only and self.roles.get(client_id) in ("typist", "moderator")
 
     def moderators_present(self) -> int:
-        """Moderators on the shared terminal now (a connection, a terminal channel)."""
-        return sum(
-            1
-            for cid, channels in self.by_client.items()
-            if self.roles.get(cid) == "moderator" and any(c.attached for c in channels)
+        """Moderators on the shared terminal now: distinct keys with a terminal channel
+        (one person connected twice is one moderator)."""
+        return len(
+            {
+                channel.fingerprint
+                for cid, channels in self.by_client.items()
+                if self.roles.get(cid) == "moderator"
+                for channel in channels
+                if channel.attached
+            }
         )
 
     def moderation_changed(self) -> None:
@@ -611,7 +617,7 @@ class InnerServer(asyncssh.SSHServer):
             may_forward = forward.KEY_NO_FORWARDING
         elif not policy.can_type(client.client_id):
             may_forward = forward.NOT_FOR_VIEWERS
-        return await forward.open_forward(
+        session = await forward.open_forward(
             mode=policy.allow_forwarding,
             may_forward=may_forward,
             client=client,
@@ -620,6 +626,11 @@ class InnerServer(asyncssh.SSHServer):
             ask=policy.ask,
             report=policy.report,
         )
+        if self._conn is None or self._conn.is_closed():
+            # The joiner left while the host was asked or the destination dialled:
+            # asyncssh then never opens the channel, so nothing else would close it.
+            session.abandon()
+        return session
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self.note(wire.REMOTE_FORWARDING_REFUSED)
@@ -717,6 +728,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def attached(self) -> bool:
         """Whether this channel is on the shared terminal now."""
         return self._attached
+
+    @property
+    def fingerprint(self) -> str:
+        """The joiner's key."""
+        return self._client.fingerprint
 
     # asyncssh callbacks
 

@@ -24,7 +24,8 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,12 @@ from upterm.text import printable
 
 #: Files one joiner's SFTP session may hold open at once (each is a descriptor of ours).
 MAX_OPEN_FILES = 64
+#: Directory listings one SFTP session may hold open (each holds a descriptor).
+MAX_OPEN_LISTINGS = 16
+#: Open files and listings of every joiner of the daemon together.
+MAX_HANDLES = 256
+#: The most one read request returns.
+MAX_READ_BYTES = 256 * 1024
 #: The worker threads reading and writing files for every transfer of the daemon.
 _io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upterm-files")
 
@@ -110,10 +117,19 @@ PACER = Pacer()
 class _OpenFile:
     fd: int
     activity: Activity
+    #: Opened for reading too (and the host allowed the download).
+    readable: bool = True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Where data and holes are (asyncssh's ranges@asyncssh.com asks with it)."""
+        return os.lseek(self.fd, offset, whence)
 
 
 class HostFiles(asyncssh.SFTPServer):
     """One joiner's SFTP session over the host user's files."""
+
+    #: Open files and listings of all joiners of this daemon (MAX_HANDLES bounds them).
+    handles = 0
 
     def __init__(
         self,
@@ -132,6 +148,7 @@ class HostFiles(asyncssh.SFTPServer):
         self._report = report
         self._may_write = may_write
         self._open: dict[int, _OpenFile] = {}
+        self._listings: weakref.WeakSet[_Listing] = weakref.WeakSet()
 
     # -- paths --
 
@@ -155,6 +172,14 @@ class HostFiles(asyncssh.SFTPServer):
         elif full.startswith(self._home + b"/"):
             full = b"~" + full[len(self._home) :]
         return printable(os.fsdecode(full), 300)
+
+    async def _target(self, path: bytes) -> str:
+        """What a change really touches, for the question: the parent directory resolved
+        (symlinks and ``..`` as the kernel follows them), then the name."""
+        local = self.map_path(path)
+        parent, name = posixpath.split(local.rstrip(b"/") or b"/")
+        real = posixpath.join(await _run(os.path.realpath, parent or b"/"), name)
+        return self._show(real)
 
     # -- consent --
 
@@ -185,10 +210,13 @@ class HostFiles(asyncssh.SFTPServer):
         await PACER.take(REQUEST_BYTES)
         if len(self._open) >= MAX_OPEN_FILES:
             raise asyncssh.SFTPFailure(f"at most {MAX_OPEN_FILES} open files per session")
+        if HostFiles.handles >= MAX_HANDLES:
+            raise asyncssh.SFTPFailure("the host has too many files open for joiners; later")
         local = self.map_path(path)
         writing = bool(pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND))
+        reading = bool(pflags & asyncssh.FXF_READ) or not writing
         if writing:
-            flags = os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
+            flags = os.O_RDWR if reading else os.O_WRONLY
             flags |= os.O_APPEND if pflags & asyncssh.FXF_APPEND else 0
             flags |= os.O_CREAT if pflags & asyncssh.FXF_CREAT else 0
             flags |= os.O_TRUNC if pflags & asyncssh.FXF_TRUNC else 0
@@ -200,8 +228,13 @@ class HostFiles(asyncssh.SFTPServer):
             # What cannot be downloaded does not bother the host with a question.
             if stat.S_ISDIR((await _run(os.stat, local)).st_mode):
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), local)
-        activity = await self._allowed(kind, self._show(path))
-        mode = attrs.permissions & 0o7777 if attrs.permissions is not None else 0o666
+        shown = await self._target(path)
+        if writing and reading:
+            # Reading a file opened to write it is a download of its own: asked too.
+            await self._allowed("download", shown)
+        activity = await self._allowed(kind, shown)
+        # No setuid, setgid or sticky bits from a joiner.
+        mode = attrs.permissions & 0o777 if attrs.permissions is not None else 0o666
         try:
             fd = await _run(os.open, local, flags | os.O_CLOEXEC, mode)
         except OSError as exc:
@@ -209,21 +242,29 @@ class HostFiles(asyncssh.SFTPServer):
             activity.ended = True
             self._report(activity)
             raise
-        opened = _OpenFile(fd, activity)
+        opened = _OpenFile(fd, activity, readable=reading)
         self._open[fd] = opened
+        HostFiles.handles += 1
         return opened
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         assert isinstance(file_obj, _OpenFile)
-        if PACER.interactive():
-            size = min(size, PACE_STEP_BYTES)  # a short read: the client asks for the rest
-        await PACER.take(size)
+        if not file_obj.readable:
+            raise asyncssh.SFTPPermissionDenied("this file was opened to write, not to read")
+        # Never more than this at once, whatever the client asks (one request must not make
+        # the daemon hold gigabytes); never a short read otherwise: asyncssh's copy-data
+        # takes one for the end of the file.
+        size = min(size, MAX_READ_BYTES)
+        for step in range(0, size, PACE_STEP_BYTES):
+            await PACER.take(min(PACE_STEP_BYTES, size - step))
         data: bytes = await _run(os.pread, file_obj.fd, size, offset)
         file_obj.activity.bytes_out += len(data)
         return data
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         assert isinstance(file_obj, _OpenFile)
+        if not self._may_write():  # made a viewer since it opened the file
+            raise asyncssh.SFTPPermissionDenied(READ_ONLY_REFUSAL)
         # While a terminal is in use the joiner sends in small bursts (a whole window at
         # once would hold a keystroke up behind megabytes to decrypt).
         window = PACED_WINDOW_BYTES if PACER.interactive() else FULL_WINDOW_BYTES
@@ -239,6 +280,7 @@ class HostFiles(asyncssh.SFTPServer):
 
     def _close(self, opened: _OpenFile) -> None:
         if self._open.pop(opened.fd, None) is not None:
+            HostFiles.handles -= 1
             with contextlib.suppress(OSError):
                 os.close(opened.fd)
             opened.activity.ended = True
@@ -253,6 +295,20 @@ class HostFiles(asyncssh.SFTPServer):
         with contextlib.suppress(OSError, asyncssh.Error):
             self.channel.exit(0)
 
+    def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        """A directory listing, read on a worker thread, paced, and bounded: at most
+        MAX_OPEN_LISTINGS per session (a listing left open holds a descriptor)."""
+        if len(self._listings) >= MAX_OPEN_LISTINGS or HostFiles.handles >= MAX_HANDLES:
+            raise asyncssh.SFTPFailure(f"at most {MAX_OPEN_LISTINGS} open listings per session")
+        listing = _Listing(self.map_path(path))
+        self._listings.add(listing)
+        return listing
+
+    async def statvfs(self, path: bytes) -> os.statvfs_result:
+        await PACER.take(REQUEST_BYTES)
+        result: os.statvfs_result = await _run(os.statvfs, self.map_path(path))
+        return result
+
     def fstat(self, file_obj: object) -> os.stat_result:
         assert isinstance(file_obj, _OpenFile)
         return os.fstat(file_obj.fd)
@@ -262,7 +318,9 @@ class HostFiles(asyncssh.SFTPServer):
         # Setting a file's times or mode after writing it is part of that upload (scp -p);
         # on a file opened only to read it is a change of its own.
         if file_obj.activity.kind == "download":
-            await self._allowed("chmod", file_obj.activity.what)
+            await self._allowed(*_attr_change(attrs, file_obj.activity.what))
+        elif not self._may_write():
+            raise asyncssh.SFTPPermissionDenied(READ_ONLY_REFUSAL)
         await _run(_apply_attrs, file_obj.fd, attrs)
 
     async def fsync(self, file_obj: object) -> None:
@@ -293,33 +351,39 @@ class HostFiles(asyncssh.SFTPServer):
     # -- changes by path --
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        await self._allowed("chmod", self._show(path))
+        await self._allowed(*_attr_change(attrs, await self._target(path)))
         await _run(_apply_attrs, self.map_path(path), attrs)
 
     async def lsetstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        await self._allowed("chmod", self._show(path))
+        if attrs.size is not None:
+            raise asyncssh.SFTPPermissionDenied("truncate through lsetstat: use setstat")
+        await self._allowed(*_attr_change(attrs, await self._target(path)))
         await _run(_apply_attrs, self.map_path(path), attrs, False)
 
     async def remove(self, path: bytes) -> None:
-        await self._allowed("remove", self._show(path))
+        await self._allowed("remove", await self._target(path))
         await _run(os.remove, self.map_path(path))
 
     async def rmdir(self, path: bytes) -> None:
-        await self._allowed("rmdir", self._show(path))
+        await self._allowed("rmdir", await self._target(path))
         await _run(os.rmdir, self.map_path(path))
 
     async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        await self._allowed("mkdir", self._show(path))
+        await self._allowed("mkdir", await self._target(path))
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else 0o777
         await _run(os.mkdir, self.map_path(path), mode)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._allowed("rename", f"{self._show(oldpath)} -> {self._show(newpath)}")
+        await self._allowed(
+            "rename", f"{await self._target(oldpath)} -> {await self._target(newpath)}"
+        )
         # SFTP's rename does not replace (as OpenSSH's sftp-server); posix-rename does.
         await _run(_rename_new, self.map_path(oldpath), self.map_path(newpath))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._allowed("rename", f"{self._show(oldpath)} -> {self._show(newpath)}")
+        await self._allowed(
+            "rename", f"{await self._target(oldpath)} -> {await self._target(newpath)}"
+        )
         await _run(os.replace, self.map_path(oldpath), self.map_path(newpath))
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
@@ -331,11 +395,13 @@ class HostFiles(asyncssh.SFTPServer):
             oldpath, newpath = newpath, oldpath
         # The target is stored as given (relative targets are relative to the link).
         target = printable(os.fsdecode(oldpath))
-        await self._allowed("link", f"{self._show(newpath)} -> {target}")
+        await self._allowed("link", f"{await self._target(newpath)} -> {target}")
         await _run(os.symlink, oldpath, self.map_path(newpath))
 
     async def link(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._allowed("link", f"{self._show(newpath)} => {self._show(oldpath)}")
+        await self._allowed(
+            "link", f"{await self._target(newpath)} => {await self._target(oldpath)}"
+        )
         await _run(os.link, self.map_path(oldpath), self.map_path(newpath))
 
 
@@ -347,8 +413,87 @@ def _write_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
+class _Listing:
+    """One directory listing (an async iterator of names with their attributes)."""
+
+    BATCH = 128
+
+    def __init__(self, path: bytes) -> None:
+        self._path = path
+        self._entries: Any = None
+        self._batch: list[asyncssh.SFTPName] = []
+        self._done = False
+        HostFiles.handles += 1
+        self._counted = True
+
+    def __aiter__(self) -> _Listing:
+        return self
+
+    async def __anext__(self) -> asyncssh.SFTPName:
+        if not self._batch:
+            if self._done:
+                raise StopAsyncIteration
+            if self._entries is None:
+                self._entries = await _run(os.scandir, self._path)
+                self._batch = await _run(_dots, self._path)
+            batch = await _run(_next_entries, self._entries, self.BATCH)
+            await PACER.take(REQUEST_BYTES * max(1, len(batch)))
+            self._batch += batch
+            if len(batch) < self.BATCH:
+                self._done = True
+                self._close()
+            if not self._batch:
+                raise StopAsyncIteration
+        return self._batch.pop(0)
+
+    def _close(self) -> None:
+        if self._entries is not None:
+            with contextlib.suppress(OSError):
+                self._entries.close()
+        if self._counted:
+            self._counted = False
+            HostFiles.handles -= 1
+
+    def __del__(self) -> None:
+        self._close()  # the client closed the handle, or the session ended
+
+
+def _dots(path: bytes) -> list[asyncssh.SFTPName]:
+    return [
+        asyncssh.SFTPName(
+            name, attrs=asyncssh.SFTPAttrs.from_local(os.lstat(posixpath.join(path, name)))
+        )
+        for name in (b".", b"..")
+    ]
+
+
+def _next_entries(entries: Any, count: int) -> list[asyncssh.SFTPName]:
+    names = []
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        names.append(asyncssh.SFTPName(entry.name, attrs=asyncssh.SFTPAttrs.from_local(st)))
+        if len(names) >= count:
+            break
+    return names
+
+
 def _swaps_symlink(version: str) -> bool:
     return any(name in version for name in ("OpenSSH", "paramiko"))
+
+
+def _attr_change(attrs: asyncssh.SFTPAttrs, what: str) -> tuple[str, str]:
+    """The question for a setstat: what it changes, said plainly."""
+    if attrs.size is not None:
+        return "truncate", f"{what} to {attrs.size} bytes"
+    changes = []
+    if attrs.permissions is not None:
+        changes.append(f"mode {attrs.permissions & 0o777:o}")
+    if attrs.atime is not None or attrs.mtime is not None:
+        changes.append("times")
+    return "chmod", f"{what} ({', '.join(changes) or 'attributes'})"
 
 
 def _rename_new(old: bytes, new: bytes) -> None:
@@ -363,7 +508,7 @@ def _apply_attrs(target: int | bytes, attrs: asyncssh.SFTPAttrs, follow: bool = 
     if attrs.size is not None:
         os.truncate(target, attrs.size)
     if attrs.permissions is not None and (isinstance(target, int) or follow):
-        os.chmod(target, attrs.permissions & 0o7777)
+        os.chmod(target, attrs.permissions & 0o777)  # never setuid, setgid or sticky
     if attrs.atime is not None and attrs.mtime is not None:
         if isinstance(target, int):
             os.utime(target, (attrs.atime, attrs.mtime))

@@ -621,20 +621,36 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def host_terminal_latency_ms(w: World, n: int) -> list[float]:
-    """The host's own attached terminal: a keystroke over the admin socket to its echo."""
+    """The host's own attached terminal: a keystroke over the admin socket to its echo
+    (in a session of its own, running cat)."""
     from upterm.ctl.client import AdminClient
 
     client = await AdminClient.connect(Path(w.env["XDG_RUNTIME_DIR"]) / "upterm" / "daemon.sock")
-    reply = await client.request(
-        "create", argv=["cat"], env=w.env, cwd="/", term="xterm", cols=80, rows=24,
-        server=None, authorized_keys=[], accept=True, known_hosts=None, name="own",
-    )  # fmt: skip
+    try:
+        reply = await client.request(
+            "create", argv=["cat"], env=w.env, cwd="/", term="xterm", cols=80, rows=24,
+            server=None, authorized_keys=[], accept=True, known_hosts=None, name="own",
+        )  # fmt: skip
+    finally:
+        await client.aclose()
+    return await attached_latency_ms(w, reply["session"]["sessionId"], n)
+
+
+async def attached_latency_ms(w: World, session: str, n: int) -> list[float]:
+    """A terminal attached to ``session`` (running cat): a keystroke over the admin socket
+    to its echo, ``n`` times after 20 to warm up."""
+    from upterm.ctl.client import AdminClient
+
+    client = await AdminClient.connect(Path(w.env["XDG_RUNTIME_DIR"]) / "upterm" / "daemon.sock")
     got: asyncio.Queue[bytes] = asyncio.Queue()
     client.on_stream = lambda f: (
         got.put_nowait(f.get("data", b"")) if f["type"] == "output" else None
     )
-    attach = await client.request("attach", session=reply["session"]["sessionId"], cols=80, rows=24)
+    attach = await client.request("attach", session=session, cols=80, rows=24)
     stream = attach["stream"]
+    await asyncio.sleep(0.3)  # the replay of what the session showed before
+    while not got.empty():
+        got.get_nowait()
     samples = []
     for i in range(n + 20):
         ch = bytes([97 + i % 26])
@@ -642,7 +658,7 @@ async def host_terminal_latency_ms(w: World, n: int) -> list[float]:
         client.send({"type": "input", "stream": stream, "data": ch})
         seen = b""
         while ch not in seen:
-            seen += await asyncio.wait_for(got.get(), 5)
+            seen += await asyncio.wait_for(got.get(), 10)
         if i >= 20:
             samples.append((time.perf_counter() - start) * 1000)
     client.send({"type": "detach", "stream": stream})

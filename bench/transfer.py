@@ -31,7 +31,7 @@ from bench.run import (
     NO_QUOTAS,
     Figure,
     Report,
-    World,
+    attached_latency_ms,
     echo_latency_ms,
     machine_info,
     pct,
@@ -75,36 +75,6 @@ def _running(argv: list[str], env: dict[str, str]) -> Iterator[Callable[[], bool
     finally:
         stop.set()
         thread.join(900)
-
-
-async def attached_latency_ms(w: World, session: str, n: int) -> list[float]:
-    """The host's own terminal, attached to ``session``: a keystroke over the admin
-    socket to its echo."""
-    from upterm.ctl.client import AdminClient
-
-    client = await AdminClient.connect(Path(w.env["XDG_RUNTIME_DIR"]) / "upterm" / "daemon.sock")
-    got: asyncio.Queue[bytes] = asyncio.Queue()
-    client.on_stream = lambda f: (
-        got.put_nowait(f.get("data", b"")) if f["type"] == "output" else None
-    )
-    attach = await client.request("attach", session=session, cols=80, rows=24)
-    stream = attach["stream"]
-    samples = []
-    await asyncio.sleep(0.3)
-    while not got.empty():
-        got.get_nowait()
-    for i in range(n + 20):
-        ch = bytes([97 + i % 26])
-        start = time.perf_counter()
-        client.send({"type": "input", "stream": stream, "data": ch})
-        seen = b""
-        while ch not in seen:
-            seen += await asyncio.wait_for(got.get(), 10)
-        if i >= 20:
-            samples.append((time.perf_counter() - start) * 1000)
-    client.send({"type": "detach", "stream": stream})
-    await client.aclose()
-    return samples
 
 
 async def run(quick: bool) -> Report:

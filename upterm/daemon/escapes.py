@@ -40,6 +40,11 @@ class JoinerEscapes:
 
     def feed(self, data: bytes) -> tuple[bytes, list[Escape]]:
         """The bytes for the terminal, and the escapes, in order."""
+        if self._prompt is None and not self._tilde and b"~" not in data:
+            # Every keystroke comes this way: no per-byte loop unless there is a tilde.
+            if data:
+                self._line_start = data[-1:] in (b"\r", b"\n")
+            return data, []
         out = bytearray()
         events: list[Escape] = []
         for byte in data:

@@ -734,3 +734,33 @@ async def test_a_smaller_receive_window_is_what_the_peer_is_granted_next() -> No
         assert chan._send_window <= 64 * 1024
         chan.close()
     server.close()
+
+
+@pytest.mark.parametrize("name", ["aes128-gcm", "aes256-gcm"])  # asyncssh's own names
+def test_reused_gcm_contexts_seal_what_a_fresh_context_per_packet_seals(name: str) -> None:
+    """After reuse_gcm_contexts, each packet is sealed with the nonce RFC 5647 gives it
+    (fixed field, 64-bit invocation counter that wraps), exactly as one AESGCM object per
+    packet would; a forged tag still opens to None."""
+    import os
+
+    from asyncssh.crypto.cipher import GCMCipher
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    sshcompat.reuse_gcm_contexts()
+    sshcompat.reuse_gcm_contexts()  # idempotent
+    key = os.urandom(16 if name.startswith("aes128") else 32)
+    fixed = os.urandom(4)
+    start = (1 << 64) - 2  # the counter wraps within the packets below
+    iv = fixed + start.to_bytes(8, "big")
+    sender, receiver = GCMCipher(name, key, iv), GCMCipher(name, key, iv)
+    for i in range(5):
+        header, data = (40 + i).to_bytes(4, "big"), os.urandom(40 + i)
+        sealed, tag = sender.encrypt_and_sign(header, data)
+        nonce = fixed + ((start + i) & ((1 << 64) - 1)).to_bytes(8, "big")
+        expected = AESGCM(key).encrypt(nonce, data, header)
+        assert sealed == header + expected[:-16]
+        assert tag == expected[-16:]
+        assert receiver.verify_and_decrypt(header, sealed[4:], tag) == data
+    header = b"\0\0\0\x10"
+    sealed, tag = sender.encrypt_and_sign(header, b"x" * 16)
+    assert receiver.verify_and_decrypt(header, sealed[4:], bytes(16)) is None

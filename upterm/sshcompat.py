@@ -550,6 +550,63 @@ def skip_unlogged_packet_formatting() -> None:
     SSHPacketLogger.log_received_packet = log_received_packet  # type: ignore[method-assign]
 
 
+_gcm_reused = False
+
+
+def reuse_gcm_contexts() -> None:
+    """Make each AES-GCM direction one ``AESGCM`` object, kept for the keys' lifetime.
+
+    asyncssh (2.24 and earlier) builds a new ``AESGCM(key)`` for every packet it encrypts or
+    decrypts, which fetches the cipher from OpenSSL's provider tables each time, and rebuilds
+    the nonce by slicing and re-encoding bytes. A keystroke crosses six AES-GCM operations in
+    the relay: a profile put a fifth of uptermd's CPU per keystroke in those two lines. The
+    key of a direction never changes (a rekey makes new cipher objects), so the object is
+    made once; the nonce keeps RFC 5647's layout: a fixed 4-byte field and a 64-bit
+    invocation counter that wraps. Idempotent; process-wide.
+    """
+    global _gcm_reused
+    if _gcm_reused:
+        return
+    _gcm_reused = True
+    from asyncssh.crypto import cipher as cipher_module
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    tag_size = cipher_module._GCM_MAC_SIZE
+    mask = (1 << 64) - 1
+
+    def init(self: Any, cipher_name: str, key: bytes, iv: bytes) -> None:
+        self._cipher = cipher_module._cipher_algs[cipher_name][0]
+        self._key = key
+        self._iv = iv
+        self._aead = AESGCM(key)
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:], "big")
+
+    def next_iv(self: Any) -> bytes:
+        iv = self._iv
+        self._counter = counter = (self._counter + 1) & mask
+        self._iv = self._fixed + counter.to_bytes(8, "big")
+        return iv  # type: ignore[no-any-return]
+
+    def encrypt_and_sign(self: Any, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+        sealed = self._aead.encrypt(next_iv(self), data, header)
+        return header + sealed[:-tag_size], sealed[-tag_size:]
+
+    def verify_and_decrypt(self: Any, header: bytes, data: bytes, mac: bytes) -> bytes | None:
+        iv = next_iv(self)
+        try:
+            opened: bytes | None = self._aead.decrypt(iv, data + mac, header)
+        except InvalidTag:
+            opened = None
+        return opened
+
+    gcm = cipher_module.GCMCipher
+    gcm.__init__ = init  # type: ignore[method-assign]
+    gcm.encrypt_and_sign = encrypt_and_sign  # type: ignore[method-assign]
+    gcm.verify_and_decrypt = verify_and_decrypt  # type: ignore[method-assign]
+
+
 def skip_ignore_padding(conn: Any) -> None:
     """Stop the empty MSG_IGNORE asyncssh sends before every packet.
 

@@ -228,6 +228,7 @@ class Tunnel:
         ca_file: str | None = None,
     ) -> None:
         sshcompat.skip_unlogged_packet_formatting()
+        sshcompat.reuse_gcm_contexts()
         self.url = url
         #: The HTTP proxy a WebSocket relay is reached through (None: direct).
         self.ws_proxy = ws_proxy

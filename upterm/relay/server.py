@@ -145,6 +145,7 @@ class Relay:
         cluster_advertise: str | None = None,
     ) -> None:
         sshcompat.skip_unlogged_packet_formatting()
+        sshcompat.reuse_gcm_contexts()
         #: The cluster's session registry (``--routing redis``); None: this node alone.
         self.registry = registry
         #: Where the cluster listener binds: other nodes' hops arrive there, and nothing else.

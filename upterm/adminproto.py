@@ -290,6 +290,13 @@ class CreateSession:
     #: ``ssh -L``: "" (refused), "loopback" or "any"; without asking (``--accept-forwards``).
     allow_forwarding: str = ""
     accept_forwards: bool = False
+    #: Browsers may join through the relay's web page (``--web``), for this many seconds.
+    web: bool = False
+    web_ttl_s: int = 0
+
+
+#: The longest a web link lives (7 days, as every duration the CLI reads).
+MAX_WEB_TTL_S = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -375,6 +382,16 @@ class CreateInvite:
 
 
 @dataclass(frozen=True)
+class WebLinkAction:
+    """The session's web link (``--web``): ``new`` replaces it, ``revoke`` ends it; either
+    way, browsers that joined with the old one are removed."""
+
+    id: int
+    session: str | None
+    op: str
+
+
+@dataclass(frozen=True)
 class RevokeInvite:
     """Make an invite's join line stop working."""
 
@@ -419,6 +436,7 @@ Request = (
     | ClientAction
     | CreateInvite
     | RevokeInvite
+    | WebLinkAction
     | Detach
     | Input
     | Resize
@@ -499,6 +517,8 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             accept_transfers=bool(_field(obj, "accept_transfers", bool, required=False)),
             allow_forwarding=_choice(obj, "allow_forwarding", FORWARDING_MODES, ""),
             accept_forwards=bool(_field(obj, "accept_forwards", bool, required=False)),
+            web=bool(_field(obj, "web", bool, required=False)),
+            web_ttl_s=_int(obj, "web_ttl_s", 0, MAX_WEB_TTL_S, required=False) or 0,
         )
     if kind == "accept":
         return Accept(_req_id(obj), _str(obj, "session") or "")
@@ -551,6 +571,9 @@ def parse_request(obj: dict[str, Any]) -> Request | UnknownType:
             float(expires),
             uses,
         )
+    if kind == "web":
+        op = _choice(obj, "op", ("new", "revoke"), "new")
+        return WebLinkAction(_req_id(obj), _str(obj, "session", required=False), op)
     if kind == "revoke":
         code = _str(obj, "code") or ""
         return RevokeInvite(_req_id(obj), _str(obj, "session", required=False), code)

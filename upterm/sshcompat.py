@@ -825,6 +825,24 @@ def on_refused_forwarding(chan: Any, note: Callable[[str], None]) -> None:
         setattr(chan, name, handler)
 
 
+def on_channel_request(chan: Any, request: str, handler: Callable[[bytes], bool]) -> None:
+    """Answer the channel request ``request`` on ``chan`` with ``handler(payload)`` (its
+    data after the want-reply flag); asyncssh refuses requests it does not know, and finds an
+    instance attribute of the handler's name first (see :func:`on_refused_forwarding`)."""
+    name = "_process_" + map_handler_name(request) + "_request"
+
+    def handle(packet: Any) -> bool:
+        return handler(packet.get_remaining_payload())
+
+    setattr(chan, name, handle)
+
+
+def send_channel_request(chan: Any, request: str, payload: bytes) -> None:
+    """Send the channel request ``request`` (no reply wanted) with ``payload`` on ``chan``;
+    asyncssh sends only the requests it knows."""
+    chan._send_request(request.encode("ascii"), payload, want_reply=False)
+
+
 def set_receive_window(chan: Any, size: int) -> None:
     """Make ``chan`` grant its peer at most ``size`` bytes in flight from now on.
 

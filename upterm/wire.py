@@ -42,6 +42,14 @@ INVITES_REQUEST = "upterm-invites@upterm.dev"
 #: Most invites one session may declare to the relay.
 MAX_INVITES = 256
 AUTH_REQUEST_EXTENSION = "upterm-auth-request"
+#: Ours: a host lets browsers join through the relay's web page (``upterm host --web``): it
+#: declares a web link's id, the digest of its secret and when it expires.
+WEB_REQUEST = "upterm-web@upterm.dev"
+#: Ours: the guest-certificate extension carrying the web credential a browser presented,
+#: so the host checks the secret itself (the relay keeps only its digest).
+WEB_EXTENSION = "upterm-web@upterm.dev"
+#: Ours: host → relay channel request on a web joiner's channel: its role now.
+WEB_ROLE_REQUEST = "upterm-role@upterm.dev"
 ADMIN_SOCKET_ENV = "UPTERM_ADMIN_SOCKET"
 #: Named sessions export their name to the command (upstream v0.38).
 SESSION_NAME_ENV = "UPTERM_SESSION_NAME"
@@ -426,6 +434,99 @@ def invite_digest(code: str) -> bytes:
     return hashlib.sha256(b"upterm-invite-v1\0" + code.encode()).digest()
 
 
+# --- Web links (ours) ---------------------------------------------------------------------
+
+#: A web credential: ``WEBID.SECRET``, base64url without padding (16 and 32 random bytes).
+#: The id finds the session at the relay; neither part is the SSH token.
+_WEB_CREDENTIAL_RE = re.compile(r"([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})")
+#: The longest host label a web registration may carry (shown on the page's banner).
+MAX_WEB_LABEL = 64
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True)
+class WebCredential:
+    """What a web link carries after ``#``: which session (``web_id``) and its secret."""
+
+    web_id: str
+    secret: str
+
+    @classmethod
+    def new(cls) -> WebCredential:
+        """A fresh credential (128-bit id, 256-bit secret)."""
+        return cls(_b64url(secrets.token_bytes(16)), _b64url(secrets.token_bytes(32)))
+
+    @classmethod
+    def parse(cls, text: str) -> WebCredential | None:
+        """The credential in ``text``, or None when it is not one (never raises)."""
+        m = _WEB_CREDENTIAL_RE.fullmatch(text)
+        return cls(m.group(1), m.group(2)) if m else None
+
+    def __str__(self) -> str:
+        return f"{self.web_id}.{self.secret}"
+
+    def digest(self) -> bytes:
+        """What the relay keeps: SHA-256 of the secret, bound to the id."""
+        return web_digest(self.web_id, self.secret)
+
+
+def web_digest(web_id: str, secret: str) -> bytes:
+    """SHA-256 over a web link's id and secret (domain-separated)."""
+    return hashlib.sha256(f"upterm-web-v1\0{web_id}\0{secret}".encode()).digest()
+
+
+@dataclass(frozen=True)
+class WebRegistration:
+    """Payload of ``upterm-web@upterm.dev`` (host → relay). An empty ``web_id`` withdraws the
+    session's web link (revoked); the relay answers with its page's base URL."""
+
+    session_id: str
+    web_id: str
+    digest: bytes
+    expires: int
+    host_label: str
+
+    def encode(self) -> bytes:
+        """string sid, string web id, string digest, uint64 expires, string label."""
+        return (
+            ssh_string(self.session_id.encode())
+            + ssh_string(self.web_id.encode())
+            + ssh_string(self.digest)
+            + struct.pack(">Q", self.expires)
+            + ssh_string(self.host_label.encode())
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> WebRegistration:
+        """Parse and check; raises :class:`RemoteProtocolError` if malformed."""
+        try:
+            raw_sid, off = read_ssh_string(payload)
+            raw_id, off = read_ssh_string(payload, off)
+            digest, off = read_ssh_string(payload, off)
+            if len(payload) < off + 8:
+                raise RemoteProtocolError("web: truncated expiry")
+            (expires,) = struct.unpack_from(">Q", payload, off)
+            raw_label, off = read_ssh_string(payload, off + 8)
+            sid, web_id = raw_sid.decode("ascii"), raw_id.decode("ascii")
+            label = raw_label.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError("web: a field is not text") from exc
+        if off != len(payload):
+            raise RemoteProtocolError("web: trailing bytes")
+        if not _SESSION_ID_RE.fullmatch(sid):
+            raise RemoteProtocolError("web: malformed session id")
+        if web_id and (
+            not re.fullmatch(r"[A-Za-z0-9_-]{22}", web_id) or len(digest) != 32 or not expires
+        ):
+            raise RemoteProtocolError("web: malformed link")
+        if len(label) > MAX_WEB_LABEL or not label.isprintable():
+            raise RemoteProtocolError("web: bad host label")
+        return cls(sid, web_id, digest, expires, label)
+
+
 def encode_invites(session_id: str, codes: list[str] | tuple[str, ...]) -> bytes:
     """Payload of ``upterm-invites@upterm.dev``: string session id, uint32 n, n digests."""
     digests = [invite_digest(c) for c in codes]
@@ -499,14 +600,19 @@ def build_guest_certificate(
     key_id: bytes,
     auth: AuthRequest,
     now: int,
+    web: str = "",
 ) -> bytes:
     """Mint the user certificate the relay presents to a host for one guest.
 
     As upstream: the certified key is the relay's own key, self-signed, valid ``now ± 60 s``,
     principal = the guest's token, one extension ``upterm-auth-request`` holding the protobuf
     :class:`AuthRequest` (wrapped in an inner SSH string, as Go and OpenSSH do).
+    A browser's web credential (ours) rides in a second extension, ``upterm-web@upterm.dev``.
     Returns the OpenSSH one-line form.
     """
+    extensions = {AUTH_REQUEST_EXTENSION.encode(): auth.encode()}
+    if web:
+        extensions[WEB_EXTENSION.encode()] = web.encode()
     blob = sshcert.build(
         relay_key,
         relay_key.public_key(),
@@ -515,7 +621,7 @@ def build_guest_certificate(
         principals=[principal.encode()],
         valid_after=max(0, now - CERT_CLOCK_SKEW_S),
         valid_before=now + CERT_CLOCK_SKEW_S,
-        extensions={AUTH_REQUEST_EXTENSION.encode(): auth.encode()},
+        extensions=extensions,
     )
     return _cert_line(blob)
 
@@ -531,6 +637,8 @@ class GuestCertificate:
     valid_after: int
     valid_before: int
     auth: AuthRequest
+    #: The web credential a browser presented ("" for an SSH joiner).
+    web: str = ""
 
 
 def verify_guest_certificate(
@@ -564,6 +672,7 @@ def verify_guest_certificate(
         valid_after=cert.valid_after,
         valid_before=cert.valid_before,
         auth=AuthRequest.decode(ext),
+        web=cert.extensions.get(WEB_EXTENSION.encode(), b"").decode("ascii", "replace"),
     )
 
 

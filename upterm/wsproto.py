@@ -37,6 +37,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TOO_BIG = 1009
 
 
 class HandshakeError(RemoteProtocolError):
@@ -262,14 +263,23 @@ class Events:
     replies: list[bytes] = field(default_factory=list)
     #: The peer's close: (code, reason); the connection ends after ``replies`` are sent.
     closed: tuple[int, str] | None = None
+    #: With ``max_message`` set: whole messages, (opcode, payload), instead of ``data``.
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 class Framer:
     """One side's frame reader and writer. Feed it received bytes; it hands back payload and
     the control replies owed; :meth:`binary` and :meth:`close` make frames to send."""
 
-    def __init__(self, *, client: bool) -> None:
+    def __init__(self, *, client: bool, max_message: int | None = None) -> None:
+        """``max_message``: hand on whole messages (with their opcode) of at most this many
+        bytes, for peers whose messages mean something (a browser's text and binary
+        messages); a longer one is a protocol error (1009). None: a byte stream."""
         self._client = client
+        self._max_message = max_message
+        self._message = bytearray()
+        self._message_opcode = 0
+        self._fin = True
         self._buf = bytearray()
         # The frame being read: opcode, bytes of payload left, mask, offset into the mask.
         self._in_frame = False
@@ -283,6 +293,10 @@ class Framer:
     def binary(self, payload: bytes) -> bytes:
         """A binary message carrying ``payload``."""
         return frame(OP_BINARY, payload, masked=self._client)
+
+    def text(self, payload: str) -> bytes:
+        """A text message carrying ``payload``."""
+        return frame(OP_TEXT, payload.encode("utf-8"), masked=self._client)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
         """Our close frame."""
@@ -308,10 +322,16 @@ class Framer:
                         chunk = _mask(chunk, self._mask, self._mask_off)
                         self._mask_off = (self._mask_off + take) % 4
                     self._remaining -= take
-                    events.data.append(chunk)
+                    if self._max_message is None:
+                        events.data.append(chunk)
+                    else:
+                        self._message += chunk
                 if self._remaining:
                     break
                 self._in_frame = False
+                if self._max_message is not None and self._fin:
+                    events.messages.append((self._message_opcode, bytes(self._message)))
+                    self._message.clear()
             else:
                 if len(buf) < self._remaining:
                     break
@@ -365,8 +385,14 @@ class Framer:
             if self._in_message:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
             self._in_message = not fin
+            self._message_opcode = opcode
         else:
             raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if opcode < 0x8:
+            self._fin = bool(fin)
+            limit = self._max_message
+            if limit is not None and len(self._message) + length > limit:
+                raise FrameError(CLOSE_TOO_BIG, f"a message over {limit} bytes")
         self._opcode, self._remaining, self._mask, self._mask_off = opcode, length, mask, 0
         return True
 

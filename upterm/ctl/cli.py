@@ -611,6 +611,18 @@ async def _copy_output(session: str) -> None:
     help="With --allow-forwarding: do not ask about each new destination.",
 )
 @click.option(
+    "--web",
+    is_flag=True,
+    help="Browsers may join too, through the relay's web page: the card shows a link whose "
+    "secret follows '#'. They watch unless made typists (--role web=typist, session role).",
+)
+@click.option(
+    "--web-ttl",
+    default=None,
+    metavar="DURATION",
+    help="With --web: the link stops working after this long (default 12h, at most 7 days).",
+)
+@click.option(
     "--full-access",
     is_flag=True,
     help="Trusted joiners: transfers and loopback forwards without asking (needs "
@@ -655,6 +667,8 @@ def host(
     allow_forwarding: str | None,
     accept_forwards: bool,
     full_access: bool,
+    web: bool,
+    web_ttl: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (default: your $SHELL) on a shared terminal and print how to join it.
@@ -721,7 +735,16 @@ def host(
             allow_forwarding=allow_forwarding or ("loopback" if full_access else ""),
             accept_forwards=accept_forwards or full_access,
             full_access=full_access,
+            web=web,
+            web_ttl_s=int(parse_duration(web_ttl)) if web_ttl else 0,
         )
+        if web_ttl and not web:
+            raise UsageError("--web-ttl is for the web link: add --web")
+        if web and e2e_only:
+            raise UsageError(
+                "--web and --e2e-only contradict each other: a browser's view is carried by "
+                "the relay; drop one"
+            )
         check_websocket_options(opts)
         check_access_options(opts)
         if opts.moderators and not (
@@ -813,6 +836,8 @@ def source_labels(opts: HostOptions) -> list[str]:
     for spec in opts.authorized_users:
         forge, user = keysources.parse_authorized_user(spec)
         labels.append(f"{forge.name}:{user}")
+    if opts.web:
+        labels.append("web")  # browser joiners (--web)
     return labels
 
 
@@ -887,6 +912,8 @@ class HostOptions:
     full_access: bool = False
     moderators: int = 0
     on_moderator_leave: str = "pause"
+    web: bool = False
+    web_ttl_s: int = 0
 
 
 #: Called with the daemon client and the session's info once a detached session is shared
@@ -958,6 +985,8 @@ async def _host(opts: HostOptions, command: tuple[str, ...], then: AfterShare | 
             accept_transfers=opts.accept_transfers,
             allow_forwarding=opts.allow_forwarding,
             accept_forwards=opts.accept_forwards,
+            web=opts.web,
+            web_ttl_s=opts.web_ttl_s,
         )
         try:
             reply = await create()
@@ -1425,6 +1454,43 @@ def session_revoke(session_key: str, code: str) -> None:
 
     async def run() -> int:
         await _session_request("revoke", session_key, code=code)
+        return 0
+
+    _run(run())
+
+
+@session.command("web")
+@click.argument("session_key", metavar="ID|NAME", shell_complete=complete_sessions)
+@click.option("--revoke", is_flag=True, help="End the web link: browsers can no longer join.")
+@click.option("--new", "new", is_flag=True, help="Replace the web link with a new one.")
+def session_web(session_key: str, revoke: bool, new: bool) -> None:
+    """Print the session's web link (upterm host --web), replace it, or revoke it.
+
+    Replacing or revoking removes the browsers that joined with the old link.
+
+    \b
+    Examples:
+      upterm session web ci            # the link browsers join with
+      upterm session web ci --new      # a new link; the old one stops working
+      upterm session web ci --revoke   # no browser can join any more
+    """
+    if revoke and new:
+        _fail(UsageError("--revoke and --new contradict each other; give one"))
+
+    async def run() -> int:
+        if revoke or new:
+            reply = await _session_request("web", session_key, op="revoke" if revoke else "new")
+            info = reply["session"]
+        else:
+            info = (await _session_request("info", session_key))["session"]
+        url = info.get("webURL") or ""
+        if url:
+            click.echo(url)
+        elif not revoke:
+            raise UsageError(
+                "this session has no web link (started without --web, revoked or expired); "
+                "'upterm session web NAME --new' makes one for a --web session"
+            )
         return 0
 
     _run(run())

@@ -47,6 +47,10 @@ def session_detail(info: dict[str, Any]) -> str:
     if info.get("e2eCommand"):
         lines.append(_row("SSH (end-to-end)", str(info["e2eCommand"])))
         lines.append(_row("Host Key", str(info.get("hostKeyFingerprint", ""))))
+    if info.get("webURL"):
+        lines.append(_row("Web", str(info["webURL"])))
+        note = "(browsers watch unless made typists; relayed, not end-to-end)"
+        lines.append(" " * LABEL_WIDTH + note)
     lines += _access_rows(info)
     if not info.get("relayConnected", True):
         lines.append(_row("Relay", "disconnected (the command keeps running)"))

@@ -239,6 +239,10 @@ class LocalRelay:
                 *(arg for p in self._extra_key_paths.values() for arg in ("--private-key", str(p))),
                 "--addr-file",
                 str(addr_file),
+                # Browsers join a --web session through its page, on a loopback port of its
+                # own (the card shows the link; any free port, as it is declared anew).
+                "--ws-addr",
+                _join_addr(host, 0),
                 # Every joiner of a loopback relay comes from this machine's loopback
                 # address: penalising it would lock every local user out at once. The
                 # pre-auth caps still hold.

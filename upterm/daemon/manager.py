@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import shlex
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,20 @@ log = logging.getLogger(__name__)
 #: A stopped command gets SIGHUP, then SIGKILL after this long.
 STOP_GRACE_S = 3
 DAEMON_STOPPING_MESSAGE = "the host's upterm daemon is shutting down; this session ends now"
+#: How long a web link lives unless the host says (``--web-ttl``).
+DEFAULT_WEB_TTL_S = 12 * 3600
+
+
+def _host_label() -> str:
+    """Who hosts, as the web page's banner says: user@machine (printable, short)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    label = printable(f"{user}@{socket.gethostname()}")
+    return label[: wire.MAX_WEB_LABEL]
+
+
 #: Length of invite codes (base62: about 60 bits).
 INVITE_CODE_LEN = 10
 #: After the command exits, joiners get this long to receive its exit status.
@@ -158,6 +174,14 @@ class HostedSession:
         if self.on_change is not None:
             self.on_change()
 
+    def web_url(self) -> str:
+        """The browser joiners' link (``--web``): the relay's page, the secret after ``#``;
+        "" without one (none asked, revoked, or expired)."""
+        web, base = self.policy.web, self.tunnel.web_base
+        if web is None or not base or time.time() >= web[1]:
+            return ""
+        return f"{base}/join#{web[0]}"
+
     def info(self) -> dict[str, Any]:
         """The session as the admin protocol describes it (camelCase, as upstream's JSON)."""
         reg = self.tunnel.registered
@@ -218,6 +242,8 @@ class HostedSession:
             "acceptTransfers": self.policy.accept_transfers,
             "allowForwarding": self.policy.allow_forwarding,
             "acceptForwards": self.policy.accept_forwards,
+            "webURL": self.web_url(),
+            "webExpiresAt": self.policy.web[1] if self.policy.web is not None else None,
             "activity": [a.as_dict() for a in self.policy.activity],
             "invites": [
                 {
@@ -318,6 +344,8 @@ class Manager:
                     raise SessionNotFound(f"no invite {req.code!r} in this session")
                 await hosted.tunnel.set_invites(list(hosted.policy.invites))
                 return adminproto.ok(req.id)
+            case adminproto.WebLinkAction():
+                return await self._web_link(self._find(req.session, conn), req)
             case adminproto.Detach():
                 viewer = _streams(conn).pop(req.stream, None)
                 if viewer is not None:
@@ -348,6 +376,33 @@ class Manager:
         if hosted is None:
             raise SessionNotFound(f"no session {key!r}; 'upterm session list' shows them")
         return hosted
+
+    async def _web_link(
+        self, hosted: HostedSession, req: adminproto.WebLinkAction
+    ) -> dict[str, Any]:
+        """A new web link, or none: browsers that joined with the old one are removed."""
+        policy = hosted.policy
+        if req.op == "new" and not (hosted.options and hosted.options.web):
+            raise UsageError(
+                "this session was started without --web: browsers cannot join it; start "
+                "one with 'upterm host --web'"
+            )
+        old = policy.web
+        if req.op == "revoke":
+            policy.web = None
+            await hosted.tunnel.set_web(None)
+        else:
+            ttl = (hosted.options.web_ttl_s if hosted.options else 0) or DEFAULT_WEB_TTL_S
+            credential = wire.WebCredential.new()
+            policy.web = (credential, int(time.time()) + ttl)
+            await hosted.tunnel.set_web(credential, policy.web[1], _host_label())
+        if old is not None:
+            for client_id, client in list(hosted.clients.items()):
+                if client.mode == "web":
+                    for guest in list(policy.by_client.get(client_id, ())):
+                        guest.remove(b"\r\n[upterm: the host withdrew this web link]\r\n")
+        self._notice(hosted, "web link revoked" if req.op == "revoke" else "new web link made")
+        return adminproto.ok(req.id, session=hosted.info())
 
     def _client_action(self, hosted: HostedSession, req: adminproto.ClientAction) -> dict[str, Any]:
         policy = hosted.policy
@@ -604,6 +659,11 @@ class Manager:
             )
             hosted_box.append(hosted)
             await tunnel.serve(policy)
+            if req.web:
+                credential = wire.WebCredential.new()
+                expires = int(time.time()) + (req.web_ttl_s or DEFAULT_WEB_TTL_S)
+                policy.web = (credential, expires)
+                await tunnel.set_web(credential, expires, _host_label())
             hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
             await hosted.admin.start()
             self.sessions[sid] = hosted

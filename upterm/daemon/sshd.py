@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import itertools
 import logging
 import signal
@@ -49,6 +50,8 @@ LEGACY_SCP_REFUSED = (
 )
 SUBSYSTEM_REFUSED = "this session shares a terminal and has no {} subsystem"
 KEY_COMMAND_ONLY = "your key is authorized only for its own command (command=), not file transfer"
+#: The source a browser joiner's role is looked up by (``--role web=typist``).
+WEB_SOURCE = "web"
 KEY_NOT_ALLOWED = (
     "your key {} is not allowed in this session; ask the host to authorize it, or for an invite"
 )
@@ -213,9 +216,21 @@ class GuestPolicy:
     on_moderation: Callable[[], None] | None = None
     #: A moderator's command from its own terminal (~: kick 3): the answer to show it.
     on_command: Callable[[ClientInfo, str], str] | None = None
+    #: The web link browsers join with (``--web``): its credential and expiry (epoch s);
+    #: None: no web joiners (never had one, or revoked).
+    web: tuple[wire.WebCredential, int] | None = None
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def web_link_valid(self, presented: str, now: float | None = None) -> bool:
+        """Whether ``presented`` is this session's web link, not expired nor revoked (the
+        host checks the secret itself: the relay keeps only its digest)."""
+        if self.web is None or not presented:
+            return False
+        credential, expires = self.web
+        now = time.time() if now is None else now
+        return hmac.compare_digest(presented.encode(), str(credential).encode()) and now < expires
 
     def viewer_only(self, client_id: str) -> bool:
         """Whether this joiner's key may only watch (``restrict``)."""
@@ -285,7 +300,9 @@ class GuestPolicy:
             if reply in ("no", "gone"):
                 log.info("joiner %s not approved", client.fingerprint)
                 return NOT_APPROVED
-        role = self.source_roles.get(client.source, self.default_role)
+        # Browsers watch unless the host says otherwise (--role web=typist, session role).
+        default = "viewer" if client.mode == "web" else self.default_role
+        role = self.source_roles.get(client.source, default)
         if self.viewer_only(client.client_id):
             role = "viewer"
         self.roles[client.client_id] = role
@@ -511,10 +528,14 @@ class InnerServer(asyncssh.SSHServer):
         fingerprint = wire.fingerprint_sha256(blob)
         if self._client is not None and self._client.fingerprint == fingerprint:
             return self._allowed
-        source, refusal = self._policy.key_refusal(
-            username, blob, addr if mode == "relay" else None
-        )
-        if not refusal and mode == "relay" and self._policy.e2e_only:
+        if mode == "web":
+            # No key of its own (the relay made one up): the web link admitted it.
+            source, refusal = WEB_SOURCE, ""
+        else:
+            source, refusal = self._policy.key_refusal(
+                username, blob, addr if mode == "relay" else None
+            )
+        if not refusal and mode in ("relay", "web") and self._policy.e2e_only:
             line = self._policy.e2e_line(username) if self._policy.e2e_line else ""
             refusal = E2E_ONLY.format(line) if line else E2E_ONLY_NO_LINE
         if not await self._wait_accepting():
@@ -523,7 +544,7 @@ class InnerServer(asyncssh.SSHServer):
             client_id=f"{next(_client_counter)}",
             version=printable(version),
             addr="[redacted]"
-            if self._policy.hide_client_ip and mode == "relay"
+            if self._policy.hide_client_ip and mode in ("relay", "web")
             else printable(addr),
             fingerprint=fingerprint,
             mode=mode,
@@ -574,8 +595,17 @@ class InnerServer(asyncssh.SSHServer):
         except RemoteProtocolError as exc:
             log.info("refused a guest certificate: %s", exc)
             return None
+        mode = "relay"
+        if cert.web:
+            # A browser through the relay's page: its link is its credential, checked here
+            # again (expired or revoked links stop at once, whatever the relay thinks).
+            if not self._policy.web_link_valid(cert.web):
+                addr = printable(cert.auth.remote_addr)
+                log.info("refused a web joiner from %s: not this session's web link", addr)
+                return None
+            mode = "web"
         allowed = await self._authorize(
-            username, joiner_key.blob, "relay", cert.auth.client_version, cert.auth.remote_addr
+            username, joiner_key.blob, mode, cert.auth.client_version, cert.auth.remote_addr
         )
         return cert.certified_blob if allowed else None
 
@@ -592,7 +622,7 @@ class InnerServer(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Any:
         """``ssh -L``: refused unless the host allows forwarding, and then asked about."""
-        if self._client is None or not self._allowed:
+        if self._client is None or not self._allowed or self._client.mode == "web":
             return False
         if self._refusal:
             raise asyncssh.ChannelOpenError(
@@ -769,7 +799,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def subsystem_requested(self, subsystem: str) -> bool:
         rules = self._policy.client_rules.get(self._client.client_id)
-        if subsystem != "sftp":
+        if subsystem != "sftp" or self._client.mode == "web":
+            # A browser only watches or types: the relay's page never asks for files.
             self._refusal = SUBSYSTEM_REFUSED.format(subsystem)
         elif not self._policy.sftp:
             self._refusal = transfer.TRANSFERS_OFF
@@ -872,6 +903,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._start_forced(*self._pty)
             return
         self._attached = True
+        self._tell_role()
         # Only those who may type shape the shared terminal; a viewer does not shrink it.
         session = self._policy.session
         session.attach(self, *self._pty, sized=self._policy.can_type(self._client.client_id))
@@ -890,8 +922,21 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             session.notice([self.viewer_id], f"{MODERATED_BANNER}; you are a {role} (~? helps)")
         self._policy.moderation_changed()
 
+    def _tell_role(self) -> None:
+        """A browser's page shows its role: the relay's web joiner passes this on."""
+        if self._client.mode != "web" or self._chan is None:
+            return
+        role = self._policy.roles.get(self._client.client_id, "viewer")
+        if not self._policy.can_type(self._client.client_id):
+            role = "viewer"
+        with contextlib.suppress(OSError, asyncssh.Error):
+            sshcompat.send_channel_request(
+                self._chan, wire.WEB_ROLE_REQUEST, wire.ssh_string(role.encode())
+            )
+
     def role_changed(self) -> None:
         """The host changed this joiner's role: its size counts only while it may type."""
+        self._tell_role()
         if self._attached:
             self._policy.session.set_sized(
                 self.viewer_id, self._policy.can_type(self._client.client_id)

@@ -10,6 +10,7 @@ without a stable id. Every forwarded channel becomes an inner SSH server connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import random
@@ -254,6 +255,10 @@ class Tunnel:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._authorized: list[wire.PublicKey] = []
         self._invites: tuple[str, ...] = ()
+        #: The web link declared to the relay (``--web``), declared again after each redial.
+        self._web: tuple[wire.WebCredential, int, str] | None = None
+        #: The relay's page for it (its base URL), once the relay took it.
+        self.web_base = ""
         self._policy: GuestPolicy | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
@@ -450,6 +455,52 @@ class Tunnel:
         if not reply.ok and self._invites:
             log.info("the relay at %s does not take invites: they work end to end only", self.url)
 
+    async def set_web(
+        self, credential: wire.WebCredential | None, expires: int = 0, label: str = ""
+    ) -> str:
+        """Declare the session's web link to the relay (None: withdraw it) and return the
+        page's base URL. Raises :class:`RelayPermissionDenied` with the relay's words when
+        it takes no web link (upstream's relays do not know the request)."""
+        self._web = (credential, expires, label) if credential is not None else None
+        if self._conn is None or self.registered is None:
+            return ""
+        reply = await self._declare_web(self._conn)
+        if not reply.ok:
+            self._web = None
+            text = printable(reply.payload.decode("utf-8", "replace")).strip()
+            raise RelayPermissionDenied(
+                text or f"the relay at {self.url} does not serve a web page (upterm host --web)"
+            )
+        return self.web_base
+
+    async def _declare_web(self, conn: asyncssh.SSHClientConnection) -> sshcompat.GlobalReply:
+        assert self.registered is not None
+        cred, expires, label = self._web or (None, 0, "")
+        payload = wire.WebRegistration(
+            self.registered.session_id,
+            cred.web_id if cred is not None else "",
+            cred.digest() if cred is not None else b"",
+            expires,
+            label,
+        ).encode()
+        try:
+            reply = await asyncio.wait_for(
+                sshcompat.global_request(conn, wire.WEB_REQUEST, payload), CONNECT_TIMEOUT_S
+            )
+        except (asyncssh.Error, TimeoutError) as exc:
+            log.info("could not declare the web link to %s: %s", self.url, exc)
+            return sshcompat.GlobalReply(False, b"")
+        if reply.ok:
+            with contextlib.suppress(RemoteProtocolError, UnicodeDecodeError):
+                base, _ = wire.read_ssh_string(reply.payload)
+                self.web_base = base.decode("utf-8")
+        return reply
+
+    async def _redeclare_web(self, conn: asyncssh.SSHClientConnection) -> None:
+        reply = await self._declare_web(conn)
+        if not reply.ok:
+            log.info("the relay at %s took no web link after the redial", self.url)
+
     async def serve(self, policy: GuestPolicy) -> None:
         """Forward the session, serve joiners, and redial whenever the connection drops."""
         assert self._conn is not None
@@ -536,6 +587,8 @@ class Tunnel:
             await self._forward(conn)
             if self._invites:
                 conn.create_task(self._declare_invites(conn))
+            if self._web is not None:
+                conn.create_task(self._redeclare_web(conn))
         except (UptermError, asyncssh.Error, OSError) as exc:
             log.info("redial of %s failed: %s", self.url, printable(str(exc)))
             if conn is not None:

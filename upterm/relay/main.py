@@ -311,6 +311,13 @@ async def serve(
     help="WebSocket listen address (HTTP: /health, a how-to page, and SSH over WebSocket "
     "for hosts and joiners behind firewalls). Off by default.",
 )
+@click.option(
+    "--web-url",
+    default="",
+    help="With --ws-addr: the public base URL of the browser joiners' page (as behind a "
+    "reverse proxy, e.g. https://relay.example.com); default: the WebSocket listener's "
+    "address. Hosts opt in per session with upterm host --web.",
+)
 @click.option("--node-addr", default="", help="Address other nodes and tokens use for this node.")
 @click.option(
     "--state-dir",
@@ -515,6 +522,7 @@ def main(
     tls_cert: str,
     tls_key: str,
     ws_addr: str,
+    web_url: str,
     node_addr: str,
     state_dir: Path | None,
     private_key: tuple[str, ...],
@@ -566,6 +574,12 @@ def main(
             raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
         if tls_cert and ws_at is None:
             raise ConfigError("--tls-cert is for the WebSocket listener: add --ws-addr")
+        if web_url and ws_at is None:
+            raise ConfigError("--web-url is for the WebSocket listener: add --ws-addr")
+        if web_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", web_url):
+            raise ConfigError(
+                f"--web-url {web_url!r}: give an http(s) URL such as https://relay.example.com"
+            )
         keys = load_host_keys(authorized_keys)
         for flag, on in (
             ("--ssh-proxy-protocol", ssh_proxy_protocol),
@@ -648,6 +662,7 @@ def main(
             registry=registry,
             cluster_addr=cluster_at,
             cluster_advertise=cluster_advertise or None,
+            web_url=web_url or None,
         )
         tune_allocator()
         asyncio.run(serve(relay, addr_file, metrics_at, drain_s, authorized_keys, delay_s))

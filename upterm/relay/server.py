@@ -35,6 +35,7 @@ from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.hop import HopClaim, build_hop_certificate, verify_hop_certificate
 from upterm.relay.metrics import RelayMetrics
 from upterm.relay.registry import Registration, SessionTable, Superseded
+from upterm.relay.web import WebService
 from upterm.relay.wsdoor import WebSocketListener
 from upterm.text import printable
 
@@ -143,6 +144,7 @@ class Relay:
         registry: RedisRegistry | None = None,
         cluster_addr: tuple[str, int] | None = None,
         cluster_advertise: str | None = None,
+        web_url: str | None = None,
     ) -> None:
         sshcompat.skip_unlogged_packet_formatting()
         sshcompat.reuse_gcm_contexts()
@@ -196,6 +198,8 @@ class Relay:
         self._server: asyncssh.SSHAcceptor | None = None
         #: Background registry writes (lease releases), kept so none is collected unfinished.
         self._tasks: set[asyncio.Future[None]] = set()
+        #: The web page and web links (browser joiners, on the WebSocket listener).
+        self.web = WebService(self, web_url)
 
     @property
     def node_addr(self) -> str:
@@ -252,6 +256,7 @@ class Relay:
                 self.guard,
                 self._ws_gate or dataclasses.replace(self.gate_cfg, proxy_protocol=False),
                 refuse_user=self._ws_refusal,
+                web=self.web,
             )
             if self._ws_tls is not None:
                 self._ws_listener.tls = load_tls(*self._ws_tls)
@@ -528,9 +533,56 @@ class Relay:
         self.metrics.hops.labels(direction="out").inc()
         return conn
 
+    async def open_inner(
+        self,
+        host_conn: asyncssh.SSHServerConnection,
+        reg: Registration,
+        username: str,
+        auth: wire.AuthRequest,
+        key_id: bytes,
+        web: str = "",
+    ) -> asyncssh.SSHClientConnection:
+        """An SSH connection to the host's inner server for one guest, through a
+        forwarded-streamlocal channel on ``host_conn``: the host key pinned to the
+        registered session key, authenticated with a certificate this relay signs
+        (principal ``username``, the guest as ``auth``, a browser's ``web`` credential)."""
+        cert_line = wire.build_guest_certificate(
+            self.identity.key.private,
+            principal=username,
+            key_id=key_id,
+            auth=auth,
+            now=int(time.time()),
+            web=web,
+        )
+        host_keys = [
+            asyncssh.import_public_key(wire.PublicKey(b).authorized_key_line())
+            for b in reg.host_key_blobs
+        ]
+        conn = await asyncio.wait_for(
+            asyncssh.connect(
+                reg.session_id,
+                0,
+                tunnel=_ForwardedStreamTunnel(host_conn, reg.session_id),
+                username=username,
+                client_keys=[(self.identity.ssh_key, asyncssh.import_certificate(cert_line))],
+                known_hosts=(host_keys, [], []),
+                agent_path=None,
+                config=None,
+                preferred_auth="publickey",
+                client_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
+                encoding=None,
+                keepalive_interval=0,
+                encryption_algs=sshcompat.PREFERRED_CIPHERS,
+            ),
+            UPSTREAM_TIMEOUT_S,
+        )
+        sshcompat.skip_ignore_padding(conn)
+        return conn
+
     def register(self, reg: Registration) -> None:
         """Add a registration; a displaced owner's connection is closed."""
         displaced = self.table.register(reg)
+        self.web.session_back(reg.session_id)
         self.metrics.sessions.set(len(self.table))
         self.on_change()
         if isinstance(displaced, RelayConnection):
@@ -612,6 +664,7 @@ class RelayConnection(asyncssh.SSHServer):
             conn, wire.CREATE_SESSION_REQUEST, self._create_session
         )
         sshcompat.install_global_request_handler(conn, wire.INVITES_REQUEST, self._invites)
+        sshcompat.install_global_request_handler(conn, wire.WEB_REQUEST, self._web_link)
         # Also makes the connection ignore a wrongly guessed key-exchange packet (dbclient).
         sshcompat.limit_global_requests(
             conn, self.relay.limits.global_requests_pending, self._too_many_requests
@@ -685,6 +738,7 @@ class RelayConnection(asyncssh.SSHServer):
             log.info("session %s closed", sid)
             if reg is not None:
                 self.relay.release_lease(sid, reg.generation)
+            self.relay.web.session_left(sid)
             self.relay.metrics.sessions.set(len(self.relay.table))
             self.relay.on_change()
 
@@ -1121,6 +1175,24 @@ class RelayConnection(asyncssh.SSHServer):
                 return sshcompat.GlobalReply(False, REGISTRY_DOWN_TEXT.encode())
         return sshcompat.GlobalReply(True)
 
+    async def _web_link(self, payload: bytes) -> sshcompat.GlobalReply:
+        """A host declares (or withdraws) its session's web link; the reply is the page's
+        base URL."""
+        if self._lost or not self.is_host:
+            return sshcompat.GlobalReply(False, b"only hosts may declare web links")
+        try:
+            req = wire.WebRegistration.decode(payload)
+        except RemoteProtocolError as exc:
+            return sshcompat.GlobalReply(False, str(exc).encode())
+        reg = self.relay.table.get(req.session_id)
+        if req.session_id not in self._owned or reg is None or reg.owner is not self:
+            return sshcompat.GlobalReply(False, b"upterm: not your session")
+        web = self.relay.web
+        if req.web_id and not web.available:
+            return sshcompat.GlobalReply(False, WEB_UNAVAILABLE_TEXT.encode())
+        web.declare(req)
+        return sshcompat.GlobalReply(True, wire.ssh_string(web.base_url.encode()))
+
     def _verify_proof(self, req: wire.CreateSessionRequest) -> tuple[str, int]:
         assert self.conn is not None
         key = wire.check_proof_fields(req)
@@ -1301,39 +1373,17 @@ class RelayConnection(asyncssh.SSHServer):
         host_conn = self._live_host()
         if host_conn is None:
             raise HostGone()
-        cert_line = wire.build_guest_certificate(
-            self.relay.identity.key.private,
-            principal=username,
-            # Upstream puts the raw exchange hash here; hex keeps it UTF-8, which asyncssh
-            # hosts require, and no host reads it.
-            key_id=sshcompat.session_id(self.conn).hex().encode(),
-            auth=auth,
-            now=int(time.time()),
-        )
-        host_keys = [
-            asyncssh.import_public_key(wire.PublicKey(b).authorized_key_line())
-            for b in reg.host_key_blobs
-        ]
-        conn = await asyncio.wait_for(
-            asyncssh.connect(
-                reg.session_id,
-                0,
-                tunnel=_ForwardedStreamTunnel(host_conn, reg.session_id),
-                username=username,
-                client_keys=[(self.relay.identity.ssh_key, asyncssh.import_certificate(cert_line))],
-                known_hosts=(host_keys, [], []),
-                agent_path=None,
-                config=None,
-                preferred_auth="publickey",
-                client_version=wire.relay_banner(self.relay.version)[len("SSH-2.0-") :],
-                encoding=None,
-                keepalive_interval=0,
-                encryption_algs=sshcompat.PREFERRED_CIPHERS,
-            ),
-            UPSTREAM_TIMEOUT_S,
-        )
-        sshcompat.skip_ignore_padding(conn)
-        return conn
+        # Upstream puts the raw exchange hash in the key id; hex keeps it UTF-8, which
+        # asyncssh hosts require, and no host reads it.
+        key_id = sshcompat.session_id(self.conn).hex().encode()
+        return await self.relay.open_inner(host_conn, reg, username, auth, key_id)
+
+
+#: Why a host's ``--web`` is refused here.
+WEB_UNAVAILABLE_TEXT = (
+    "upterm: this relay serves no web page (it needs a WebSocket listener, --ws-addr, "
+    "and its page built by scripts/build-web.sh)"
+)
 
 
 class HostGone(ConnectionError):

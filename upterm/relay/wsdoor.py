@@ -8,6 +8,8 @@ penalties, the handshake deadline, fair turns on the event loop); behind the gat
 - Behind a trusted HTTP proxy (``--ws-forwarded-from``): the client address comes from
   ``X-Forwarded-For`` and is judged once the head is read (see :meth:`Gate.forwarded`).
 - ``GET /`` or ``/getting-started``: a short plain-text page saying how to join.
+- ``GET /join``, ``/assets/...`` and the upgrade at ``/join/ws``: browser joiners
+  (upterm.relay.web), their upgrade refused unless ``Origin`` is this origin.
 - anything else: upstream's upgrade, which needs ``Upterm-Client-Version`` and Basic auth
   carrying the token (``user:password`` = session id and node). A joiner's token must name a
   session on this node: any other is refused before the upgrade, and nothing is ever dialled
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 from upterm import wire, wsproto
 from upterm.relay.gate import GATE_INFO, GatedListener
 from upterm.relay.policy import Refusal
+from upterm.relay.web import WS_PATH, WebJoiner, WebService, same_origin
 from upterm.wsconn import WebSocketCarrier
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,16 @@ class WebSocketDoor(WebSocketCarrier):
         self,
         ssh_factory: Callable[[], asyncio.Protocol],
         refuse_user: Callable[[str, bool], str | None],
+        web: WebService | None = None,
+        peer: str = "",
     ) -> None:
         super().__init__(client=False)
         self._ssh_factory = ssh_factory
         self._refuse_user = refuse_user
+        self._web_service = web
+        self._peer = peer
+        #: A browser joiner, once its upgrade at /join/ws was accepted.
+        self._web: WebJoiner | None = None
 
     def refused(self, exc: wsproto.HandshakeError) -> None:
         self._answer(exc.status, exc.text + "\n", penalise=True)
@@ -78,6 +87,12 @@ class WebSocketDoor(WebSocketCarrier):
         if (path == "/" or path.startswith("/getting-started")) and not upgrade:
             self._answer(200, getting_started(head.header("host")), penalise=False)
             return
+        web = self._web_service
+        if web is not None and not upgrade:
+            page = web.response(path)
+            if page is not None:
+                self._send_raw(page)
+                return
         gate = self._transport.get_extra_info(GATE_INFO) if self._transport else None
         if gate is not None and gate.deferred:
             # From a trusted HTTP proxy: the client is who X-Forwarded-For says, and is
@@ -86,6 +101,9 @@ class WebSocketDoor(WebSocketCarrier):
             if refusal is not None:
                 self._answer(429, f"upterm: {refusal.message}\n", penalise=False)
                 return
+        if path == WS_PATH:
+            self._start_web(head, rest)
+            return
         version = head.header("upterm-client-version")
         if not version:
             raise wsproto.HandshakeError(400, MISSING_VERSION)
@@ -102,6 +120,9 @@ class WebSocketDoor(WebSocketCarrier):
 
     def _answer(self, status: int, body: str, *, penalise: bool) -> None:
         """Answer a plain HTTP request and close (a health check costs no penalty)."""
+        self._send_raw(wsproto.http_response(status, body), penalise=penalise)
+
+    def _send_raw(self, response: bytes, *, penalise: bool = False) -> None:
         transport = self._transport
         if transport is None:
             return
@@ -111,8 +132,68 @@ class WebSocketDoor(WebSocketCarrier):
                 gate.no_penalty = True
         self.closed = True
         with contextlib.suppress(Exception):
-            transport.write(wsproto.http_response(status, body))
+            transport.write(response)
         transport.close()
+
+    # -- browser joiners --
+
+    def _start_web(self, head: wsproto.Head, rest: bytes) -> None:
+        web = self._web_service
+        if web is None or not web.available:
+            raise wsproto.HandshakeError(404, "this relay serves no web page")
+        key = wsproto.check_upgrade(head)
+        if not same_origin(head.header("origin"), head.header("host")):
+            raise wsproto.HandshakeError(403, "the page must be this relay's own (Origin)")
+        transport = self._transport
+        assert transport is not None
+        gate = transport.get_extra_info(GATE_INFO)
+
+        def authenticated(ok: bool) -> None:
+            if gate is None:
+                return
+            if ok:
+                gate.auth_completed()
+            else:
+                gate.auth_attempted = True
+
+        def close() -> None:
+            self.closed = True
+            transport.close()
+
+        def pause_input(paused: bool) -> None:
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+        self._web = WebJoiner(
+            web,
+            gate.addr if gate is not None else self._peer,
+            send=transport.write,
+            close=close,
+            pause_input=pause_input,
+            buffered=transport.get_write_buffer_size,
+            authenticated=authenticated,
+        )
+        transport.write(wsproto.upgrade_response(key))
+        if rest:
+            self._web.feed(rest)
+
+    def data_received(self, data: bytes) -> None:
+        if self._web is not None:
+            self._web.feed(data)
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._web is not None:
+            self._web.connection_lost()
+        super().connection_lost(exc)
+
+    def resume_writing(self) -> None:
+        if self._web is not None:
+            self._web.writable()
+        super().resume_writing()
 
 
 def _basic_user(header: str) -> str | None:
@@ -134,18 +215,27 @@ def _basic_user(header: str) -> str | None:
 class WebSocketListener(GatedListener):
     """The WebSocket listener: a gated listener whose connections start as HTTP."""
 
-    def __init__(self, *args: Any, refuse_user: Callable[[str, bool], str | None], **kw: Any):
+    def __init__(
+        self,
+        *args: Any,
+        refuse_user: Callable[[str, bool], str | None],
+        web: WebService | None = None,
+        **kw: Any,
+    ):
         super().__init__(*args, **kw)
         self._refuse_user = refuse_user
+        self._web = web
 
     async def create_server(
         self, session_factory: Callable[[str, int], Any], host: str, port: int
     ) -> GatedListener:
         """Bind and accept; each connection gets a :class:`WebSocketDoor` in front of SSH."""
-        refuse = self._refuse_user
+        refuse, web = self._refuse_user, self._web
 
         def door(peer_host: str, peer_port: int) -> WebSocketDoor:
-            return WebSocketDoor(lambda: session_factory(peer_host, peer_port), refuse)
+            return WebSocketDoor(
+                lambda: session_factory(peer_host, peer_port), refuse, web, peer_host
+            )
 
         return await super().create_server(door, host, port)
 

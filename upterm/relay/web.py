@@ -424,12 +424,15 @@ class WebJoiner:
             self._send(self.framer.text(json.dumps({"type": "role", "role": role})))
 
     def host_closed(self, status: int | None) -> None:
-        """The host closed the channel: the session ended or this joiner was removed."""
-        if status == 0:
+        """The host closed the channel: the session ended, or this joiner was removed (or
+        refused), which the host says on stderr."""
+        text = _last_line(self._last_error)
+        if text:
+            self.close(CLOSE_REMOVED, text)
+        elif status is not None:
             self.close(CLOSE_ENDED, ENDED_TEXT)
-            return
-        text = _last_line(self._last_error) or "the host ended your view"
-        self.close(CLOSE_REMOVED, text)
+        else:
+            self.close(CLOSE_TRY_AGAIN, HOST_AWAY_TEXT)  # the host's connection went
 
     # -- ending --
 

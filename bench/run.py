@@ -225,11 +225,13 @@ class World:
             raise RuntimeError(out.stderr)
         return out.stdout
 
-    def host(self, name: str, server: str, *command: str) -> dict[str, object]:
+    def host(
+        self, name: str, server: str, *command: str, flags: tuple[str, ...] = ()
+    ) -> dict[str, object]:
         self.upterm(
             "host", "--detach", "--accept", "--quiet", "--skip-host-key-check",
             "--known-hosts", str(self.root / "known_hosts"), "--server", server,
-            "--name", name, "--", *command,
+            "--name", name, *flags, "--", *command,
         )  # fmt: skip
         info: dict[str, object] = json.loads(self.upterm("session", "info", name, "-o", "json"))
         return info

@@ -29,6 +29,10 @@ mkdir "$src"
 # The tracked files as they are in the working tree (so a build tests what is there).
 git ls-files -z --cached --others --exclude-standard | (cd "$root" && xargs -0 tar -cf - --no-recursion --ignore-failed-read 2>/dev/null) \
   | tar -xf - -C "$src"
+# The web joiner's page is built, not tracked (gitignored): built here (it needs npm; the
+# Debian build itself stays offline) and copied in, so uptermd's package serves it.
+scripts/build-web.sh
+cp -r upterm/relay/webpage "$src/upterm/relay/webpage"
 cp -r packaging/debian "$src/debian"
 cp systemd/upterm.service "$src/debian/upterm.user.service"
 cp systemd/upterm.socket "$src/debian/upterm.user.socket"

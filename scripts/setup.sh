@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set-up shared by scripts/try.sh and scripts/test.sh, for a fresh Debian 12 machine with
 # only Python 3.11. Without arguments (try.sh): what running upterm needs, the OpenSSH
-# client and a venv in .venv with upterm installed (editable). With --dev (test.sh): also
-# the Debian packages the tests use and the test and lint tools. Safe to run again: it only
-# adds what is missing, and says what it does.
+# client, a venv in .venv with upterm installed (editable) and the web joiner's page (built
+# with node and npm by scripts/build-web.sh). With --dev (test.sh): also the Debian packages
+# the tests use and the test and lint tools. Safe to run again: it only adds what is
+# missing, and says what it does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=""
@@ -14,8 +15,13 @@ missing=()
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# uptermd serves the web joiner's page, which scripts/build-web.sh builds with npm.
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ -n "$dev" ]; then
 command -v tmux >/dev/null || missing+=(tmux)
+# The web joiner's page is tested in Debian's Chromium, headless, driven by Playwright
+# (never a browser that Playwright downloads).
+command -v chromium >/dev/null || missing+=(chromium)
 # systemd-analyze and systemd-socket-activate, for the unit tests (not a running systemd).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 # Full-screen programs the shared-screen tests run: vim, less, top, htop.
@@ -81,6 +87,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+
+# The web joiner's page (upterm/relay/webpage/); quick when it is already built.
+scripts/build-web.sh
 
 if [ -n "$dev" ] && [ ! -x .cache/openssh-10.0p1/ssh ]; then
   scripts/openssh10.sh >/dev/null

@@ -258,3 +258,20 @@ def test_bench_transfer_quick_run(tmp_path: Path) -> None:
         assert figures[f"scp {leg} of 4 MiB, via uptermd"]["ratio"] > 0
         for who in ("another joiner", "the host's terminal"):
             assert figures[f"echo p99, {who}, during a {leg}"]["baseline"] > 0
+
+
+def test_bench_web_quick_run_reports_its_figures(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.web", "--quick", "--json", str(tmp_path / "w.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads((tmp_path / "w.json").read_text())["figures"]
+    names = [f["name"] for f in figures]
+    assert names[0] == "web link opened to the prompt (median)"
+    assert names[1].startswith("output to a browser joiner")
+    for figure in figures:
+        assert figure["value"] > 0 and figure["baseline"] > 0, figure  # beside SSH

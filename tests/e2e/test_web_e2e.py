@@ -1,0 +1,207 @@
+"""Browser joiners with the real binaries, the browser played by a WebSocket client that does
+what the page does (tests/web drive the page itself in Chromium): uptermd's page and its
+headers, the same-origin socket, the link's secret, roles the host decides, and the links
+the host replaces, revokes or lets expire."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import UserEnv, start_relay, wait_for
+from tests.e2e.test_websocket_e2e import free_port, host, info
+from upterm.relay import web
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+LOCAL = "127.0.0.1"
+
+
+class Browser:
+    """What the page does on the socket: proves the link, then reads output and types."""
+
+    def __init__(self, url: str, origin: str | None = None, cols: int = 80, rows: int = 24):
+        base, _, credential = url.partition("#")
+        netloc = base.split("/")[2]
+        self.ws: ClientConnection = connect(
+            f"ws://{netloc}{web.WS_PATH}",
+            origin=origin or f"http://{netloc}",  # type: ignore[arg-type]
+        ).__enter__()
+        self.ws.send(
+            json.dumps({"type": "auth", "credential": credential, "cols": cols, "rows": rows})
+        )
+        self.output = bytearray()
+        self.texts: list[dict] = []
+
+    def read_until(self, pred, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not pred():
+            left = deadline - time.monotonic()
+            assert left > 0, f"not seen; output {bytes(self.output[-300:])!r} texts {self.texts}"
+            try:
+                msg = self.ws.recv(timeout=min(left, 0.5))
+            except TimeoutError:
+                continue
+            if isinstance(msg, str):
+                self.texts.append(json.loads(msg))
+            else:
+                self.output += msg
+
+    def expect(self, marker: bytes, timeout: float = 15) -> None:
+        self.read_until(lambda: marker in self.output, timeout)
+
+    def role(self) -> str:
+        roles = [t["role"] for t in self.texts if t.get("type") in ("hello", "role")]
+        return roles[-1] if roles else ""
+
+    def type(self, text: str) -> None:
+        self.ws.send(text.encode())
+
+    def closed(self, timeout: float = 15) -> tuple[int, str]:
+        """The close code and reason the relay ended the socket with."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None
+                return exc.rcvd.code, exc.rcvd.reason
+            if isinstance(msg, bytes):
+                self.output += msg
+            assert time.monotonic() < deadline, "the socket was not closed"
+
+
+def refused_with(url: str) -> tuple[int, str]:
+    return Browser(url).closed()
+
+
+def web_host(user_env: UserEnv, relay_url: str, name: str, *flags: str) -> dict:
+    out = host(user_env, name, "--server", relay_url, "--web", *flags)
+    assert out.returncode == 0, out.stderr
+    return info(user_env, name)
+
+
+def upterm(user_env: UserEnv, *args: str) -> str:
+    from tests.e2e.test_cli_e2e import headless
+
+    out = headless(user_env, *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_web_joiners_watch_type_when_allowed_and_lose_revoked_links(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    ws_port = free_port()
+    relay = start_relay(user_env, None, "--ws-addr", f"{LOCAL}:{ws_port}")
+    try:
+        session = web_host(user_env, relay.url, "w")
+        url = session["webURL"]
+        base, _, credential = url.partition("#")
+        assert base == f"http://{LOCAL}:{ws_port}/join"
+        assert credential and session["sshUser"] not in url  # the link is not the SSH token
+        card = upterm(user_env, "session", "info", "w")
+        assert f"Web:                {url}" in card
+
+        # The page, as a browser gets it: strict CSP, no framing, nothing inline.
+        with urllib.request.urlopen(base) as page:
+            headers = page.headers
+            html = page.read().decode()
+        assert headers["Content-Security-Policy"] == web.CSP
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Cache-Control"] == "no-store"
+        assert "<script>" not in html and "/assets/app.js" in html
+        with urllib.request.urlopen(f"http://{LOCAL}:{ws_port}/assets/app.js") as js:
+            assert js.headers["Content-Type"].startswith("text/javascript")
+
+        # Another origin, or none, cannot open the socket.
+        for origin in ("http://evil.example", f"http://{LOCAL}:{ws_port + 1}"):
+            with pytest.raises(InvalidStatus) as err:
+                Browser(url, origin=origin)
+            assert err.value.response.status_code == 403
+        with socket.create_connection((LOCAL, ws_port), 5) as sock:  # no Origin at all
+            sock.sendall(
+                f"GET {web.WS_PATH} HTTP/1.1\r\nHost: {LOCAL}:{ws_port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 403 ")
+
+        # A wrong secret for the right id is refused, as is garbage.
+        wrong = f"{base}#{credential[:23]}{'A' * 43}"
+        assert refused_with(wrong) == (web.CLOSE_REFUSED, web.REFUSED_TEXT)
+        assert refused_with(f"{base}#nonsense")[0] == web.CLOSE_REFUSED
+
+        # A viewer by default: it sees the prompt, and its keys do nothing at the PTY.
+        marker = tmp_path / "typed"
+        viewer = Browser(url)
+        viewer.read_until(lambda: viewer.role() == "viewer")
+        hello = viewer.texts[0]
+        assert hello["type"] == "hello" and hello["relayed"] is True and "@" in hello["host"]
+        viewer.type(f"touch {marker}\r")
+        clients = info(user_env, "w")["clients"]
+        assert len(clients) == 1
+        client = clients[0]
+        assert client["version"] == "upterm-web" and client["addr"] == LOCAL
+        assert client["role"] == "viewer"
+        time.sleep(1)
+        assert not marker.exists()
+
+        # Made a typist by the host: told at once, and its typing reaches the shell; its
+        # size counts (the page's resize message).
+        upterm(user_env, "session", "role", "w", client["id"], "typist")
+        viewer.read_until(lambda: viewer.role() == "typist")
+        viewer.ws.send(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+        time.sleep(0.3)
+        viewer.type(f"touch {marker}; stty size\r")
+        viewer.expect(b"30 100")
+        wait_for(marker.exists, 10, what="the typist's command to run")
+
+        # A new link: the browser on the old one is removed, the old link is refused, the
+        # new one works; a revoked link is refused.
+        new_url = upterm(user_env, "session", "web", "w", "--new").strip()
+        assert new_url != url and new_url.startswith(base + "#")
+        code, reason = viewer.closed()
+        assert code == web.CLOSE_REMOVED and "withdrew" in reason
+        assert refused_with(url)[0] == web.CLOSE_REFUSED
+        again = Browser(new_url)
+        again.read_until(lambda: again.role() == "viewer")
+        assert upterm(user_env, "session", "web", "w", "--revoke") == ""
+        assert again.closed()[0] == web.CLOSE_REMOVED
+        assert refused_with(new_url)[0] == web.CLOSE_REFUSED
+        assert info(user_env, "w")["webURL"] == ""
+        upterm(user_env, "session", "web", "w", "--new")
+
+        # The session's end reaches browsers as such.
+        last = Browser(info(user_env, "w")["webURL"])
+        last.read_until(lambda: last.role() == "viewer")
+        upterm(user_env, "session", "stop", "w")
+        assert last.closed() == (web.CLOSE_ENDED, web.ENDED_TEXT)
+
+        # An expired link is refused (the relay and the host both check the time).
+        short = web_host(user_env, relay.url, "short", "--web-ttl", "2s")
+        early = Browser(short["webURL"])
+        early.read_until(lambda: early.role() == "viewer")
+        time.sleep(2.2)
+        assert refused_with(short["webURL"])[0] == web.CLOSE_REFUSED
+        assert info(user_env, "short")["webURL"] == ""
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(5)
+
+
+def test_web_needs_a_relay_that_serves_the_page(user_env: UserEnv, relay) -> None:  # type: ignore[no-untyped-def]
+    out = host(user_env, "nope", "--server", relay.url, "--web")
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and "serves no web page" in out.stderr
+    out = host(user_env, "nope", "--server", relay.url, "--web", "--e2e-only")
+    assert out.returncode != 0 and "contradict" in out.stderr
+    out = host(user_env, "nope", "--server", relay.url, "--web-ttl", "1h")
+    assert out.returncode != 0 and "add --web" in out.stderr

@@ -151,6 +151,8 @@ def test_web_joiners_watch_type_when_allowed_and_lose_revoked_links(
         client = clients[0]
         assert client["version"] == "upterm-web" and client["addr"] == LOCAL
         assert client["role"] == "viewer"
+        card = upterm(user_env, "session", "info", "w")
+        assert f"{client['id']}: {LOCAL} web browser (the relay's page) [viewer]" in card
         time.sleep(1)
         assert not marker.exists()
 
@@ -192,6 +194,27 @@ def test_web_joiners_watch_type_when_allowed_and_lose_revoked_links(
         time.sleep(2.2)
         assert refused_with(short["webURL"])[0] == web.CLOSE_REFUSED
         assert info(user_env, "short")["webURL"] == ""
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(5)
+
+
+def test_web_joiners_wait_for_approval_and_can_be_kicked(user_env: UserEnv) -> None:
+    ws_port = free_port()
+    relay = start_relay(user_env, None, "--ws-addr", f"{LOCAL}:{ws_port}")
+    try:
+        url = web_host(user_env, relay.url, "a", "--approve", "--role", "web=typist")["webURL"]
+        browser = Browser(url)
+        pending = wait_for(lambda: info(user_env, "a")["pending"], 10, what="the question")
+        assert pending[0]["kind"] == "join" and pending[0]["version"] == "upterm-web"
+        time.sleep(0.5)
+        browser.read_until(lambda: True, 1)
+        assert browser.role() == ""  # not let in yet: no hello
+        upterm(user_env, "session", "approve", "a", pending[0]["id"])
+        browser.read_until(lambda: browser.role() == "typist")  # --role web=typist
+        upterm(user_env, "session", "kick", "a", pending[0]["id"])
+        code, reason = browser.closed()
+        assert code == web.CLOSE_REMOVED and "removed you" in reason
     finally:
         relay.proc.terminate()
         relay.proc.wait(5)

@@ -60,6 +60,10 @@ def session_detail(info: dict[str, Any]) -> str:
         extra = f" ({c['source']})" if c.get("source") else ""
         mode = " end-to-end" if c.get("mode") == "e2e" else ""
         role = f" [{c['role']}]" if c.get("role") else ""
+        if c.get("mode") == "web":
+            # A browser on the relay's page: its key is one the relay made up, not shown.
+            lines.append(f"  {c['id']}: {c['addr']} web browser (the relay's page){role}")
+            continue
         lines.append(
             f"  {c['id']}: {c['addr']} {c['version']} {c['fingerprint']}{extra}{mode}{role}"
         )

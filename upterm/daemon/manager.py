@@ -50,6 +50,11 @@ DAEMON_STOPPING_MESSAGE = "the host's upterm daemon is shutting down; this sessi
 DEFAULT_WEB_TTL_S = 12 * 3600
 
 
+def _who(client: ClientInfo) -> str:
+    """A joiner in the host's notices: its key, or "web browser" (a browser has none)."""
+    return f"web browser {client.client_id}" if client.mode == "web" else client.fingerprint
+
+
 def _host_label() -> str:
     """Who hosts, as the web page's banner says: user@machine (printable, short)."""
     try:
@@ -727,7 +732,7 @@ class Manager:
         hosted.clients[client.client_id] = client
         hosted.had_joiner = True
         hosted.notify_change()
-        self._notice(hosted, f"{client.addr} joined ({client.fingerprint})")
+        self._notice(hosted, f"{client.addr} joined ({_who(client)})")
         log.info(
             "session %s: client joined from %s (%s, %s)",
             hosted.session_id,
@@ -741,14 +746,18 @@ class Manager:
         if client is not None:
             log.info("session %s: client %s left", hosted.session_id, client_id)
             hosted.notify_change()
-            self._notice(hosted, f"{client.addr} left ({client.fingerprint})")
+            self._notice(hosted, f"{client.addr} left ({_who(client)})")
 
     def _ask_host(self, hosted: HostedSession, question: Question) -> None:
         hosted.waiting_changed()  # before the question: ~y typed on reading it must work
         client = question.client
         source = f", {client.source}" if client.source else ""
         handle = hosted.name or hosted.session_id
-        who = f"{client.addr} ({client.version}, {client.fingerprint}{source})"
+        who = (
+            f"{client.addr} (a web browser on the relay's page)"
+            if client.mode == "web"
+            else f"{client.addr} ({client.version}, {client.fingerprint}{source})"
+        )
         # Shown even with --quiet: the host has to answer.
         if question.kind == "join":
             log.info(

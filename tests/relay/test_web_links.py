@@ -193,3 +193,20 @@ def test_a_message_over_the_limit_is_refused_before_it_is_buffered() -> None:
     with pytest.raises(wsproto.FrameError) as err:
         framer.feed(_masked(wsproto.OP_CONTINUATION, b"x" * 60)[:8])
     assert err.value.close_code == wsproto.CLOSE_TOO_BIG
+
+
+def test_unknown_links_may_yet_come_only_just_after_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    svc = _service(tmp_path)
+    started = svc._started
+    cred, other = wire.WebCredential.new(), wire.WebCredential.new()
+    # Unknown, well formed, just after the relay started: its host may not have redialled.
+    assert svc.may_come(str(cred), now=started + 1)
+    assert not svc.may_come("nonsense", now=started + 1)
+    assert not svc.may_come(str(cred), now=started + web.RESTART_GRACE_S)
+    # Known ids are judged, not waited for; replaced and revoked ones are refused outright.
+    svc.declare(_registration(cred))
+    assert not svc.may_come(str(cred), now=started + 1)
+    svc.declare(_registration(other))
+    assert not svc.may_come(str(cred), now=started + 1)
+    svc.declare(wire.WebRegistration("S1", "", b"", 0, "alice@box"))
+    assert not svc.may_come(str(other), now=started + 1)

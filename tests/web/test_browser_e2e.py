@@ -222,3 +222,32 @@ def test_wrong_revoked_links_and_other_origins_are_refused(
     finally:
         other.close()
         server.shutdown()
+
+
+def test_the_page_comes_back_after_the_relay_restarts(
+    browser, user_env: UserEnv, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    ws_port = free_port()
+    flags = ("--ws-addr", f"{LOCAL}:{ws_port}")
+    relay = start_relay(user_env, None, *flags)
+    try:
+        url = web_host(user_env, relay.url, "again", "--keepalive", "1")["webURL"]
+        page = Page(browser, url)
+        try:
+            page.wait("window.upterm.state === 'open'")
+            # A blip: the relay goes away and comes back on the same ports (its state kept).
+            relay.proc.kill()
+            relay.proc.wait(5)
+            page.wait("window.upterm.state === 'reconnecting'")
+            relay = start_relay(
+                user_env, relay.state_dir, *flags, "--ssh-addr", f"{LOCAL}:{relay.port}"
+            )
+            # The host redials and declares its link again; the page rejoins by itself.
+            page.wait("window.upterm.state === 'open'", timeout=40)
+            assert page.page.evaluate("window.upterm.role") == "viewer"
+            page.wait("window.upterm.screenText().trim().length > 0")
+        finally:
+            page.close()
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(5)

@@ -75,6 +75,11 @@ MAX_MESSAGE_BYTES = 64 * 1024
 OUTPUT_HIGH_WATER = 256 * 1024
 #: A session's link is kept this long after the session left (its host redials).
 GONE_GRACE_S = 600.0
+#: For this long after the relay starts, a link it does not know may be one whose host has
+#: not redialled yet: the page is told to try again rather than that the link is bad.
+RESTART_GRACE_S = 120.0
+#: Replaced or revoked link ids remembered (to refuse them outright during that grace).
+MAX_ENDED_KEPT = 4096
 #: Largest terminal a browser may ask for (as the host clamps SSH joiners).
 MAX_DIM = 1000
 
@@ -87,6 +92,7 @@ ENDED_TEXT = "the session ended"
 #: Not final: the page tries again (the host is away, or the relay is draining).
 CLOSE_TRY_AGAIN = 1013
 HOST_AWAY_TEXT = "the host is not connected right now"
+RESTARTED_TEXT = "the relay restarted; waiting for the host to reconnect"
 
 
 @dataclass
@@ -139,6 +145,9 @@ class WebService:
                 self._files[path] = ((page_dir / name).read_bytes(), ctype)
         self._links: dict[str, WebLink] = {}
         self._by_session: dict[str, str] = {}
+        self._started = time.monotonic()
+        #: Ids replaced or revoked here (the latest, bounded): never "may yet come".
+        self._ended: dict[str, None] = {}
         #: Links of sessions that left, oldest first (for forgetting them).
         self._gone: dict[str, float] = {}
 
@@ -171,6 +180,9 @@ class WebService:
         if old is not None:
             self._links.pop(old, None)
             self._gone.pop(old, None)
+            self._ended[old] = None
+            while len(self._ended) > MAX_ENDED_KEPT:
+                del self._ended[next(iter(self._ended))]
         if not reg.web_id:
             return
         self._links[reg.web_id] = WebLink(
@@ -204,6 +216,18 @@ class WebService:
             link = self._links.pop(web_id, None)
             if link is not None and self._by_session.get(link.session_id) == web_id:
                 del self._by_session[link.session_id]
+
+    def may_come(self, credential: str, now: float | None = None) -> bool:
+        """Whether ``credential``, unknown here, may yet be declared: a well-formed link
+        shortly after this relay started (its host redials)."""
+        now = time.monotonic() if now is None else now
+        cred = wire.WebCredential.parse(credential)
+        return (
+            cred is not None
+            and cred.web_id not in self._links
+            and cred.web_id not in self._ended
+            and now - self._started < RESTART_GRACE_S
+        )
 
     def check(self, credential: str, now: float | None = None) -> WebLink | None:
         """The link ``credential`` proves (its secret matches, it has not expired), or None."""
@@ -250,7 +274,9 @@ class WebJoiner:
     """One browser on the WebSocket: proves its link, then carries its view of the session.
 
     ``send`` writes bytes to the browser's connection, ``close`` ends it, ``pause_input``
-    stops or restarts reading from it (while the host's channel is full).
+    stops or restarts reading from it (while the host's channel is full), ``authenticated``
+    tells the gate the link was proven (True), was wrong (False: a penalty) or could not be
+    judged yet (None: no penalty).
     """
 
     def __init__(
@@ -261,7 +287,7 @@ class WebJoiner:
         close: Callable[[], None],
         pause_input: Callable[[bool], None],
         buffered: Callable[[], int],
-        authenticated: Callable[[bool], None],
+        authenticated: Callable[[bool | None], None],
     ) -> None:
         self._service = service
         self._peer = peer
@@ -325,6 +351,10 @@ class WebJoiner:
             self.close(CLOSE_REFUSED, REFUSED_TEXT)
             return
         link = self._service.check(credential)
+        if link is None and self._service.may_come(credential):
+            self._authenticated(None)  # no fault of the browser's: no penalty
+            self.close(CLOSE_TRY_AGAIN, RESTARTED_TEXT)
+            return
         if link is None:
             log.info("web joiner %s: refused a link", self._peer)
             self._authenticated(False)

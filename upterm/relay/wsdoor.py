@@ -148,11 +148,13 @@ class WebSocketDoor(WebSocketCarrier):
         assert transport is not None
         gate = transport.get_extra_info(GATE_INFO)
 
-        def authenticated(ok: bool) -> None:
+        def authenticated(ok: bool | None) -> None:
             if gate is None:
                 return
             if ok:
                 gate.auth_completed()
+            elif ok is None:
+                gate.no_penalty = True
             else:
                 gate.auth_attempted = True
 

@@ -88,6 +88,9 @@ CLOSE_REFUSED = 4001
 CLOSE_ENDED = 4002
 CLOSE_REMOVED = 4003
 REFUSED_TEXT = "this link is wrong, expired or revoked: ask the host for a new one"
+REFUSED_CLUSTER_TEXT = (
+    "this link is wrong, expired or revoked, or its session is on another relay node"
+)
 ENDED_TEXT = "the session ended"
 #: Not final: the page tries again (the host is away, or the relay is draining).
 CLOSE_TRY_AGAIN = 1013
@@ -358,7 +361,10 @@ class WebJoiner:
         if link is None:
             log.info("web joiner %s: refused a link", self._peer)
             self._authenticated(False)
-            self.close(CLOSE_REFUSED, REFUSED_TEXT)
+            # Links live on the node their host registered with: in a cluster, the load
+            # balancer must bring a session's browsers there (docs/operating-uptermd.md).
+            clustered = self._service.relay.registry is not None
+            self.close(CLOSE_REFUSED, REFUSED_CLUSTER_TEXT if clustered else REFUSED_TEXT)
             return
         self._state = "opening"
         self._host_label = link.host_label

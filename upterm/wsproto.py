@@ -250,7 +250,10 @@ def frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
 
 def close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload: the code and as much of ``reason`` as fits."""
-    return struct.pack("!H", code) + reason.encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2]
+    # Cut on a character boundary: a browser fails the connection on a reason that is not
+    # valid UTF-8 (RFC 6455 5.5.1), which would lose the close code too.
+    text = reason.encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
+    return struct.pack("!H", code) + text.encode("utf-8")
 
 
 @dataclass

@@ -210,3 +210,9 @@ def test_unknown_links_may_yet_come_only_just_after_a_restart(tmp_path) -> None:
     assert not svc.may_come(str(cred), now=started + 1)
     svc.declare(wire.WebRegistration("S1", "", b"", 0, "alice@box"))
     assert not svc.may_come(str(other), now=started + 1)
+
+
+def test_a_long_close_reason_is_cut_on_a_character_boundary() -> None:
+    payload = wsproto.close_payload(4003, "é" * 100)
+    assert len(payload) <= wsproto.MAX_CONTROL_PAYLOAD
+    assert payload[2:].decode("utf-8") == "é" * 61

@@ -248,6 +248,16 @@ def frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
     return head + mask + _mask(payload, mask, 0)
 
 
+def is_pong(data: bytes) -> bool:
+    """Whether ``data`` (a frame made here) is a pong: writers skip it while the peer is not
+    reading (a pong is owed only "as soon as is practical")."""
+    return bool(data) and data[0] & 0x0F == OP_PONG
+
+
+#: A pong is not written while this much waits to be sent to its peer.
+PONG_SKIP_BYTES = 64 * 1024
+
+
 def close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload: the code and as much of ``reason`` as fits."""
     # Cut on a character boundary: a browser fails the connection on a reason that is not
@@ -268,6 +278,8 @@ class Events:
     closed: tuple[int, str] | None = None
     #: With ``max_message`` set: whole messages, (opcode, payload), instead of ``data``.
     messages: list[tuple[int, bytes]] = field(default_factory=list)
+    #: The payload of the latest ping of this read (its pong goes into ``replies``).
+    pong: bytes | None = None
 
 
 class Framer:
@@ -344,6 +356,8 @@ class Framer:
                     payload = _mask(payload, self._mask, 0)
                 self._in_frame = False
                 self._control(self._opcode, payload, events)
+        if events.pong is not None and events.closed is None:
+            events.replies.insert(0, frame(OP_PONG, events.pong, masked=self._client))
         return events
 
     def _start_frame(self) -> bool:
@@ -401,7 +415,9 @@ class Framer:
 
     def _control(self, opcode: int, payload: bytes, events: Events) -> None:
         if opcode == OP_PING:
-            events.replies.append(frame(OP_PONG, payload, masked=self._client))
+            # Only the latest ping of a read is answered (RFC 6455 5.5.3 allows it): a
+            # peer that sends pings and never reads must not grow our replies per ping.
+            events.pong = payload
         elif opcode == OP_CLOSE:
             code, reason = CLOSE_NORMAL, ""
             if len(payload) == 1:

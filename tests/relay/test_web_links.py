@@ -216,3 +216,32 @@ def test_a_long_close_reason_is_cut_on_a_character_boundary() -> None:
     payload = wsproto.close_payload(4003, "é" * 100)
     assert len(payload) <= wsproto.MAX_CONTROL_PAYLOAD
     assert payload[2:].decode("utf-8") == "é" * 61
+
+
+def test_a_host_cannot_take_over_a_link_another_session_holds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    svc = _service(tmp_path)
+    alice, mallory = wire.WebCredential.new(), wire.WebCredential.new()
+    assert svc.declare(_registration(alice, sid="ALICE")) is None
+    # Mallory was sent Alice's link: declaring its id for her own session is refused.
+    stolen = wire.WebRegistration("MALLORY", alice.web_id, mallory.digest(), 2**40, "x")
+    assert svc.declare(stolen) == web.LINK_TAKEN_TEXT
+    link = svc.check(str(alice), now=0)
+    assert link is not None and link.session_id == "ALICE"
+    # Nor once Alice replaced it (an id is never reused), and her own redial is fine.
+    assert svc.declare(_registration(alice, sid="ALICE")) is None
+    assert svc.declare(_registration(mallory, sid="ALICE")) is None
+    assert svc.declare(_registration(alice, sid="MALLORY")) == web.LINK_TAKEN_TEXT
+    # Leaving and coming back touch only the session's own link (no KeyError on stale ids).
+    svc.session_left("MALLORY")
+    svc.session_back("MALLORY")
+    svc.session_left("ALICE")
+    svc.session_back("ALICE")
+    assert svc.check(str(mallory), now=0) is not None
+
+
+def test_only_the_latest_ping_of_a_read_is_answered() -> None:
+    framer = wsproto.Framer(client=False, max_message=100)
+    events = framer.feed(b"".join(_masked(wsproto.OP_PING, b"%d" % i) for i in range(1000)))
+    assert len(events.replies) == 1
+    assert wsproto.is_pong(events.replies[0]) and events.replies[0].endswith(b"999")
+    assert not wsproto.is_pong(framer.close(1000))

@@ -157,6 +157,8 @@ class HostedSession:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     had_joiner: bool = False
     on_change: Callable[[], None] | None = None
+    #: Fires when the web link expires (its browsers are removed then).
+    web_timer: asyncio.TimerHandle | None = None
     #: The host's terminals attached now (told how many joiners wait for approval).
     terminals: set[AttachedTerminal] = field(default_factory=set)
     #: A moderated session had its moderators at least once (then --on-moderator-leave).
@@ -392,22 +394,53 @@ class Manager:
                 "this session was started without --web: browsers cannot join it; start "
                 "one with 'upterm host --web'"
             )
-        old = policy.web
         if req.op == "revoke":
+            # From now on the host refuses the link, whatever the relay says or knows.
             policy.web = None
-            await hosted.tunnel.set_web(None)
+            self._remove_web_clients(hosted, "the host withdrew this web link")
+            try:
+                await hosted.tunnel.set_web(None)
+            except UptermError as exc:
+                log.info("session %s: the relay was not told of the revoke: %s",
+                         hosted.session_id, exc)  # fmt: skip
+            self._notice(hosted, "web link revoked")
         else:
             ttl = (hosted.options.web_ttl_s if hosted.options else 0) or DEFAULT_WEB_TTL_S
             credential = wire.WebCredential.new()
-            policy.web = (credential, int(time.time()) + ttl)
-            await hosted.tunnel.set_web(credential, policy.web[1], _host_label())
-        if old is not None:
-            for client_id, client in list(hosted.clients.items()):
-                if client.mode == "web":
-                    for guest in list(policy.by_client.get(client_id, ())):
-                        guest.remove(b"\r\n[upterm: the host withdrew this web link]\r\n")
-        self._notice(hosted, "web link revoked" if req.op == "revoke" else "new web link made")
+            expires = int(time.time()) + ttl
+            # Declared first: if the relay cannot take it, the old link stays as it was.
+            await hosted.tunnel.set_web(credential, expires, _host_label())
+            policy.web = (credential, expires)
+            self._remove_web_clients(hosted, "the host replaced this web link")
+            self._arm_web_expiry(hosted)
+            self._notice(hosted, "new web link made")
         return adminproto.ok(req.id, session=hosted.info())
+
+    def _remove_web_clients(self, hosted: HostedSession, why: str) -> None:
+        for client_id, client in list(hosted.clients.items()):
+            if client.mode == "web":
+                for guest in list(hosted.policy.by_client.get(client_id, ())):
+                    guest.remove(f"\r\n[upterm: {why}]\r\n".encode())
+
+    def _arm_web_expiry(self, hosted: HostedSession) -> None:
+        """When the link expires, the browsers that joined with it leave too."""
+        if hosted.web_timer is not None:
+            hosted.web_timer.cancel()
+            hosted.web_timer = None
+        web = hosted.policy.web
+        if web is None:
+            return
+        credential, expires = web
+
+        def expired() -> None:
+            hosted.web_timer = None
+            if hosted.policy.web is not None and hosted.policy.web[0] == credential:
+                self._remove_web_clients(hosted, "this web link expired")
+                self._notice(hosted, "the web link expired")
+                hosted.notify_change()
+
+        delay = max(0.0, expires - time.time())
+        hosted.web_timer = asyncio.get_running_loop().call_later(delay, expired)
 
     def _client_action(self, hosted: HostedSession, req: adminproto.ClientAction) -> dict[str, Any]:
         policy = hosted.policy
@@ -669,6 +702,7 @@ class Manager:
                 expires = int(time.time()) + (req.web_ttl_s or DEFAULT_WEB_TTL_S)
                 policy.web = (credential, expires)
                 await tunnel.set_web(credential, expires, _host_label())
+                self._arm_web_expiry(hosted)
             hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
             await hosted.admin.start()
             self.sessions[sid] = hosted
@@ -707,6 +741,8 @@ class Manager:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hosted.policy.all_closed.wait(), EXIT_FLUSH_S)
         hosted.tunnel.close()
+        if hosted.web_timer is not None:
+            hosted.web_timer.cancel()
         if hosted.admin is not None:
             hosted.admin.close()
         self.sessions.pop(hosted.session_id, None)

@@ -460,13 +460,23 @@ class Tunnel:
     ) -> str:
         """Declare the session's web link to the relay (None: withdraw it) and return the
         page's base URL. Raises :class:`RelayPermissionDenied` with the relay's words when
-        it takes no web link (upstream's relays do not know the request)."""
+        it takes no web link (upstream's relays do not know the request), and
+        :class:`RelayUnreachable` when it cannot be asked now; the link declared before
+        then stays the one declared after a redial."""
+        before = self._web
         self._web = (credential, expires, label) if credential is not None else None
         if self._conn is None or self.registered is None:
             return ""
-        reply = await self._declare_web(self._conn)
+        try:
+            reply = await self._declare_web(self._conn)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            self._web = before
+            raise RelayUnreachable(
+                f"could not reach the relay at {self.url} to change the web link ({exc}); "
+                "try again once it is connected"
+            ) from None
         if not reply.ok:
-            self._web = None
+            self._web = before
             text = printable(reply.payload.decode("utf-8", "replace")).strip()
             raise RelayPermissionDenied(
                 text or f"the relay at {self.url} does not serve a web page (upterm host --web)"
@@ -483,21 +493,22 @@ class Tunnel:
             expires,
             label,
         ).encode()
-        try:
-            reply = await asyncio.wait_for(
-                sshcompat.global_request(conn, wire.WEB_REQUEST, payload), CONNECT_TIMEOUT_S
-            )
-        except (asyncssh.Error, TimeoutError) as exc:
-            log.info("could not declare the web link to %s: %s", self.url, exc)
-            return sshcompat.GlobalReply(False, b"")
+        reply = await asyncio.wait_for(
+            sshcompat.global_request(conn, wire.WEB_REQUEST, payload), CONNECT_TIMEOUT_S
+        )
         if reply.ok:
             with contextlib.suppress(RemoteProtocolError, UnicodeDecodeError):
                 base, _ = wire.read_ssh_string(reply.payload)
-                self.web_base = base.decode("utf-8")
+                # The relay's words end up on the host's card: printable, and short.
+                self.web_base = printable(base.decode("utf-8"))[:512]
         return reply
 
     async def _redeclare_web(self, conn: asyncssh.SSHClientConnection) -> None:
-        reply = await self._declare_web(conn)
+        try:
+            reply = await self._declare_web(conn)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            log.info("could not declare the web link to %s after the redial: %s", self.url, exc)
+            return
         if not reply.ok:
             log.info("the relay at %s took no web link after the redial", self.url)
 

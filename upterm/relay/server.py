@@ -1190,7 +1190,9 @@ class RelayConnection(asyncssh.SSHServer):
         web = self.relay.web
         if req.web_id and not web.available:
             return sshcompat.GlobalReply(False, WEB_UNAVAILABLE_TEXT.encode())
-        web.declare(req)
+        refusal = web.declare(req)
+        if refusal is not None:
+            return sshcompat.GlobalReply(False, refusal.encode())
         return sshcompat.GlobalReply(True, wire.ssh_string(web.base_url.encode()))
 
     def _verify_proof(self, req: wire.CreateSessionRequest) -> tuple[str, int]:

@@ -73,11 +73,16 @@ WS_PATH = "/join/ws"
 MAX_MESSAGE_BYTES = 64 * 1024
 #: Output waiting for a browser beyond this pauses the host's channel.
 OUTPUT_HIGH_WATER = 256 * 1024
+#: A browser's connection is cut off when this much waits for it: output stops at the
+#: high-water mark above (what the host's window had in flight comes after), so only a
+#: browser that does not read, or a hostile host's unthrottled requests, gets here.
+WRITE_CAP_BYTES = 8 * 1024 * 1024
 #: A session's link is kept this long after the session left (its host redials).
 GONE_GRACE_S = 600.0
 #: For this long after the relay starts, a link it does not know may be one whose host has
 #: not redialled yet: the page is told to try again rather than that the link is bad.
 RESTART_GRACE_S = 120.0
+LINK_TAKEN_TEXT = "upterm: that web link id is taken on this relay; make a new link"
 #: Replaced or revoked link ids remembered (to refuse them outright during that grace).
 MAX_ENDED_KEPT = 4096
 #: Largest terminal a browser may ask for (as the host clamps SSH joiners).
@@ -175,40 +180,55 @@ class WebService:
 
     # -- links --
 
-    def declare(self, reg: wire.WebRegistration, now: float | None = None) -> None:
-        """A host's link for its session (replacing the one before; none: revoked)."""
+    def declare(self, reg: wire.WebRegistration, now: float | None = None) -> str | None:
+        """A host's link for its session (replacing the one before; none: revoked).
+
+        Returns why it is refused: an id another session holds, or one that was replaced
+        or revoked here (a host must not take over a link someone else was given)."""
         now = time.monotonic() if now is None else now
         self._forget_gone(now)
+        if reg.web_id:
+            holder = self._links.get(reg.web_id)
+            taken = holder is not None and holder.session_id != reg.session_id
+            if taken or reg.web_id in self._ended:
+                return LINK_TAKEN_TEXT
         old = self._by_session.pop(reg.session_id, None)
-        if old is not None:
+        if old is not None and old != reg.web_id:
             self._links.pop(old, None)
             self._gone.pop(old, None)
             self._ended[old] = None
             while len(self._ended) > MAX_ENDED_KEPT:
                 del self._ended[next(iter(self._ended))]
         if not reg.web_id:
-            return
+            return None
         self._links[reg.web_id] = WebLink(
             reg.session_id, reg.web_id, reg.digest, reg.expires, reg.host_label
         )
         self._by_session[reg.session_id] = reg.web_id
+        self._gone.pop(reg.web_id, None)
+        return None
+
+    def _link_of(self, session_id: str) -> WebLink | None:
+        web_id = self._by_session.get(session_id)
+        link = self._links.get(web_id) if web_id is not None else None
+        return link if link is not None and link.session_id == session_id else None
 
     def session_left(self, session_id: str, now: float | None = None) -> None:
         """The session's registration is gone from this node: its link is kept a while."""
-        web_id = self._by_session.get(session_id)
-        if web_id is None:
+        link = self._link_of(session_id)
+        if link is None:
             return
         now = time.monotonic() if now is None else now
-        self._links[web_id].gone_at = now
-        self._gone[web_id] = now
+        link.gone_at = now
+        self._gone[link.web_id] = now
         self._forget_gone(now)
 
     def session_back(self, session_id: str) -> None:
         """The session registered again (its host redialled)."""
-        web_id = self._by_session.get(session_id)
-        if web_id is not None:
-            self._links[web_id].gone_at = None
-            self._gone.pop(web_id, None)
+        link = self._link_of(session_id)
+        if link is not None:
+            link.gone_at = None
+            self._gone.pop(link.web_id, None)
 
     def _forget_gone(self, now: float) -> None:
         while self._gone:
@@ -288,6 +308,7 @@ class WebJoiner:
         peer: str,
         send: Callable[[bytes], None],
         close: Callable[[], None],
+        abort: Callable[[], None],
         pause_input: Callable[[bool], None],
         buffered: Callable[[], int],
         authenticated: Callable[[bool | None], None],
@@ -296,6 +317,7 @@ class WebJoiner:
         self._peer = peer
         self._send = send
         self._close_transport = close
+        self._abort = abort
         self._pause_input = pause_input
         self._buffered = buffered
         self._authenticated = authenticated
@@ -324,7 +346,8 @@ class WebJoiner:
             self.close(exc.close_code, str(exc))
             return
         for reply in events.replies:
-            self._send(reply)
+            if not (wsproto.is_pong(reply) and self._buffered() > wsproto.PONG_SKIP_BYTES):
+                self._write(reply)
         for opcode, payload in events.messages:
             if self.closed:
                 return
@@ -350,7 +373,7 @@ class WebJoiner:
         credential = msg.get("credential") if msg is not None else None
         size = _size(msg) if msg is not None else None
         if msg is None or msg.get("type") != "auth" or not isinstance(credential, str):
-            self._authenticated(False)
+            self._authenticated(None)
             self.close(CLOSE_REFUSED, REFUSED_TEXT)
             return
         link = self._service.check(credential)
@@ -360,7 +383,9 @@ class WebJoiner:
             return
         if link is None:
             log.info("web joiner %s: refused a link", self._peer)
-            self._authenticated(False)
+            # No penalty: 384 random bits are not guessed, and a penalty would let any web
+            # site lock its visitors out of this relay by sending them to a wrong link.
+            self._authenticated(None)
             # Links live on the node their host registered with: in a cluster, the load
             # balancer must bring a session's browsers there (docs/operating-uptermd.md).
             clustered = self._service.relay.registry is not None
@@ -429,7 +454,9 @@ class WebJoiner:
             return
         if datatype is not None:
             self._last_error = (self._last_error + data)[-512:]
-        self._send(self.framer.binary(data))
+        self._write(self.framer.binary(data))
+        if self.closed:
+            return
         if not self._output_paused and self._buffered() > OUTPUT_HIGH_WATER:
             self._output_paused = True
             if self._chan is not None:
@@ -451,13 +478,13 @@ class WebJoiner:
         """The host says what this joiner may do (first time: it was let in)."""
         if self.closed:
             return
-        first = not self._role
+        first, previous = not self._role, self._role
         self._role = role
         if first:
             hello = {"type": "hello", "host": self._host_label, "role": role, "relayed": True}
-            self._send(self.framer.text(json.dumps(hello)))
-        else:
-            self._send(self.framer.text(json.dumps({"type": "role", "role": role})))
+            self._write(self.framer.text(json.dumps(hello)))
+        elif role != previous:
+            self._write(self.framer.text(json.dumps({"type": "role", "role": role})))
 
     def host_closed(self, status: int | None) -> None:
         """The host closed the channel: the session ended, or this joiner was removed (or
@@ -469,6 +496,18 @@ class WebJoiner:
             self.close(CLOSE_ENDED, ENDED_TEXT)
         else:
             self.close(CLOSE_TRY_AGAIN, HOST_AWAY_TEXT)  # the host's connection went
+
+    def _write(self, data: bytes) -> None:
+        """Send to the browser; one that lets too much wait (it does not read, or a host
+        floods it with what flow control does not hold) is cut off."""
+        self._send(data)
+        if self._buffered() > WRITE_CAP_BYTES and not self.closed:
+            log.info(
+                "web joiner %s: cut off, %d bytes waiting for it", self._peer, self._buffered()
+            )
+            self.closed = True
+            self._abort()
+            self.connection_lost()
 
     # -- ending --
 

@@ -71,13 +71,19 @@ class WebSocketDoor(WebSocketCarrier):
         self._peer = peer
         #: A browser joiner, once its upgrade at /join/ws was accepted.
         self._web: WebJoiner | None = None
+        #: The request came from a web page (it has an Origin).
+        self._from_page = False
 
     def refused(self, exc: wsproto.HandshakeError) -> None:
-        self._answer(exc.status, exc.text + "\n", penalise=True)
+        # A request with an Origin comes from a web page, which any site can make a
+        # visitor's browser send: penalising it would let that site lock its visitors out
+        # of this relay. upterm's own clients never send one.
+        self._answer(exc.status, exc.text + "\n", penalise=not self._from_page)
 
     # -- HTTP --
 
     def handshake(self, head: wsproto.Head, rest: bytes) -> None:
+        self._from_page = bool(head.header("origin"))
         _method, target, _ = head.start
         path = urlsplit(target).path
         upgrade = head.has_token("upgrade", "websocket")
@@ -162,6 +168,10 @@ class WebSocketDoor(WebSocketCarrier):
             self.closed = True
             transport.close()
 
+        def abort() -> None:
+            self.closed = True
+            transport.abort()
+
         def pause_input(paused: bool) -> None:
             if paused:
                 transport.pause_reading()
@@ -173,6 +183,7 @@ class WebSocketDoor(WebSocketCarrier):
             gate.addr if gate is not None else self._peer,
             send=transport.write,
             close=close,
+            abort=abort,
             pause_input=pause_input,
             buffered=transport.get_write_buffer_size,
             authenticated=authenticated,

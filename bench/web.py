@@ -6,7 +6,9 @@ the same run.
 - output throughput to a browser joiner: a command writes N MiB (after a trigger, so the
   join is not timed) and the page shows its end marker, against the same to one SSH joiner.
   Each joiner is the session's only viewer; joiners that fall behind skip ahead (frames),
-  so this is the time until the browser shows the end, as a person sees it.
+  so this is the time until the browser shows the end, as a person sees it;
+- the same N MiB to a WebSocket client that speaks the page's protocol but draws nothing,
+  against the SSH joiner: what the relay's web path carries, apart from the browser.
 
 Debian's Chromium, headless, driven by Playwright (``scripts/setup.sh --dev``).
 
@@ -16,6 +18,7 @@ Run: ``python -m bench.web`` (``--quick``: tiny sizes, a smoke run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -65,6 +68,36 @@ class _Tab:
 
     def close(self) -> None:
         self.context.close()
+
+
+class _BareSocket:
+    """What the page does on the socket, without drawing: proves the link, reads output."""
+
+    def __init__(self, url: str) -> None:
+        from websockets.sync.client import connect
+
+        base, _, credential = url.partition("#")
+        netloc = base.split("/")[2]
+        self.ws = connect(
+            f"ws://{netloc}/join/ws", origin=f"http://{netloc}", max_size=None
+        ).__enter__()
+        auth = {"type": "auth", "credential": credential, "cols": 80, "rows": 24}
+        self.ws.send(json.dumps(auth))
+        self.tail = b""
+        deadline = time.monotonic() + 0.5  # joined and settled
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                self.ws.recv(timeout=0.1)
+
+    def read_until(self, marker: bytes, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while marker not in self.tail:
+            msg = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, bytes):
+                self.tail = (self.tail + msg)[-256:]
+
+    def close(self) -> None:
+        self.ws.close()
 
 
 def main() -> None:
@@ -117,7 +150,7 @@ def main() -> None:
 
         # N MiB to one browser, against N MiB to one SSH joiner (separate sessions).
         seconds = {}
-        for kind in ("web", "ssh"):
+        for kind in ("web", "bare", "ssh"):
             trigger = w.root / f"go-{kind}"
             info = w.host(f"flood-{kind}", server, *_end_command(trigger, size), flags=("--web",))
             if kind == "web":
@@ -127,6 +160,12 @@ def main() -> None:
                 trigger.touch()
                 tab.wait_text(END, 300)
                 tab.close()
+            elif kind == "bare":
+                sock = _BareSocket(str(info["webURL"]))
+                start = time.perf_counter()
+                trigger.touch()
+                sock.read_until(END.encode(), 300)
+                sock.close()
             else:
                 joiner = SshJoiner([*ssh, f"{info['sshUser']}@127.0.0.1"])
                 time.sleep(0.5)
@@ -139,7 +178,11 @@ def main() -> None:
         mib = size / 1024 / 1024
         report.add(Figure(
             f"output to a browser joiner ({mib:g} MiB, until shown)", mib / seconds["web"],
-            "MiB/s", mib / seconds["ssh"], "one SSH joiner", ">= 0.8x SSH (figure)",
+            "MiB/s", mib / seconds["ssh"], "one SSH joiner", "figure",
+        ))  # fmt: skip
+        report.add(Figure(
+            f"output to a WebSocket client ({mib:g} MiB, no drawing)", mib / seconds["bare"],
+            "MiB/s", mib / seconds["ssh"], "one SSH joiner", "figure (the relay's web path)",
         ))  # fmt: skip
         browser.close()
     if args.json:

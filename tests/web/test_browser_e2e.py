@@ -20,6 +20,7 @@ import pytest
 from playwright import sync_api as playwright_api
 
 from tests.conftest import UserEnv, start_relay, wait_for
+from tests.e2e.test_cli_e2e import headless
 from tests.e2e.test_web_e2e import upterm, web_host
 from tests.e2e.test_websocket_e2e import free_port, info
 from upterm.relay import web
@@ -251,3 +252,41 @@ def test_the_page_comes_back_after_the_relay_restarts(
     finally:
         relay.proc.terminate()
         relay.proc.wait(5)
+
+
+def test_osc52_never_reaches_the_clipboard_and_expired_links_end(
+    browser, web_relay, user_env: UserEnv, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    relay_url, ws_port = web_relay
+    trigger = tmp_path / "go"
+    # The session's program asks the terminal to set the clipboard (OSC 52, "PWNED").
+    script = (
+        f"while [ ! -e {trigger} ]; do sleep 0.05; done; "
+        "printf '\\033]52;c;UFdORUQ=\\a'; echo OSC''DONE; exec sleep 3600"
+    )
+    out = headless(
+        user_env, "host", "--detach", "--accept", "--name", "clip", "--skip-host-key-check",
+        "--known-hosts", str(tmp_path / "kh"), "--server", relay_url, "--web",
+        "--web-ttl", "4s", "--", "sh", "-c", script,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    url = info(user_env, "clip")["webURL"]
+    page = Page(browser, url)
+    try:
+        origin = f"http://{LOCAL}:{ws_port}"
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=origin)
+        page.wait("window.upterm.state === 'open'")
+        page.page.bring_to_front()
+        page.page.evaluate("navigator.clipboard.writeText('BEFORE')")
+        trigger.touch()
+        page.wait_text("OSCDONE")
+        assert page.page.evaluate("navigator.clipboard.readText()") == "BEFORE"
+        # The link expires: the page is told it was removed, and a reload is refused.
+        page.wait("window.upterm.state === 'closed'", timeout=15)
+        assert page.page.evaluate("window.upterm.closeCode") == web.CLOSE_REMOVED
+        assert "expired" in page.page.inner_text("body")
+        page.page.reload()
+        page.wait("window.upterm.state === 'closed'")
+        assert page.page.evaluate("window.upterm.closeCode") == web.CLOSE_REFUSED
+    finally:
+        page.close()

@@ -59,6 +59,13 @@ def test_package_contents(installed) -> None:
     relay = sh("dpkg", "-L", "uptermd").stdout
     assert "/lib/systemd/system/uptermd.service" in relay  # /lib on bookworm
     assert "/usr/share/man/man8/uptermd.8.gz" in relay
+    # The web joiners' page is built, not tracked: the package must carry it all the same.
+    page = sh(
+        "/usr/bin/python3", "-I", "-c", "from upterm.relay import web; print(web.PAGE_DIR)"
+    ).stdout.strip()
+    for name in ("index.html", "app.js", "app.css", "LICENSES.txt"):
+        assert (Path(page) / name).is_file(), f"{page}/{name} is not in the package"
+    assert page.startswith("/usr/lib/python3/dist-packages/")
     # Built for Debian's Python, not the one running these tests.
     assert Path("/usr/bin/upterm").read_text().splitlines()[0] == "#!/usr/bin/python3"
     lint = sh("lintian", "--fail-on", "error,warning", *installed, env={"PATH": SYSTEM_PATH})

@@ -117,23 +117,52 @@ def test_the_page_is_refused_plainly_when_it_was_not_built(tmp_path) -> None:  #
     assert svc.response("/other") is None
 
 
+def _get(svc: WebService, path: str, *headers: str) -> tuple[str, dict[str, str], bytes]:
+    raw = f"GET {path} HTTP/1.1\r\nHost: r\r\n" + "".join(f"{h}\r\n" for h in headers)
+    parsed = wsproto.parse_head((raw + "\r\n").encode())
+    assert parsed is not None
+    response = svc.response(path, parsed[0])
+    assert response is not None
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    return status, dict(line.split(": ", 1) for line in lines), body
+
+
 def test_the_page_and_assets_carry_the_security_headers(tmp_path) -> None:  # type: ignore[no-untyped-def]
     for name in ("index.html", "app.js", "app.css", "LICENSES.txt"):
-        (tmp_path / name).write_text(f"<{name}>")
+        (tmp_path / name).write_text(f"<{name}>" * 100)
     svc = _service(tmp_path)
     for path in ("/join", "/join/", "/assets/app.js", "/assets/app.css", "/assets/LICENSES.txt"):
-        response = svc.response(path)
-        assert response is not None
-        head, _, body = response.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        assert lines[0] == "HTTP/1.1 200 OK"
-        assert f"Content-Security-Policy: {web.CSP}" in lines
-        assert "X-Frame-Options: DENY" in lines and "X-Content-Type-Options: nosniff" in lines
-        assert body.startswith(b"<")
+        status, headers, body = _get(svc, path)
+        assert status == "HTTP/1.1 200 OK"
+        assert headers["Content-Security-Policy"] == web.CSP
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Cache-Control"] == ("no-store" if path.startswith("/join") else "no-cache")
+        assert body.startswith(b"<") and int(headers["Content-Length"]) == len(body)
     csp = dict(part.strip().split(" ", 1) for part in web.CSP.split(";"))
     assert csp["script-src"] == "'self'" and csp["connect-src"] == "'self'"
     assert csp["default-src"] == "'none'" and csp["frame-ancestors"] == "'none'"
     assert "unsafe-eval" not in web.CSP
+
+
+def test_assets_are_gzipped_for_browsers_that_take_it_and_revalidated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+
+    (tmp_path / "index.html").write_text("<html>")
+    (tmp_path / "app.js").write_text("console.log(1);" * 1000)
+    svc = _service(tmp_path)
+    status, headers, body = _get(svc, "/assets/app.js", "Accept-Encoding: gzip, deflate, br")
+    assert headers["Content-Encoding"] == "gzip" and headers["Vary"] == "Accept-Encoding"
+    assert gzip.decompress(body) == b"console.log(1);" * 1000 and len(body) < 1000
+    for refusing in ("Accept-Encoding: br", "Accept-Encoding: gzip;q=0", "Accept-Encoding: *"):
+        _, headers, body = _get(svc, "/assets/app.js", refusing)
+        assert "Content-Encoding" not in headers and body.startswith(b"console")
+    etag = headers["ETag"]
+    status, headers, body = _get(svc, "/assets/app.js", f"If-None-Match: {etag}")
+    assert status == "HTTP/1.1 304 Not Modified" and body == b""
+    status, _, _ = _get(svc, "/assets/app.js", 'If-None-Match: "other"')
+    assert status == "HTTP/1.1 200 OK"
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ class WebSocketDoor(WebSocketCarrier):
             return
         web = self._web_service
         if web is not None and not upgrade:
-            page = web.response(path)
+            page = web.response(path, head)
             if page is not None:
                 self._send_raw(page)
                 return

@@ -3,7 +3,8 @@ what a person sees and can do, and what another origin cannot.
 
 Each test hosts a real session on a real uptermd with ``--web``; the page is the one the
 build made (scripts/build-web.sh). A screenshot of the page is written to the test's output
-directory (printed, and kept under ``UPTERM_TEST_ARTIFACTS`` when set).
+directory, ``test-artifacts/`` (or ``UPTERM_TEST_ARTIFACTS``), and its path printed in the
+run's output.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def web_relay(user_env: UserEnv) -> Iterator[tuple[str, int]]:
     relay.proc.wait(5)
 
 
+#: Where screenshots are kept (gitignored), unless UPTERM_TEST_ARTIFACTS says elsewhere.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
 def artifact(tmp_path: Path, name: str) -> Path:
-    where = Path(os.environ.get("UPTERM_TEST_ARTIFACTS") or tmp_path)
+    where = Path(os.environ.get("UPTERM_TEST_ARTIFACTS") or ARTIFACTS)
     where.mkdir(parents=True, exist_ok=True)
     return where / name
 
@@ -102,7 +107,7 @@ class Page:
 
 
 def test_the_page_shows_the_terminal_and_only_typists_type(
-    browser, web_relay, user_env: UserEnv, tmp_path: Path
+    browser, web_relay, user_env: UserEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
     relay_url, ws_port = web_relay
     session = web_host(user_env, relay_url, "b")
@@ -152,7 +157,8 @@ def test_the_page_shows_the_terminal_and_only_typists_type(
         shot = artifact(tmp_path, "web-joiner.png")
         page.page.screenshot(path=str(shot))
         assert shot.stat().st_size > 5000
-        print(f"screenshot: {shot}")
+        with capsys.disabled():  # in the run's output, not only on failure
+            print(f"\nscreenshot of the web joiner's page: {shot}")
 
         # Nothing the page did broke its policy or left this origin.
         assert page.problems == [], page.problems

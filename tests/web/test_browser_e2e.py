@@ -60,6 +60,50 @@ def artifact(tmp_path: Path, name: str) -> Path:
     return where / name
 
 
+def png_rows(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and the unfiltered scanlines of an 8-bit RGB(A) PNG (what Chromium's
+    screenshots are), to look at pixels without an imaging library."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height, bpp = 8, b"", 0, 0, 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and color in (2, 6), (depth, color)
+            bpp = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        f, line = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, height, rows
+
+
 class Page:
     """One tab on the join page, recording console errors and CSP violations."""
 
@@ -153,6 +197,21 @@ def test_the_page_shows_the_terminal_and_only_typists_type(
             }"""
         )
         assert red == [True, 1]  # ANSI red, as the shell printed it
+
+        # An underscore is drawn (a row too short for the font's descent clipped it once):
+        # a clear screen, then a line of nothing but underscores on the first row.
+        page.page.keyboard.type("clear; printf '%s' ________________; sleep 30\n")
+        page.wait("window.upterm.screenText().startsWith('________________')")
+        box = page.page.eval_on_selector(".xterm-screen", "e => e.getBoundingClientRect().toJSON()")
+        rows = int(page.page.evaluate("window.upterm.term.rows"))
+        row_h = box["height"] / rows
+        shot_png = page.page.screenshot(
+            clip={"x": box["x"], "y": box["y"], "width": 16 * 8, "height": row_h}
+        )
+        _, _, lines = png_rows(shot_png)
+        lit = sum(1 for line in lines for v in line[::3] if v > 96)
+        assert lit > 20, f"the underscores are not drawn ({lit} bright pixels in their row)"
+        page.page.keyboard.press("Control+C")
 
         shot = artifact(tmp_path, "web-joiner.png")
         page.page.screenshot(path=str(shot))

@@ -369,6 +369,9 @@ function setupTerminal() {
     cursorBlink: true,
     scrollback: 5000,
     fontSize: 14,
+    // A little leading: with the DOM renderer (software WebGL) a row is exactly one line
+    // box, and DejaVu Sans Mono's underscore falls below it (file names lost their _).
+    lineHeight: 1.15,
     fontFamily: '"DejaVu Sans Mono", Menlo, Monaco, Consolas, "Liberation Mono", '
       + '"Noto Sans Mono", "Ubuntu Mono", "Courier New", monospace',
     theme: { background: '#000000', foreground: '#d0d0d0' },

@@ -102,7 +102,9 @@ ENDED_TEXT = "the session ended"
 #: Not final: the page tries again (the host is away, or the relay is draining).
 CLOSE_TRY_AGAIN = 1013
 HOST_AWAY_TEXT = "the host is not connected right now"
-RESTARTED_TEXT = "the relay restarted; waiting for the host to reconnect"
+RESTARTED_TEXT = (
+    "the relay does not know this link yet; if it just restarted, the host is reconnecting"
+)
 
 
 @dataclass

@@ -50,6 +50,9 @@ WEB_REQUEST = "upterm-web@upterm.dev"
 WEB_EXTENSION = "upterm-web@upterm.dev"
 #: Ours: host → relay channel request on a web joiner's channel: its role now.
 WEB_ROLE_REQUEST = "upterm-role@upterm.dev"
+#: Ours: host → relay, on a web joiner's channel: why it is being removed (channel requests
+#: are not held by flow control, so the page is told even when it is far behind).
+WEB_REMOVED_REQUEST = "upterm-removed@upterm.dev"
 ADMIN_SOCKET_ENV = "UPTERM_ADMIN_SOCKET"
 #: Named sessions export their name to the command (upstream v0.38).
 SESSION_NAME_ENV = "UPTERM_SESSION_NAME"

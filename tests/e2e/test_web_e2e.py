@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import UserEnv, start_relay, wait_for
+from tests.e2e.test_cli_e2e import headless
 from tests.e2e.test_websocket_e2e import free_port, host, info
 from upterm.relay import web
 
@@ -89,8 +90,6 @@ def web_host(user_env: UserEnv, relay_url: str, name: str, *flags: str) -> dict:
 
 
 def upterm(user_env: UserEnv, *args: str) -> str:
-    from tests.e2e.test_cli_e2e import headless
-
     out = headless(user_env, *args)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -307,6 +306,50 @@ def test_hostile_sockets_cost_the_relay_little_and_lock_nobody_out(user_env: Use
                 assert knock.recv(64).startswith(b"HTTP/1.1 403 ")
         with socket.create_connection((LOCAL, relay.port), 5, source_address=("127.0.0.2", 0)) as s:
             assert s.recv(64).startswith(b"SSH-2.0-"), "the address was locked out"
+    finally:
+        relay.proc.terminate()
+        relay.proc.wait(5)
+
+
+def test_a_browser_far_behind_is_still_told_it_was_removed(
+    user_env: UserEnv, tmp_path: Path
+) -> None:
+    """A browser that reads nothing while the session prints megabytes is kicked: its close
+    says so (4003, the host's words), not "the session ended"."""
+    ws_port = free_port()
+    relay = start_relay(user_env, None, "--ws-addr", f"{LOCAL}:{ws_port}")
+    try:
+        trigger = tmp_path / "go"
+        script = (
+            f"while [ ! -e {trigger} ]; do sleep 0.05; done; "
+            "head -c 5000000 /dev/zero | tr '\\0' A; exec sleep 600"
+        )
+        out = headless(
+            user_env, "host", "--detach", "--accept", "--name", "far", "--skip-host-key-check",
+            "--known-hosts", str(tmp_path / "kh"), "--server", relay.url, "--web",
+            "--", "sh", "-c", script,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        credential = info(user_env, "far")["webURL"].partition("#")[2]
+        sock = _raw_upgrade(ws_port, f"http://{LOCAL}:{ws_port}", source=LOCAL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        auth = {"type": "auth", "credential": credential, "cols": 80, "rows": 24}
+        sock.sendall(_masked_frame(0x1, json.dumps(auth).encode()))
+        wait_for(lambda: info(user_env, "far")["clients"], 10, what="the browser to join")
+        trigger.touch()
+        time.sleep(3)  # megabytes pile up for a browser that reads nothing
+        client = info(user_env, "far")["clients"][0]["id"]
+        upterm(user_env, "session", "kick", "far", client)
+        time.sleep(3)  # the host closes the connection meanwhile, its output still waiting
+        got = bytearray()
+        sock.settimeout(10)
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+        sock.close()
+        close = got[got.rfind(b"\x88") :]  # the last frame: the close, with code and reason
+        code = int.from_bytes(close[2:4], "big")
+        assert code == web.CLOSE_REMOVED, bytes(close[:80])
+        assert b"removed you" in close
     finally:
         relay.proc.terminate()
         relay.proc.wait(5)

@@ -934,6 +934,16 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 self._chan, wire.WEB_ROLE_REQUEST, wire.ssh_string(role.encode())
             )
 
+    def _tell_removed(self, message: bytes) -> None:
+        """A browser's page says why it was removed, even while output waits for it."""
+        if self._client.mode != "web" or self._chan is None:
+            return
+        text = printable(message.decode("utf-8", "replace").strip().strip("[]"))
+        with contextlib.suppress(OSError, asyncssh.Error):
+            sshcompat.send_channel_request(
+                self._chan, wire.WEB_REMOVED_REQUEST, wire.ssh_string(text[:200].encode())
+            )
+
     def role_changed(self) -> None:
         """The host changed this joiner's role: its size counts only while it may type."""
         self._tell_role()
@@ -1158,6 +1168,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """The host removed this joiner: say so and close its connection."""
         self._policy.removed.add(self._client.client_id)
         if self._chan is not None:
+            self._tell_removed(message)
             with contextlib.suppress(OSError, asyncssh.Error):
                 if self._attached:
                     self._chan.write(self._policy.session.screen.restore_sequence())
@@ -1234,6 +1245,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """Disconnect a joiner that fell behind."""
         self._attached = False
         if self._chan is not None:
+            self._tell_removed(message)
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(message)
                 self._chan.exit(1)

@@ -364,6 +364,7 @@ class WebJoiner:
         self._role = ""
         self._host_label = ""
         self._last_error = b""
+        self._removed_text = ""
         self._output_paused = False
         self.closed = False
 
@@ -520,10 +521,14 @@ class WebJoiner:
         elif role != previous:
             self._write(self.framer.text(json.dumps({"type": "role", "role": role})))
 
+    def removed_because(self, text: str) -> None:
+        """The host says why it removes this joiner (told when the channel closes)."""
+        self._removed_text = _last_line(text.encode())
+
     def host_closed(self, status: int | None) -> None:
         """The host closed the channel: the session ended, or this joiner was removed (or
         refused), which the host says on stderr."""
-        text = _last_line(self._last_error)
+        text = self._removed_text or _last_line(self._last_error)
         if text:
             self.close(CLOSE_REMOVED, text)
         elif status is not None:
@@ -590,6 +595,7 @@ class _HostView(asyncssh.SSHClientSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         # The host says the joiner's role on its channel (ours; other hosts never do).
         sshcompat.on_channel_request(chan, wire.WEB_ROLE_REQUEST, self._role)
+        sshcompat.on_channel_request(chan, wire.WEB_REMOVED_REQUEST, self._removed)
 
     def _role(self, payload: bytes) -> bool:
         try:
@@ -600,6 +606,16 @@ class _HostView(asyncssh.SSHClientSession[bytes]):
         if end != len(payload) or role not in ("viewer", "typist", "moderator"):
             return False
         self._joiner.role(role)
+        return True
+
+    def _removed(self, payload: bytes) -> bool:
+        try:
+            raw, end = wire.read_ssh_string(payload)
+        except RemoteProtocolError:
+            return False
+        if end != len(payload):
+            return False
+        self._joiner.removed_because(raw[:200].decode("utf-8", "replace"))
         return True
 
     def data_received(self, data: bytes, datatype: int | None) -> None:

@@ -393,14 +393,18 @@ class WebJoiner:
     def _message(self, opcode: int, payload: bytes) -> None:
         if self._state == "auth":
             self._auth(opcode, payload)
+        elif self._chan is None:
+            return  # before the host's channel opened: nothing to carry it to yet
+        # The host may have closed its channel a moment ago (its close is on the way):
+        # what the browser sent then goes nowhere, and nothing escapes this callback.
         elif opcode == wsproto.OP_BINARY:
-            if self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write(payload)
         elif opcode == wsproto.OP_TEXT:
             msg = _json(payload)
-            if msg is not None and msg.get("type") == "resize" and self._chan is not None:
-                size = _size(msg)
-                if size is not None:
+            size = _size(msg) if msg is not None and msg.get("type") == "resize" else None
+            if size is not None:
+                with contextlib.suppress(OSError, asyncssh.Error):
                     self._chan.change_terminal_size(*size)
 
     def _auth(self, opcode: int, payload: bytes) -> None:

@@ -89,6 +89,21 @@ def web_host(user_env: UserEnv, relay_url: str, name: str, *flags: str) -> dict:
     return info(user_env, name)
 
 
+def web_host_after(
+    user_env: UserEnv, relay_url: str, name: str, trigger: Path, then: str, *flags: str
+) -> dict:
+    """A --web session whose program waits for ``trigger`` to exist, then runs ``then``
+    (sh) and sleeps, so the join is over before the output a test looks at."""
+    script = f"while [ ! -e {trigger} ]; do sleep 0.05; done; {then}; exec sleep 600"
+    out = headless(
+        user_env, "host", "--detach", "--accept", "--name", name, "--skip-host-key-check",
+        "--known-hosts", str(trigger.parent / "kh"), "--server", relay_url, "--web", *flags,
+        "--", "sh", "-c", script,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return info(user_env, name)
+
+
 def upterm(user_env: UserEnv, *args: str) -> str:
     out = headless(user_env, *args)
     assert out.returncode == 0, out.stderr
@@ -320,17 +335,10 @@ def test_a_browser_far_behind_is_still_told_it_was_removed(
     relay = start_relay(user_env, None, "--ws-addr", f"{LOCAL}:{ws_port}")
     try:
         trigger = tmp_path / "go"
-        script = (
-            f"while [ ! -e {trigger} ]; do sleep 0.05; done; "
-            "head -c 5000000 /dev/zero | tr '\\0' A; exec sleep 600"
+        session = web_host_after(
+            user_env, relay.url, "far", trigger, "head -c 5000000 /dev/zero | tr '\\0' A"
         )
-        out = headless(
-            user_env, "host", "--detach", "--accept", "--name", "far", "--skip-host-key-check",
-            "--known-hosts", str(tmp_path / "kh"), "--server", relay.url, "--web",
-            "--", "sh", "-c", script,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        credential = info(user_env, "far")["webURL"].partition("#")[2]
+        credential = session["webURL"].partition("#")[2]
         sock = _raw_upgrade(ws_port, f"http://{LOCAL}:{ws_port}", source=LOCAL)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         auth = {"type": "auth", "credential": credential, "cols": 80, "rows": 24}

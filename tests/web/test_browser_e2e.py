@@ -21,8 +21,7 @@ import pytest
 from playwright import sync_api as playwright_api
 
 from tests.conftest import UserEnv, start_relay, wait_for
-from tests.e2e.test_cli_e2e import headless
-from tests.e2e.test_web_e2e import upterm, web_host
+from tests.e2e.test_web_e2e import upterm, web_host, web_host_after
 from tests.e2e.test_websocket_e2e import free_port, info
 from upterm.relay import web
 
@@ -325,17 +324,8 @@ def test_osc52_never_reaches_the_clipboard_and_expired_links_end(
     relay_url, ws_port = web_relay
     trigger = tmp_path / "go"
     # The session's program asks the terminal to set the clipboard (OSC 52, "PWNED").
-    script = (
-        f"while [ ! -e {trigger} ]; do sleep 0.05; done; "
-        "printf '\\033]52;c;UFdORUQ=\\a'; echo OSC''DONE; exec sleep 3600"
-    )
-    out = headless(
-        user_env, "host", "--detach", "--accept", "--name", "clip", "--skip-host-key-check",
-        "--known-hosts", str(tmp_path / "kh"), "--server", relay_url, "--web",
-        "--web-ttl", "4s", "--", "sh", "-c", script,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    url = info(user_env, "clip")["webURL"]
+    osc52 = "printf '\\033]52;c;UFdORUQ=\\a'; echo OSC''DONE"
+    url = web_host_after(user_env, relay_url, "clip", trigger, osc52, "--web-ttl", "4s")["webURL"]
     page = Page(browser, url)
     try:
         origin = f"http://{LOCAL}:{ws_port}"

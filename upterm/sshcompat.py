@@ -558,11 +558,12 @@ def reuse_gcm_contexts() -> None:
 
     asyncssh (2.24 and earlier) builds a new ``AESGCM(key)`` for every packet it encrypts or
     decrypts, which fetches the cipher from OpenSSL's provider tables each time, and rebuilds
-    the nonce by slicing and re-encoding bytes. A keystroke crosses six AES-GCM operations in
-    the relay: a profile put a fifth of uptermd's CPU per keystroke in those two lines. The
-    key of a direction never changes (a rekey makes new cipher objects), so the object is
-    made once; the nonce keeps RFC 5647's layout: a fixed 4-byte field and a 64-bit
-    invocation counter that wraps. Idempotent; process-wide.
+    the nonce by slicing and re-encoding bytes: 1.5-1.9 µs an operation against 0.8 with one
+    object (a keystroke crosses six in the relay; the saving per keystroke measured within
+    the noise, as the crypto is a small share of it). The key of a direction never changes
+    (a rekey makes new cipher objects), so the object is made once; the nonce keeps RFC
+    5647's layout: a fixed 4-byte field and a 64-bit invocation counter that wraps.
+    Idempotent; process-wide.
     """
     global _gcm_reused
     if _gcm_reused:

@@ -179,11 +179,7 @@ class WebSocketCarrier(asyncio.Protocol):
             if self.closed:
                 return
             self._ssh.data_received(chunk)
-        for reply in events.replies:
-            if wsproto.is_pong(reply) and (
-                self._transport.get_write_buffer_size() > wsproto.PONG_SKIP_BYTES
-            ):
-                continue  # the peer is not reading: it needs no pong now
+        for reply in events.owed(self._transport.get_write_buffer_size()):
             self._transport.write(reply)
         if events.closed is not None and not self.closed:
             self.closed = True

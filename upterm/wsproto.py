@@ -281,6 +281,13 @@ class Events:
     #: The payload of the latest ping of this read (its pong goes into ``replies``).
     pong: bytes | None = None
 
+    def owed(self, waiting: int) -> list[bytes]:
+        """The replies to send now, with ``waiting`` bytes not yet sent to the peer: no
+        pong to a peer that is not reading (one is owed only "as soon as is practical")."""
+        if waiting <= PONG_SKIP_BYTES:
+            return self.replies
+        return [r for r in self.replies if not is_pong(r)]
+
 
 class Framer:
     """One side's frame reader and writer. Feed it received bytes; it hands back payload and

@@ -405,16 +405,20 @@ class Manager:
                          hosted.session_id, exc)  # fmt: skip
             self._notice(hosted, "web link revoked")
         else:
-            ttl = (hosted.options.web_ttl_s if hosted.options else 0) or DEFAULT_WEB_TTL_S
-            credential = wire.WebCredential.new()
-            expires = int(time.time()) + ttl
-            # Declared first: if the relay cannot take it, the old link stays as it was.
-            await hosted.tunnel.set_web(credential, expires, _host_label())
-            policy.web = (credential, expires)
+            await self._new_web_link(hosted)
             self._remove_web_clients(hosted, "the host replaced this web link")
-            self._arm_web_expiry(hosted)
             self._notice(hosted, "new web link made")
         return adminproto.ok(req.id, session=hosted.info())
+
+    async def _new_web_link(self, hosted: HostedSession) -> None:
+        """A fresh web link, declared to the relay first (if it cannot take it, the link
+        before stays as it was), then checked by the inner server and timed to expire."""
+        ttl = (hosted.options.web_ttl_s if hosted.options else 0) or DEFAULT_WEB_TTL_S
+        credential = wire.WebCredential.new()
+        expires = int(time.time()) + ttl
+        await hosted.tunnel.set_web(credential, expires, _host_label())
+        hosted.policy.web = (credential, expires)
+        self._arm_web_expiry(hosted)
 
     def _remove_web_clients(self, hosted: HostedSession, why: str) -> None:
         for client_id, client in list(hosted.clients.items()):
@@ -698,11 +702,7 @@ class Manager:
             hosted_box.append(hosted)
             await tunnel.serve(policy)
             if req.web:
-                credential = wire.WebCredential.new()
-                expires = int(time.time()) + (req.web_ttl_s or DEFAULT_WEB_TTL_S)
-                policy.web = (credential, expires)
-                await tunnel.set_web(credential, expires, _host_label())
-                self._arm_web_expiry(hosted)
+                await self._new_web_link(hosted)
             hosted.admin = AdminServer(sock_path, self.dispatch, bound_session=sid)
             await hosted.admin.start()
             self.sessions[sid] = hosted

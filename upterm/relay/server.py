@@ -125,6 +125,9 @@ def load_tls(cert: str, key: str) -> ssl.SSLContext:
 class Relay:
     """Lifecycle of one uptermd node's SSH listener."""
 
+    #: The packet size asked for on inner channels (see INNER_MAX_PACKET_BYTES).
+    inner_max_packet_bytes = INNER_MAX_PACKET_BYTES
+
     def __init__(
         self,
         identity: RelayIdentity,
@@ -578,6 +581,18 @@ class Relay:
         )
         sshcompat.skip_ignore_padding(conn)
         return conn
+
+    def live_host(
+        self, session_id: str
+    ) -> tuple[Registration, asyncssh.SSHServerConnection] | None:
+        """The registration of ``session_id`` and its host's connection, if that host is
+        connected here now (and, in a cluster, this node holds the session's lease)."""
+        reg = self.table.get(session_id)
+        if reg is None or not isinstance(reg.owner, RelayConnection) or reg.owner.conn is None:
+            return None
+        if self.registry is not None and not self.registry.holds(session_id, reg.generation):
+            return None
+        return reg, reg.owner.conn
 
     def register(self, reg: Registration) -> None:
         """Add a registration; a displaced owner's connection is closed."""
@@ -1335,10 +1350,10 @@ class RelayConnection(asyncssh.SSHServer):
     def _live_host(self) -> asyncssh.SSHServerConnection | None:
         """The connection of this joiner's host, if its registration is still current."""
         reg = self._reg
-        if reg is None or not self._reg_current():
-            return None
-        owner = reg.owner
-        return owner.conn if isinstance(owner, RelayConnection) else None
+        if reg is None or self._target is not None:
+            return None  # carried by another node: no host connection here
+        live = self.relay.live_host(reg.session_id)
+        return live[1] if live is not None and live[0] is reg else None
 
     def upstream(self) -> asyncio.Task[asyncssh.SSHClientConnection]:
         """The SSH connection to the host's inner server, opened once per joiner."""

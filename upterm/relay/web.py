@@ -380,9 +380,8 @@ class WebJoiner:
             log.info("web joiner %s: %s", self._peer, exc)
             self.close(exc.close_code, str(exc))
             return
-        for reply in events.replies:
-            if not (wsproto.is_pong(reply) and self._buffered() > wsproto.PONG_SKIP_BYTES):
-                self._write(reply)
+        for reply in events.owed(self._buffered()):
+            self._write(reply)
         for opcode, payload in events.messages:
             if self.closed:
                 return
@@ -395,8 +394,8 @@ class WebJoiner:
             self._auth(opcode, payload)
         elif self._chan is None:
             return  # before the host's channel opened: nothing to carry it to yet
-        # The host may have closed its channel a moment ago (its close is on the way):
-        # what the browser sent then goes nowhere, and nothing escapes this callback.
+        # Below, the host may have closed its channel a moment ago (its close is on the
+        # way): what the browser sent then goes nowhere, and nothing escapes this callback.
         elif opcode == wsproto.OP_BINARY:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write(payload)
@@ -438,13 +437,12 @@ class WebJoiner:
 
     async def _open(self, link: WebLink, credential: str, size: tuple[int, int]) -> None:
         relay = self._service.relay
-        reg = relay.table.get(link.session_id)
-        owner = getattr(reg, "owner", None)
-        host_conn = getattr(owner, "conn", None)
-        if reg is None or host_conn is None or link.gone_at is not None:
+        live = relay.live_host(link.session_id)
+        if live is None or link.gone_at is not None:
             self._authenticated(True)  # a valid link: no penalty for the host's absence
             self.close(CLOSE_TRY_AGAIN, HOST_AWAY_TEXT)
             return
+        reg, host_conn = live
         if not relay.guard.joiners_by_session.take(reg.session_id):
             relay.metrics.refusals.labels(reason="joiners-per-session").inc()
             self._authenticated(True)
@@ -469,6 +467,7 @@ class WebJoiner:
                 term_type="xterm-256color",
                 term_size=(size[0], size[1], 0, 0),
                 encoding=None,
+                max_pktsize=relay.inner_max_packet_bytes,  # as an SSH joiner's channel
             )
         except asyncio.CancelledError:
             raise

@@ -361,3 +361,48 @@ def test_a_browser_far_behind_is_still_told_it_was_removed(
     finally:
         relay.proc.terminate()
         relay.proc.wait(5)
+
+
+def test_a_browser_sees_the_screen_an_ssh_joiner_sees(
+    user_env: UserEnv, tmp_path: Path, joiner_key: Path
+) -> None:
+    """The same session through the page's socket and through ssh, screens compared in a
+    terminal model (pyte): colours, cursor moves, a full-screen clear, wrapped lines."""
+    import pyte
+
+    from tests.e2e.test_websocket_e2e import Joiner
+
+    ws_port = free_port()
+    relay = start_relay(user_env, None, "--ws-addr", f"{LOCAL}:{ws_port}")
+    ssh_joiner = None
+    try:
+        trigger = tmp_path / "go"
+        drawing = (
+            "printf '\\033[2J\\033[H\\033[1;31mred\\033[0m plain\\n\\033[5;10Hmoved'; "
+            "printf '%0200d\\n' 0; printf '\\033[32mgreen\\033[0m\\033[3;1HOVER'; echo DR''AWN"
+        )
+        session = web_host_after(user_env, relay.url, "same", trigger, drawing)
+        browser = Browser(session["webURL"])
+        browser.read_until(lambda: browser.role() == "viewer")
+        config = tmp_path / "ssh_config"
+        config.write_text("")
+        ssh_joiner = Joiner(session["sshCommand"], joiner_key, user_env.env, config)
+        wait_for(lambda: len(info(user_env, "same")["clients"]) == 2, 15, what="both joiners")
+        trigger.touch()
+        browser.expect(b"DRAWN")
+        ssh_joiner.expect(b"DRAWN")
+        time.sleep(0.3)
+        browser.read_until(lambda: True, 0.5)
+
+        def screen(stream: bytes) -> list[str]:
+            scr = pyte.Screen(80, 24)
+            pyte.ByteStream(scr).feed(stream)
+            return [line.rstrip() for line in scr.display]
+
+        assert screen(bytes(browser.output)) == screen(bytes(ssh_joiner.seen))
+        assert screen(bytes(browser.output))[0] == "red plain"
+    finally:
+        if ssh_joiner is not None:
+            ssh_joiner.close()
+        relay.proc.terminate()
+        relay.proc.wait(5)

@@ -629,6 +629,26 @@ def skip_ignore_padding(conn: Any) -> None:
     conn.send_packet = send_packet
 
 
+def skip_config_reload(conn: Any) -> None:
+    """Skip asyncssh's rebuild of a server connection's options at its first login request,
+    when no sshd_config was loaded (ours never load one).
+
+    asyncssh rebuilds the whole options object then, so that an sshd_config's ``Match``
+    blocks can apply to the user and address, and does it in a thread-pool worker: every
+    host key loaded and encoded again, per connection. Without a config file (and reverse
+    DNS off) the rebuild yields what the connection has. The cost was not only the CPU: the
+    worker holds the GIL while the event loop waits for it (up to the 5 ms switch interval
+    each time), so a flood of logins stalled every logged-in joiner's keystrokes too.
+    """
+    if getattr(conn._options.config, "loaded", False) or conn._rdns_lookup:
+        return
+
+    async def reload_config() -> None:
+        return None
+
+    conn.reload_config = reload_config
+
+
 #: lazy_keepalive probes after this share of an interval of silence.
 LAZY_KEEPALIVE_SLACK = 0.9
 

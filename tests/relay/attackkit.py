@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
+import itertools
 import json
 import math
 import os
@@ -1035,16 +1037,26 @@ async def attack_idle_sockets(
 
 
 async def attack_wrong_keys(
-    ctx: AttackContext, port: int, src: str, token: str, parallel: int = 4, settle_s: float = 20
+    ctx: AttackContext,
+    port: int,
+    src: str,
+    token: str,
+    parallel: int = 4,
+    settle_s: float = 20,
+    spread: int = 1,
 ) -> None:
     """Log in to ``token`` with keys the session does not allow, again and again (ready once
-    refused at once, or after ``settle_s``)."""
+    refused at once, or after ``settle_s``); each attempt from the next of ``spread``
+    addresses counted up from ``src`` (a botnet that no per-source penalty catches)."""
     first_refusal: list[float] = []
     t0 = time.monotonic()
+    base = ipaddress.IPv4Address(src)
+    attempts = itertools.count()
 
     async def one() -> None:
+        addr = str(base + next(attempts) % spread)
         try:
-            conn = await asyncio.wait_for(ssh_connect(port, src, token), 10)
+            conn = await asyncio.wait_for(ssh_connect(port, addr, token), 10)
         except asyncssh.PermissionDenied:
             ctx.count("auth_failures")
         except (OSError, asyncssh.Error, TimeoutError):

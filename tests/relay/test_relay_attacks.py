@@ -222,6 +222,41 @@ async def test_wrong_key_flood_is_penalised(arena: Arena) -> None:
     )
 
 
+async def test_handshake_flood_from_many_addresses(arena: Arena) -> None:
+    """Key exchanges are the dearest thing a stranger can ask of the relay, and 4096 source
+    addresses each trying once stay under every per-source penalty: only the shared pre-auth
+    turn (gate.PreauthTurns) keeps them from the bystander's keystrokes."""
+    relay, bystander = await arena.open()
+    out = await kit.run_attack(
+        "wrong_keys",
+        relay,
+        bystander,
+        arena.workdir,
+        label="handshake flood from 4096 addresses",
+        src="127.1.0.0",
+        token=bystander.token,
+        parallel=12,
+        settle_s=2,
+        spread=4096,
+    )
+    failures = out.done.get("auth_failures", 0)
+    seconds = out.done.get("seconds", 0)
+    penalty = kit.metric(out.metrics, "uptermd_refusals_total", reason="penalty")
+    bad_key = kit.metric(out.metrics, "uptermd_auth_failures_total", reason="bad-key")
+    print(
+        f"attacker: {failures} failed logins in {seconds:.1f} s "
+        f"({failures / max(seconds, 1e-9):.0f}/s), {out.done.get('refused', 0)} refused; "
+        f"relay: auth_failures{{bad-key}} {bad_key:.0f}, refusals{{penalty}} {penalty:.0f}"
+    )
+    verdict(
+        out,
+        (out.done.get("logged_in", 0) == 0, "a wrong key logged in"),
+        # The flood really ran: hundreds of full key exchanges, not stopped by penalties.
+        (failures >= 300, f"only {failures} key exchanges were completed"),
+        (bad_key >= 300, f"the relay saw only {bad_key:.0f} failed logins"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Channel and request churn
 

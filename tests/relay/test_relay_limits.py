@@ -115,3 +115,39 @@ async def test_a_host_over_its_byte_rate_waits_its_turn(tmp_path) -> None:
         assert metric_value(relay, "host-rate") >= 1
         session.hangup()
         tunnel.close()
+
+
+async def test_logins_rebuild_no_server_options_in_threads(relay, tmp_path) -> None:
+    """A login costs the relay and the host's inner server no thread-pool work: asyncssh's
+    per-login rebuild of the server options (for sshd_config Match blocks, which neither
+    loads) ran in a worker holding the GIL, and a flood of logins stalled every logged-in
+    joiner's keystrokes behind it."""
+    loop = asyncio.get_running_loop()
+    rebuilds: list[str] = []
+    submit = loop.run_in_executor
+
+    def counting(executor, func, *args):  # type: ignore[no-untyped-def]
+        target = getattr(func, "func", func)
+        if getattr(func, "keywords", {}).get("reload") and target.__name__.startswith(
+            "SSHServerConnectionOptions"
+        ):
+            rebuilds.append(target.__name__)
+        return submit(executor, func, *args)
+
+    loop.run_in_executor = counting  # type: ignore[method-assign]
+    try:
+        tunnel, session, reg = await host_session(relay, tmp_path)
+        for _ in range(3):
+            # Each login goes through the relay's server and the host's inner one.
+            conn = await _joiner(relay, reg.token)
+            chan, _ = await conn.create_session(
+                asyncssh.SSHClientSession, term_type="xterm", encoding=None
+            )
+            chan.close()
+            conn.close()
+            await conn.wait_closed()
+        session.hangup()
+        tunnel.close()
+    finally:
+        del loop.run_in_executor
+    assert rebuilds == []

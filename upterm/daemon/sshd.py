@@ -475,6 +475,7 @@ class InnerServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         sshcompat.judge_kex_guesses(conn)  # Dropbear's dbclient guesses
+        sshcompat.skip_config_reload(conn)  # no sshd_config: no per-login options rebuild
         sshcompat.prefer_host_key(conn)  # the session key, when the client takes ed25519
         sshcompat.answer_pings(conn)  # OpenSSH's keystroke-timing chaff needs them
         sshcompat.skip_ignore_padding(conn)  # a packet and a write less per packet sent

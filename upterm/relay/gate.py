@@ -15,6 +15,10 @@ through a thin protocol, the :class:`Gate`, which
   source penalised for "grace-exceeded");
 - feeds asyncssh what the socket brought in slices, at most a bounded time per connection per
   pass of the event loop, so one connection's burst waits its turn behind everyone else's;
+- gives all connections not yet logged in, together, one bounded turn per pass of the event
+  loop (:class:`PreauthTurns`): key exchanges are the dearest work a stranger can ask for,
+  and however many of them come at once, a logged-in keystroke waits behind one turn, not
+  behind all of them;
 - tells the relay, when the connection ends unauthenticated, which penalty it earned.
 
 The accept loop survives running out of descriptors (EMFILE/ENFILE): it stops accepting for
@@ -58,6 +62,9 @@ BACKLOG_HIGH_BYTES = 256 * 1024
 #: may take (a refused connection costs tens of microseconds, mostly the kernel's).
 ACCEPT_BATCH = 64
 ACCEPT_BUDGET_S = 0.001
+#: Time all connections not yet logged in may spend, together, per pass of the event loop
+#: (at least one piece of one connection is fed per pass, so logins always make progress).
+PREAUTH_TURN_BUDGET_S = 0.001
 #: Back-off of the accept loop when the process or system is out of descriptors.
 ACCEPT_BACKOFF_MIN_S = 0.05
 ACCEPT_BACKOFF_MAX_S = 1.0
@@ -200,6 +207,50 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(nets)
 
 
+class PreauthTurns:
+    """One shared turn per pass of the event loop for every connection not yet logged in.
+
+    A key exchange costs the relay about a millisecond of Python per step; fed as they
+    arrived, eight handshakes in flight put 10-15 ms of them in front of a logged-in
+    joiner's keystroke. Here gates that are not logged in queue for the turn instead, and
+    each turn feeds them one piece each, in arrival order, until PREAUTH_TURN_BUDGET_S is
+    spent; the rest wait for the next pass. Logins still go as fast as the loop is free
+    (a pass with nothing else to do is short), and what a flood of them costs anyone else
+    is one turn per pass, whatever the number of attackers or their addresses.
+    """
+
+    def __init__(self, budget_s: float = PREAUTH_TURN_BUDGET_S) -> None:
+        self._budget_s = budget_s
+        self._queue: collections.deque[Gate] = collections.deque()
+        self._scheduled = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def want(self, gate: Gate) -> None:
+        """Queue ``gate`` for a piece in a coming turn."""
+        self._queue.append(gate)
+        if not self._scheduled:
+            self._scheduled = True
+            # call_later(0) runs after the I/O callbacks of the pass (see Gate._feed).
+            asyncio.get_running_loop().call_later(0, self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        clock = time.perf_counter
+        start = clock()
+        # Only the gates queued before this turn: one that goes again is at the back, for
+        # the next pass.
+        for _ in range(len(self._queue)):
+            gate = self._queue.popleft()
+            gate._feed(one_piece=True)
+            if clock() - start >= self._budget_s:
+                break
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(0, self._turn)
+
+
 class _TransportView(asyncio.Transport):
     """The transport asyncssh is given: the real one, with the client's real address.
 
@@ -282,8 +333,11 @@ class Gate(asyncio.Protocol):
         sock_port: int,
         admitted: bool = False,
         refusal_bytes: Callable[[Refusal], bytes] | None = None,
+        turns: PreauthTurns | None = None,
     ) -> None:
         self._guard = guard
+        #: Where this connection's input waits its turn until it logs in (None: no turns).
+        self._turns = turns
         #: What a refused peer is told, in the listener's protocol.
         self._refusal_bytes = refusal_bytes or ssh_refusal
         self._cfg = cfg
@@ -372,6 +426,7 @@ class Gate(asyncio.Protocol):
             and self._bucket is None
             and self._inner is not None
             and len(data) <= FEED_MIN_SLICE_BYTES
+            and (self.authenticated or self._turns is None)
         ):
             # A keystroke or a small packet with nothing queued ahead: straight through, no
             # backlog bookkeeping (a slice this small is never split, and costs little to
@@ -383,7 +438,12 @@ class Gate(asyncio.Protocol):
         if self._bucket is not None:
             self._charge(len(data))
         if not self._feeding:
-            self._feed()
+            if self._turns is not None and not self.authenticated and self._inner is not None:
+                self._feeding = True
+                self._turns.want(self)
+                self.update_reading()
+            else:
+                self._feed()
 
     def eof_received(self) -> bool:
         if self._closed or self._inner is None:
@@ -563,8 +623,9 @@ class Gate(asyncio.Protocol):
         self._backlog_bytes -= len(chunk)
         return chunk
 
-    def _feed(self) -> None:
-        """Hand asyncssh received bytes for at most FEED_BUDGET_S, then let others run.
+    def _feed(self, one_piece: bool = False) -> None:
+        """Hand asyncssh received bytes for at most FEED_BUDGET_S (or ``one_piece``, in a
+        pre-auth turn), then let others run.
 
         The budget is checked between pieces, so each piece is sized by what this
         connection's bytes have cost so far (an average of seconds per byte): a piece of
@@ -582,11 +643,14 @@ class Gate(asyncio.Protocol):
             inner.data_received(piece)
             now = clock()
             self._learn_cost(now - t0, len(piece))
-            if now - start >= FEED_BUDGET_S:
+            if one_piece or now - start >= FEED_BUDGET_S:
                 break
         if self._closed:
             return
-        if self._backlog:
+        if self._backlog and self._turns is not None and not self.authenticated:
+            self._feeding = True
+            self._turns.want(self)
+        elif self._backlog:
             self._feeding = True
             # call_later(0), not call_soon: asyncio puts expired timers in the ready queue
             # after the I/O callbacks of the same pass, so whatever other connections
@@ -620,9 +684,17 @@ class GatedListener:
     """
 
     def __init__(
-        self, host: str, port: int, guard: Guard, cfg: GateConfig, reuse_port: bool = False
+        self,
+        host: str,
+        port: int,
+        guard: Guard,
+        cfg: GateConfig,
+        reuse_port: bool = False,
+        turns: PreauthTurns | None = None,
     ) -> None:
         self._host = host
+        #: Shared by every listener of one relay: one turn per pass for all logins.
+        self.turns = turns or PreauthTurns()
         self._port = port
         self._guard = guard
         self.cfg = cfg
@@ -779,7 +851,7 @@ class GatedListener:
             admitted = True
         gate = Gate(
             self._guard, self.cfg, lambda: factory(host, port), host, port, admitted,
-            self.refusal_bytes,
+            self.refusal_bytes, self.turns,
         )  # fmt: skip
         self._loop.create_task(self._connect(conn, gate))
 

@@ -30,7 +30,7 @@ from upterm import sshcompat, wire
 from upterm.errors import ConfigError, RemoteProtocolError
 from upterm.keys import Ed25519Key, KeyPair, PrivateHostKey
 from upterm.relay.cluster import LeaseHeld, RedisRegistry, RegistryUnavailable, SessionRecord
-from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener
+from upterm.relay.gate import GATE_INFO, Gate, GateConfig, GatedListener, PreauthTurns
 from upterm.relay.guard import RelayGuard, RelayLimits
 from upterm.relay.hop import HopClaim, build_hop_certificate, verify_hop_certificate
 from upterm.relay.metrics import RelayMetrics
@@ -198,6 +198,9 @@ class Relay:
         self._port = port
         self._node_addr = node_addr
         self._listener: GatedListener | None = None
+        #: Every listener's connections that are not logged in yet share one turn per pass
+        #: of the event loop (see gate.PreauthTurns).
+        self.preauth_turns = PreauthTurns()
         self._server: asyncssh.SSHAcceptor | None = None
         #: Background registry writes (lease releases), kept so none is collected unfinished.
         self._tasks: set[asyncio.Future[None]] = set()
@@ -249,7 +252,9 @@ class Relay:
             # The pair offers both the certificate and the plain key algorithm.
             host_keys = [(self.identity.ssh_key, asyncssh.import_certificate(cert))]
         host_keys += self.identity.extra
-        self._listener = GatedListener(self._host, self._port, self.guard, self.gate_cfg)
+        self._listener = GatedListener(
+            self._host, self._port, self.guard, self.gate_cfg, turns=self.preauth_turns
+        )
         self._server = await self._listen(self._listener, host_keys)
         log.info("uptermd listening on %s:%d (node %s)", self._host, self.port, self.node_addr)
         if self._ws_addr is not None:
@@ -260,6 +265,7 @@ class Relay:
                 self._ws_gate or dataclasses.replace(self.gate_cfg, proxy_protocol=False),
                 refuse_user=self._ws_refusal,
                 web=self.web,
+                turns=self.preauth_turns,
             )
             if self._ws_tls is not None:
                 self._ws_listener.tls = load_tls(*self._ws_tls)
@@ -284,7 +290,10 @@ class Relay:
             self.metrics,
         )
         self._cluster_listener = GatedListener(
-            *self._cluster_addr, guard, dataclasses.replace(self.gate_cfg, proxy_protocol=False)
+            *self._cluster_addr,
+            guard,
+            dataclasses.replace(self.gate_cfg, proxy_protocol=False),
+            turns=self.preauth_turns,
         )
         self._cluster_server = await self._listen(self._cluster_listener, host_keys, hop=True)
         advertised = self._cluster_advertise or (
@@ -694,6 +703,7 @@ class RelayConnection(asyncssh.SSHServer):
         sshcompat.answer_pings(conn)  # OpenSSH's keystroke-timing chaff needs them
         sshcompat.skip_ignore_padding(conn)  # a packet and a write less per packet sent
         sshcompat.lazy_keepalive(conn)  # no timer re-armed per packet received
+        sshcompat.skip_config_reload(conn)  # no options rebuilt (in a thread) per login
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

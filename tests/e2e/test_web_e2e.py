@@ -221,6 +221,11 @@ def test_web_joiners_wait_for_approval_and_can_be_kicked(user_env: UserEnv) -> N
     try:
         url = web_host(user_env, relay.url, "a", "--approve", "--role", "web=typist")["webURL"]
         browser = Browser(url)
+        # Typed at once, before the relay has the host's channel (it takes an SSH login):
+        # kept, as an SSH joiner's early keys are, and played once the host lets it in.
+        browser.type("echo early-$((6*7))")
+        browser.ws.send(json.dumps({"type": "resize", "cols": 90, "rows": 20}))
+        browser.type("; stty size\r")
         pending = wait_for(lambda: info(user_env, "a")["pending"], 10, what="the question")
         assert pending[0]["kind"] == "join" and pending[0]["version"] == "upterm-web"
         time.sleep(0.5)
@@ -228,6 +233,8 @@ def test_web_joiners_wait_for_approval_and_can_be_kicked(user_env: UserEnv) -> N
         assert browser.role() == ""  # not let in yet: no hello
         upterm(user_env, "session", "approve", "a", pending[0]["id"])
         browser.read_until(lambda: browser.role() == "typist")  # --role web=typist
+        browser.expect(b"early-42")
+        browser.expect(b"20 90")  # the size asked for meanwhile, too
         upterm(user_env, "session", "kick", "a", pending[0]["id"])
         code, reason = browser.closed()
         assert code == web.CLOSE_REMOVED and "removed you" in reason

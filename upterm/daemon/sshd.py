@@ -1058,8 +1058,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def _apply_resize(self, size: tuple[int, int]) -> None:
         if self._forced is not None:
             self._forced.resize(*size)
-        else:
+        elif self._attached:
             self._policy.session.resize(self.viewer_id, *size)
+        elif self._pty is not None:
+            # Not on the shared terminal yet (waiting for the host): it joins at this size.
+            self._pty = size
 
     def pause_writing(self) -> None:
         if self._files is not None:

@@ -366,6 +366,12 @@ class WebJoiner:
         self._last_error = b""
         self._removed_text = ""
         self._output_paused = False
+        #: Keys typed between the proof and the host's channel opening (a few hundred ms),
+        #: passed on once it is open, as an SSH joiner's are; bounded, then reading stops.
+        self._early = bytearray()
+        #: The last resize asked for meanwhile.
+        self._early_size: tuple[int, int] | None = None
+        self._early_paused = False
         self.closed = False
 
     # -- from the browser --
@@ -393,7 +399,7 @@ class WebJoiner:
         if self._state == "auth":
             self._auth(opcode, payload)
         elif self._chan is None:
-            return  # before the host's channel opened: nothing to carry it to yet
+            self._hold(opcode, payload)  # before the host's channel opened
         # Below, the host may have closed its channel a moment ago (its close is on the
         # way): what the browser sent then goes nowhere, and nothing escapes this callback.
         elif opcode == wsproto.OP_BINARY:
@@ -405,6 +411,21 @@ class WebJoiner:
             if size is not None:
                 with contextlib.suppress(OSError, asyncssh.Error):
                     self._chan.change_terminal_size(*size)
+
+    def _hold(self, opcode: int, payload: bytes) -> None:
+        """Keep what the browser sends before the host's channel opens: its keys (up to
+        the relay's pending bound, then its socket is not read until the channel opens)
+        and its last size."""
+        if opcode == wsproto.OP_BINARY:
+            self._early += payload
+            if len(self._early) >= self._service.relay.limits.pending_bytes:
+                self._early_paused = True
+                self._pause_input(True)
+        elif opcode == wsproto.OP_TEXT:
+            msg = _json(payload)
+            size = _size(msg) if msg is not None and msg.get("type") == "resize" else None
+            if size is not None:
+                self._early_size = size
 
     def _auth(self, opcode: int, payload: bytes) -> None:
         msg = _json(payload) if opcode == wsproto.OP_TEXT else None
@@ -483,6 +504,17 @@ class WebJoiner:
             return
         self._chan = chan
         self._state = "open"
+        early, self._early = bytes(self._early), bytearray()
+        resize, self._early_size = self._early_size, None
+        if self._early_paused:
+            # Before the write: if that fills the host's window, its pause must stand.
+            self._early_paused = False
+            self._pause_input(False)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if resize is not None:
+                chan.change_terminal_size(*resize)
+            if early:
+                chan.write(early)
 
     # -- from the host --
 

@@ -253,6 +253,30 @@ def signature_algs() -> list[str]:
     return [alg.decode() for alg in get_default_public_key_algs() if alg not in SHA1_SIGNATURE_ALGS]
 
 
+#: Key exchanges our servers do not offer, by prefix and by part of the name. Each costs a
+#: stranger's connection many times a curve's (a whole handshake, both ends, asyncssh 2.24:
+#: 4-5 ms with a curve or group14; group16 10.5 ms, group18 31.6 ms, rsa2048-sha256 52 ms;
+#: group exchange lets the client pick an 8192-bit group), and anyone may ask for one
+#: before logging in; or they hash with SHA-1; or they need Kerberos (gss-). Every client
+#: of the last decade offers a curve.
+_COSTLY_KEX_PREFIXES = ("gss-", "rsa")
+_COSTLY_KEX_PARTS = ("group-exchange", "group15", "group16", "group17", "group18", "-sha1")
+
+
+def server_kex_algs() -> list[str]:
+    """The key exchanges our servers offer: asyncssh's defaults but the costly ones (the
+    hybrid post-quantum ones, the curves and diffie-hellman-group14-sha256 stay)."""
+    from asyncssh.kex import get_default_kex_algs
+
+    names = [alg.decode() for alg in get_default_kex_algs()]
+    return [
+        name
+        for name in names
+        if not name.startswith(_COSTLY_KEX_PREFIXES)
+        and not any(part in name for part in _COSTLY_KEX_PARTS)
+    ]
+
+
 def refuse_sha1_signatures(conn: asyncssh.SSHServerConnection) -> None:
     """Refuse a public key signed request whose signature hashes with SHA-1, saying why.
 
@@ -647,6 +671,24 @@ def skip_config_reload(conn: Any) -> None:
         return None
 
     conn.reload_config = reload_config
+
+
+def resume_parsing_later(conn: Any, defer: Callable[[Callable[[], None]], bool]) -> None:
+    """Let ``defer`` decide when asyncssh parses what arrived while it handled a packet in
+    a task (True: it will call the parser itself; False: parse now, as asyncssh does).
+
+    asyncssh handles KEXINIT and login requests in tasks; input that came meanwhile is
+    parsed from the task's completion callback, in one go. The relay's gate gives that
+    parse the connection's turn like any other input from a stranger.
+    """
+    finish = conn._finish_recv_packet
+
+    def finish_recv_packet(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("is_async") and conn._inpbuf and defer(conn._recv_data):
+            kwargs["is_async"] = False  # the packet's bookkeeping now, the parse in turn
+        finish(*args, **kwargs)
+
+    conn._finish_recv_packet = finish_recv_packet
 
 
 #: lazy_keepalive probes after this share of an interval of silence.

@@ -1044,10 +1044,13 @@ async def attack_wrong_keys(
     parallel: int = 4,
     settle_s: float = 20,
     spread: int = 1,
+    kex: str | None = None,
 ) -> None:
     """Log in to ``token`` with keys the session does not allow, again and again (ready once
     refused at once, or after ``settle_s``); each attempt from the next of ``spread``
-    addresses counted up from ``src`` (a botnet that no per-source penalty catches)."""
+    addresses counted up from ``src`` (a botnet that no per-source penalty catches), with
+    the key exchange ``kex`` when given (the attacker picks the costliest offered)."""
+    options = {"kex_algs": [kex]} if kex else {}
     first_refusal: list[float] = []
     t0 = time.monotonic()
     base = ipaddress.IPv4Address(src)
@@ -1056,7 +1059,7 @@ async def attack_wrong_keys(
     async def one() -> None:
         addr = str(base + next(attempts) % spread)
         try:
-            conn = await asyncio.wait_for(ssh_connect(port, addr, token), 10)
+            conn = await asyncio.wait_for(ssh_connect(port, addr, token, **options), 10)
         except asyncssh.PermissionDenied:
             ctx.count("auth_failures")
         except (OSError, asyncssh.Error, TimeoutError):

@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,66 @@ async def test_strangers_wait_behind_one_turn(shared: bool) -> None:
     else:
         # The baseline this is measured against: every stranger's step in front.
         assert p50 > STRANGERS * STEP_S / 4, (p50, p99)
+
+
+class Breaking(Consumer):
+    """A consumer that a message saying ``boom`` breaks (raises), before login."""
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"boom"):
+            raise RuntimeError("broken by its input")
+        super().data_received(data)
+
+
+async def test_input_that_raises_in_a_turn_ends_that_connection_only() -> None:
+    listener = GatedListener("127.0.0.1", 0, OpenDoor(), GateConfig())
+    await listener.create_server(lambda host, port: Breaking(), "127.0.0.1", 0)
+    port = listener.get_port()
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+    try:
+        bad = await asyncio.open_connection("127.0.0.1", port)
+        others = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        await asyncio.sleep(0.1)
+        # All in one pass: the breaking one is first in the turn, the others behind it.
+        bad[1].write(b"boom")
+        for _, w in others:
+            w.write(b"x")
+        for r, _ in others:
+            assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
+        assert await asyncio.wait_for(bad[0].read(), 2) == b""  # closed, at once
+        assert errors == []  # handled in the turn, not escaped to the loop
+    finally:
+        listener.close()
+
+
+async def test_strangers_waiting_for_their_turn_hold_little() -> None:
+    """Fifty connections that send 1 MiB each before logging in, while their turns come
+    slowly: each has at most a read and 16 KiB waiting at the relay; the rest waits in
+    their own socket buffers (the kernel's, bounded by TCP)."""
+    gates: list[Any] = []
+
+    class Keeping(Consumer):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            gates.append(transport.get_extra_info("upterm_gate"))
+
+    listener = GatedListener("127.0.0.1", 0, OpenDoor(), GateConfig())
+    await listener.create_server(lambda host, port: Keeping(), "127.0.0.1", 0)
+    port = listener.get_port()
+    try:
+        writers = [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(50)]
+        for w in writers:
+            w.write(b"x" * (1 << 20))
+        peak = 0
+        for _ in range(40):
+            await asyncio.sleep(0.025)
+            peak = max(peak, sum(g._backlog_bytes for g in gates))
+        print(f"50 strangers sending 1 MiB each: peak backlog {peak / 1024:.0f} KiB in all")
+        assert len(gates) == 50
+        assert peak <= 50 * 32 * 1024, peak  # 16 KiB high water + one 16 KiB read each
+        for w in writers:
+            w.close()
+    finally:
+        listener.close()

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from tests.relay import attackkit as kit
@@ -225,19 +226,22 @@ async def test_wrong_key_flood_is_penalised(arena: Arena) -> None:
 async def test_handshake_flood_from_many_addresses(arena: Arena) -> None:
     """Key exchanges are the dearest thing a stranger can ask of the relay, and 4096 source
     addresses each trying once stay under every per-source penalty: only the shared pre-auth
-    turn (gate.PreauthTurns) keeps them from the bystander's keystrokes."""
+    turn (gate.PreauthTurns, which asyncssh's own tasks resume in too) and a key exchange
+    no stranger can make costly (sshcompat.server_kex_algs) keep them from the bystander's
+    keystrokes. The attacker picks the dearest the relay offers (NIST P-384)."""
     relay, bystander = await arena.open()
     out = await kit.run_attack(
         "wrong_keys",
         relay,
         bystander,
         arena.workdir,
-        label="handshake flood from 4096 addresses",
+        label="handshake flood from 4096 addresses (ecdh-sha2-nistp384)",
         src="127.1.0.0",
         token=bystander.token,
         parallel=12,
         settle_s=2,
         spread=4096,
+        kex="ecdh-sha2-nistp384",
     )
     failures = out.done.get("auth_failures", 0)
     seconds = out.done.get("seconds", 0)
@@ -255,6 +259,25 @@ async def test_handshake_flood_from_many_addresses(arena: Arena) -> None:
         (failures >= 300, f"only {failures} key exchanges were completed"),
         (bad_key >= 300, f"the relay saw only {bad_key:.0f} failed logins"),
     )
+
+
+async def test_the_relay_offers_no_key_exchange_a_stranger_can_make_costly(
+    arena: Arena,
+) -> None:
+    """RSA key exchange (a new RSA key per login), group exchange (the client picks an
+    8192-bit group) and the large fixed groups cost the relay 2-10x a curve's handshake:
+    a stranger who asks for one is refused before any of that work; a curve still works."""
+    relay, _ = await arena.open()
+    for kex in (
+        "rsa2048-sha256", "diffie-hellman-group-exchange-sha256",
+        "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+        "diffie-hellman-group14-sha1",
+    ):  # fmt: skip
+        with pytest.raises(asyncssh.KeyExchangeFailed):
+            await kit.ssh_connect(relay.port, "127.0.0.5", "x" * 20, kex_algs=[kex])
+    for kex in ("curve25519-sha256", "mlkem768x25519-sha256", "diffie-hellman-group14-sha256"):
+        with pytest.raises(asyncssh.PermissionDenied):  # past the key exchange: no session
+            await kit.ssh_connect(relay.port, "127.0.0.5", "x" * 20, kex_algs=[kex])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -533,6 +533,7 @@ class Tunnel:
                 server_host_keys=[self._ssh_key, *self._extra_ssh_keys],
                 server_version=wire.HOST_SERVER_VERSION[len("SSH-2.0-") :],
                 signature_algs=sshcompat.signature_algs(),
+                kex_algs=sshcompat.server_kex_algs(),  # none a stranger can make costly
                 encoding=None,
                 line_editor=False,
                 allow_scp=False,

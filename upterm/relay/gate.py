@@ -58,6 +58,11 @@ FEED_START_SLICE_BYTES = 4 * 1024
 FEED_PIECE_S = FEED_BUDGET_S / 4
 #: Stop reading the socket while this much received data waits to be parsed.
 BACKLOG_HIGH_BYTES = 256 * 1024
+#: The same, and the size of one socket read, before login: nothing in a login is larger
+#: (an SSH handshake's messages, an HTTP request head, a browser's link), and a stranger
+#: waiting for its turn must not make the relay hold more (a thousand of them: ~32 MiB).
+PREAUTH_BACKLOG_HIGH_BYTES = 16 * 1024
+PREAUTH_READ_BYTES = 16 * 1024
 #: Connections accepted per readiness event before other work runs, and the time that
 #: may take (a refused connection costs tens of microseconds, mostly the kernel's).
 ACCEPT_BATCH = 64
@@ -241,14 +246,22 @@ class PreauthTurns:
         start = clock()
         # Only the gates queued before this turn: one that goes again is at the back, for
         # the next pass.
-        for _ in range(len(self._queue)):
-            gate = self._queue.popleft()
-            gate._feed(one_piece=True)
-            if clock() - start >= self._budget_s:
-                break
-        if self._queue and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(0, self._turn)
+        try:
+            for _ in range(len(self._queue)):
+                gate = self._queue.popleft()
+                try:
+                    gate._feed(one_piece=True)
+                except Exception:
+                    # What a peer's bytes broke ends that peer's connection (as asyncio
+                    # does when a protocol raises), never the turn of those behind it.
+                    log.exception("closed %s: its input raised", gate.addr)
+                    gate.abort()
+                if clock() - start >= self._budget_s:
+                    break
+        finally:
+            if self._queue and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_later(0, self._turn)
 
 
 class _TransportView(asyncio.Transport):
@@ -309,7 +322,7 @@ class _TransportView(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self.inner_paused = False
-        self._gate.update_reading()
+        self._gate.inner_resumed()
 
     def is_reading(self) -> bool:
         return not self.inner_paused
@@ -379,12 +392,18 @@ class Gate(asyncio.Protocol):
         self._closed = False
         self._bucket: TokenBucket | None = None
         self._throttle: asyncio.TimerHandle | None = None
+        #: What is behind the gate, resuming in a coming turn (see defer_to_turn).
+        self._resume: Callable[[], None] | None = None
 
     # -- asyncio protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if hasattr(type(transport), "max_size"):
+            # asyncio's plain socket transport reads up to max_size (256 KiB) at a time: a
+            # stranger gets far less until it logs in (auth_completed gives it back).
+            transport.max_size = PREAUTH_READ_BYTES  # type: ignore[attr-defined]
         self._guard.connection_opened()
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._cfg.handshake_timeout_s, self._grace_exceeded)
@@ -437,6 +456,8 @@ class Gate(asyncio.Protocol):
         self._backlog_bytes += len(data)
         if self._bucket is not None:
             self._charge(len(data))
+        if self._backlog_bytes >= self._backlog_high() and not self._reading_paused:
+            self.update_reading()  # waiting for its feed or its turn: bounded all the same
         if not self._feeding:
             if self._turns is not None and not self.authenticated and self._inner is not None:
                 self._feeding = True
@@ -448,8 +469,8 @@ class Gate(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self._closed or self._inner is None:
             return False
-        if self._feeding:
-            self._eof_pending = True  # after the backlog
+        if self._feeding or self._backlog:
+            self._eof_pending = True  # after the backlog (waiting for a feed or a resume)
             return True
         result = self._inner.eof_received()
         return bool(result)
@@ -480,6 +501,11 @@ class Gate(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
+    def abort(self) -> None:
+        """Drop this connection at once (its input broke what is behind the gate)."""
+        if self._transport is not None and not self._closed:
+            self._transport.abort()
+
     def abandon(self) -> None:
         """The transport could not be made: give back what admission counted."""
         if not self._closed and self._transport is None and self._admitted:
@@ -491,6 +517,8 @@ class Gate(asyncio.Protocol):
     def auth_completed(self) -> None:
         """The peer authenticated: it leaves the pre-auth caps and its deadline."""
         self.authenticated = True
+        if self._transport is not None and "max_size" in vars(self._transport):
+            del self._transport.max_size  # type: ignore[attr-defined]  # asyncio's again
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -498,12 +526,38 @@ class Gate(asyncio.Protocol):
             self._preauth = False
             self._guard.left_preauth(self.addr)
 
+    def defer_to_turn(self, resume: Callable[[], None]) -> bool:
+        """Run ``resume`` in this connection's next turn, if it is not logged in yet (False:
+        run it now). asyncssh handles some login messages in a task and, once that is done,
+        parses what arrived meanwhile from the task's callback: a key exchange sent in one
+        write with its KEXINIT was computed there, around the turns."""
+        if self.authenticated or self._turns is None or self._closed:
+            return False
+        self._resume = resume
+        if not self._feeding:
+            self._feeding = True
+            self._turns.want(self)
+        return True
+
+    def _backlog_high(self) -> int:
+        return BACKLOG_HIGH_BYTES if self.authenticated else PREAUTH_BACKLOG_HIGH_BYTES
+
+    def inner_resumed(self) -> None:
+        """What is behind the gate takes input again: read, and feed what waits."""
+        self.update_reading()
+        if self._backlog and not self._feeding and not self._closed and self._inner is not None:
+            self._feeding = True
+            if self._turns is not None and not self.authenticated:
+                self._turns.want(self)
+            else:
+                asyncio.get_running_loop().call_later(0, self._feed)
+
     def update_reading(self) -> None:
         """Pause or resume the socket: paused while asyncssh asks or a backlog waits."""
         if self._transport is None or self._closed:
             return
         want_paused = (
-            self._backlog_bytes >= BACKLOG_HIGH_BYTES
+            self._backlog_bytes >= self._backlog_high()
             or self._throttle is not None
             or (self._view is not None and self._view.inner_paused)
         )
@@ -637,7 +691,16 @@ class Gate(asyncio.Protocol):
             return
         clock = time.perf_counter
         start = clock()
-        while self._backlog and not self._closed:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume()  # first: it parses what came before anything still in the backlog
+        view = self._view
+        while self._backlog and not self._closed and not (one_piece and resume is not None):
+            if view is not None and view.inner_paused:
+                # What is behind the gate asked for no more: the rest waits here (bounded:
+                # the socket is not read meanwhile) until it asks again (inner_resumed).
+                self.update_reading()
+                return
             piece = self._take(self._slice)
             t0 = clock()
             inner.data_received(piece)
@@ -645,7 +708,7 @@ class Gate(asyncio.Protocol):
             self._learn_cost(now - t0, len(piece))
             if one_piece or now - start >= FEED_BUDGET_S:
                 break
-        if self._closed:
+        if self._closed or self._feeding:  # (fed again already: a resume queued it)
             return
         if self._backlog and self._turns is not None and not self.authenticated:
             self._feeding = True

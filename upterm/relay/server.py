@@ -355,6 +355,7 @@ class Relay:
             server_host_keys=host_keys,
             server_version=wire.relay_banner(self.version)[len("SSH-2.0-") :],
             signature_algs=sshcompat.signature_algs(),
+            kex_algs=sshcompat.server_kex_algs(),  # none a stranger can make costly
             encoding=None,
             # The gate keeps the real deadline (and penalises it); this is a backstop.
             login_timeout=self.limits.handshake_timeout_s + 5,
@@ -683,6 +684,8 @@ class RelayConnection(asyncssh.SSHServer):
         self.conn = conn
         gate = conn.get_extra_info(GATE_INFO)
         self.gate = gate if isinstance(gate, Gate) else None
+        if self.gate is not None:
+            sshcompat.resume_parsing_later(conn, self.gate.defer_to_turn)
         self.relay.connections.add(self)
         sshcompat.install_global_request_handler(
             conn, wire.CREATE_SESSION_REQUEST, self._create_session

@@ -601,6 +601,7 @@ class WebJoiner:
     def connection_lost(self) -> None:
         """The browser's connection is gone."""
         self.closed = True
+        self._early = bytearray()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._chan is not None:

@@ -85,7 +85,10 @@ class WebSocketDoor(WebSocketCarrier):
     def handshake(self, head: wsproto.Head, rest: bytes) -> None:
         self._from_page = bool(head.header("origin"))
         _method, target, _ = head.start
-        path = urlsplit(target).path
+        try:
+            path = urlsplit(target).path
+        except ValueError:  # e.g. "//[": an unclosed IPv6 bracket
+            raise wsproto.HandshakeError(400, "upterm: malformed request target") from None
         upgrade = head.has_token("upgrade", "websocket")
         if path == "/health" and not upgrade:
             self._answer(200, "OK", penalise=False)

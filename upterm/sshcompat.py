@@ -681,7 +681,9 @@ def resume_parsing_later(conn: Any, defer: Callable[[Callable[[], None]], bool])
     parsed from the task's completion callback, in one go. The relay's gate gives that
     parse the connection's turn like any other input from a stranger.
     """
-    finish = conn._finish_recv_packet
+    finish = getattr(conn, "_finish_recv_packet", None)
+    if finish is None:
+        return  # older asyncssh (2.10, Debian 12's) handles each packet where it read it
 
     def finish_recv_packet(*args: Any, **kwargs: Any) -> None:
         if kwargs.get("is_async") and conn._inpbuf and defer(conn._recv_data):

@@ -229,9 +229,6 @@ class PreauthTurns:
         self._queue: collections.deque[Gate] = collections.deque()
         self._scheduled = False
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def want(self, gate: Gate) -> None:
         """Queue ``gate`` for a piece in a coming turn."""
         self._queue.append(gate)

@@ -406,8 +406,7 @@ class WebJoiner:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write(payload)
         elif opcode == wsproto.OP_TEXT:
-            msg = _json(payload)
-            size = _size(msg) if msg is not None and msg.get("type") == "resize" else None
+            size = _resize_of(payload)
             if size is not None:
                 with contextlib.suppress(OSError, asyncssh.Error):
                     self._chan.change_terminal_size(*size)
@@ -422,8 +421,7 @@ class WebJoiner:
                 self._early_paused = True
                 self._pause_input(True)
         elif opcode == wsproto.OP_TEXT:
-            msg = _json(payload)
-            size = _size(msg) if msg is not None and msg.get("type") == "resize" else None
+            size = _resize_of(payload)
             if size is not None:
                 self._early_size = size
 
@@ -634,22 +632,16 @@ class _HostView(asyncssh.SSHClientSession[bytes]):
         sshcompat.on_channel_request(chan, wire.WEB_REMOVED_REQUEST, self._removed)
 
     def _role(self, payload: bytes) -> bool:
-        try:
-            raw, end = wire.read_ssh_string(payload)
-            role = raw.decode("ascii")
-        except (RemoteProtocolError, UnicodeDecodeError):
-            return False
-        if end != len(payload) or role not in ("viewer", "typist", "moderator"):
+        raw = _only_string(payload)
+        role = raw.decode("ascii", "replace") if raw is not None else ""
+        if role not in ("viewer", "typist", "moderator"):
             return False
         self._joiner.role(role)
         return True
 
     def _removed(self, payload: bytes) -> bool:
-        try:
-            raw, end = wire.read_ssh_string(payload)
-        except RemoteProtocolError:
-            return False
-        if end != len(payload):
+        raw = _only_string(payload)
+        if raw is None:
             return False
         self._joiner.removed_because(raw[:200].decode("utf-8", "replace"))
         return True
@@ -683,6 +675,21 @@ def _size(msg: dict[str, Any]) -> tuple[int, int] | None:
     if type(cols) is not int or type(rows) is not int:
         return None
     return max(1, min(cols, MAX_DIM)), max(1, min(rows, MAX_DIM))
+
+
+def _resize_of(payload: bytes) -> tuple[int, int] | None:
+    """The size a page's ``{"type": "resize", ...}`` message asks for (None: not one)."""
+    msg = _json(payload)
+    return _size(msg) if msg is not None and msg.get("type") == "resize" else None
+
+
+def _only_string(payload: bytes) -> bytes | None:
+    """A channel request's payload that is exactly one SSH string (None: anything else)."""
+    try:
+        raw, end = wire.read_ssh_string(payload)
+    except RemoteProtocolError:
+        return None
+    return raw if end == len(payload) else None
 
 
 def _last_line(data: bytes) -> str:

@@ -426,7 +426,9 @@ def test_screens_notices_during_top(user_env: UserEnv, joiner_key: Path) -> None
 def test_screens_notices_in_shell(user_env: UserEnv, joiner_key: Path) -> None:
     """On a shell line a notice goes above the line, and the prompt and what was typed so
     far are written again below it; typing goes on where it was."""
-    host = host_term(user_env)
+    # 40 rows: below the card (about 20) there is room for both notices, so nothing scrolls
+    # (at 24 rows whether the second one scrolled the card depended on how its lines wrapped).
+    host = host_term(user_env, rows=40)
     shell_at_prompt(host)
     # A fresh prompt line first (see test_screens_prompt_intact_when_the_host_attaches).
     host.type("\r")
@@ -436,7 +438,7 @@ def test_screens_notices_in_shell(user_env: UserEnv, joiner_key: Path) -> None:
     settle(host)
     row = host.term.cursor[1]
     above = host.display()[:row]
-    joiner = joiner_term(user_env, session_info(user_env), joiner_key)
+    joiner = joiner_term(user_env, session_info(user_env), joiner_key, rows=40)
     wait_screen(joiner, "$ echo part")
     host.expect(b" joined (SHA256:")
     settle(host, joiner)

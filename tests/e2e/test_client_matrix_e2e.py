@@ -252,11 +252,16 @@ def test_openssh10_joins_and_hides_keystroke_timing(
         [str(openssh10), "-F", str(config), "-E", str(log), "-tt", *target], user_env.env
     )
     shared_shell_works(joiner, f"openssh10-{mode}")
-    # Type as a person does, then pause: chaff runs while typing and a while after.
+    # Type as a person does, then pause: chaff runs while typing and for 1.0-3.1 s (random)
+    # after the last key, then the client logs that it stopped. Wait for that line rather
+    # than a fixed pause, which the random tail outlasts about one run in a hundred.
     for ch in "echo typed-slowly":
         joiner.type(ch)
         time.sleep(0.05)
-    time.sleep(3)
+    deadline = time.monotonic() + 15
+    while "obfuscate_keystroke_timing: stopping:" not in log.read_text():
+        assert time.monotonic() < deadline, "the client never stopped its keystroke chaff"
+        time.sleep(0.1)
     joiner.type("\r")
     joiner.expect(b"\rtyped-slowly\r\n")
     text = log.read_text()

@@ -940,6 +940,14 @@ def merge_channel_buffers(chan: Any) -> None:
         chan._send_buf = _MergingSendBuffer()
 
 
+def carry_stderr(chan: Any) -> None:
+    """Let a forwarding channel (TCP, UNIX) carry stderr as extended data, both ways, as a
+    session channel does; asyncssh allows it only on session channels, though the protocol
+    allows extended data on any. For our own channels, whose peer is ours."""
+    chan._read_datatypes = {asyncssh.EXTENDED_DATA_STDERR}
+    chan._write_datatypes = {asyncssh.EXTENDED_DATA_STDERR}
+
+
 def discard_unsent(chan: Any) -> int:
     """Drop what a channel holds for its peer's window (not what reached the socket), and
     let asyncssh re-evaluate its flow control (``resume_writing`` if it had paused).

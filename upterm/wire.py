@@ -53,6 +53,15 @@ WEB_ROLE_REQUEST = "upterm-role@upterm.dev"
 #: Ours: host → relay, on a web joiner's channel: why it is being removed (channel requests
 #: are not held by flow control, so the page is told even when it is far behind).
 WEB_REMOVED_REQUEST = "upterm-removed@upterm.dev"
+#: Ours: a host that takes a joiner's terminal data directly on the tunnel forwards this
+#: path (the session id followed by it) beside its session's. The relay then opens a
+#: forwarded-streamlocal channel to it per joiner terminal, writes DIRECT_COOKIE_BYTES of
+#: a fresh random cookie first, and names that cookie in the inner session channel's
+#: DIRECT_ENV; from then on the terminal's bytes skip the inner SSH layer (which still
+#: authenticates the joiner and carries every request, the exit status and the close).
+DIRECT_PATH_SUFFIX = "/direct@upterm.dev"
+DIRECT_ENV = "UPTERM_DIRECT_CHANNEL"
+DIRECT_COOKIE_BYTES = 16
 ADMIN_SOCKET_ENV = "UPTERM_ADMIN_SOCKET"
 #: Named sessions export their name to the command (upstream v0.38).
 SESSION_NAME_ENV = "UPTERM_SESSION_NAME"

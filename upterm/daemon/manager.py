@@ -1003,6 +1003,14 @@ class Manager:
                 for hosted in list(self.sessions.values()):
                     hosted.session.kill()
                 await asyncio.wait(pending, timeout=STOP_GRACE_S)
+        # Joiners have been sent the exit status; let it reach them before the tunnels go.
+        goodbyes = [
+            asyncio.ensure_future(h.policy.all_closed.wait()) for h in self.sessions.values()
+        ]
+        if goodbyes:
+            _, unsaid = await asyncio.wait(goodbyes, timeout=EXIT_FLUSH_S)
+            for wait in unsaid:
+                wait.cancel()
         for hosted in list(self.sessions.values()):
             hosted.tunnel.close()
             if hosted.admin is not None:

@@ -27,6 +27,7 @@ import asyncssh
 from upterm import sshcompat, wire
 from upterm.daemon import consent, forward, transfer
 from upterm.daemon.consent import Activity, Decision, Question
+from upterm.daemon.direct import DirectChannel, DirectTable, cookie_of
 from upterm.daemon.escapes import Escape, JoinerEscapes
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
@@ -222,6 +223,8 @@ class GuestPolicy:
     #: Joiner channels still open; the tunnel stays up until they have said goodbye.
     open_channels: set[object] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Direct channels from the relay waiting for the joiner terminal that names them.
+    direct: DirectTable = field(default_factory=DirectTable)
 
     def web_link_valid(self, presented: str, now: float | None = None) -> bool:
         """Whether ``presented`` is this session's web link, not expired nor revoked (the
@@ -727,6 +730,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._client = client
         self._server = server
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        #: The direct channel carrying this terminal's bytes (upterm.daemon.direct), if the
+        #: relay opened one; and the exit status waiting for it to flush and close.
+        self._direct: DirectChannel | None = None
+        self._exit_status: int | None = None
         self._pty: tuple[int, int] | None = None
         self._term = "xterm-256color"
         self._attached = False
@@ -764,6 +771,72 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def fingerprint(self) -> str:
         """The joiner's key."""
         return self._client.fingerprint
+
+    @property
+    def _out(self) -> Any:
+        """The channel this joiner's output goes on: its direct channel once claimed."""
+        return self._direct.chan if self._direct is not None else self._chan
+
+    def _claim_direct(self) -> None:
+        """Take the direct channel the relay opened for this terminal, if it named one."""
+        if self._chan is None or self._client.mode != "relay":
+            return  # only the relay opens direct channels, for the joiners it certifies
+        cookie = cookie_of(self._chan.get_environment())
+        direct = self._policy.direct.claim(cookie) if cookie is not None else None
+        if direct is None:
+            return
+        self._direct = direct
+        direct.chan.set_write_buffer_limits(FOLLOW_HIGH_WATER_BYTES)
+        direct.attach(self)
+
+    def _exit(self, status: int) -> None:
+        """End the channel with ``status``. With a direct channel, the status waits until
+        nothing of the output waits here: at once if all of it went to the tunnel (whose
+        packets keep their order), else once the direct channel has flushed and closed."""
+        if self._chan is None:
+            return
+        direct = self._direct
+        if direct is None:
+            self._chan.exit(status)
+            return
+        if self._exit_status is not None:
+            return
+        direct.chan.close()  # sent after what waits for the relay's window
+        if direct.chan.get_write_buffer_size():
+            self._exit_status = status  # sent by direct_closed
+            return
+        direct.detach()
+        self._direct = None
+        self._chan.exit(status)
+
+    # The direct channel's traffic (upterm.daemon.direct.DirectSink)
+
+    def direct_data(self, data: bytes, datatype: int | None) -> None:
+        """Input through the direct channel: as if it came on the session channel."""
+        self.data_received(data, datatype)
+
+    def direct_eof(self) -> None:
+        """The joiner closed its input, through the direct channel."""
+        self.eof_received()
+
+    def direct_paused(self) -> None:
+        """The relay's window on the direct channel is full."""
+        self._writing_paused()
+
+    def direct_resumed(self) -> None:
+        """The direct channel drained."""
+        self._writing_resumed()
+
+    def direct_closed(self) -> None:
+        """The direct channel closed: the exit waiting for it goes; or (the relay closed
+        it first) output goes on the session channel again."""
+        self._direct = None
+        status, self._exit_status = self._exit_status, None
+        if status is not None and self._chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._chan.exit(status)
+        elif self._skipping:
+            self._writing_resumed()  # it waited for the closed channel to drain
 
     # asyncssh callbacks
 
@@ -840,12 +913,13 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(PTY_REQUIRED_MESSAGE)
             self._chan.exit(1)
             return
+        self._claim_direct()
         admission = self._server.admission()
         if admission.done():
             self._admitted(admission)
             return
         if self._policy.approve:
-            self._chan.write(WAITING_MESSAGE)
+            self._out.write(WAITING_MESSAGE)
         admission.add_done_callback(self._admitted)
 
     def _files_admitted(self, admission: asyncio.Task[str | None]) -> None:
@@ -870,8 +944,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         early, self._early = self._early, None
         if refusal is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
-                chan.write_stderr(f"upterm: {refusal}.\r\n".encode())
-                chan.exit(1)
+                self._out.write(f"upterm: {refusal}.\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
+                self._exit(1)
             return
         self._join()
         if early:
@@ -887,7 +961,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             return
         if self._chan is not None and self._files is None:
             with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.write_stderr(f"upterm: {text}\r\n".encode())
+                self._out.write(f"upterm: {text}\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
 
     def _join(self) -> None:
         for text in sorted(self._server.notes()):
@@ -958,7 +1032,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         env = self._policy.session.env
         env.pop(wire.ADMIN_SOCKET_ENV, None)
         env["TERM"] = self._term
-        chan = self._chan
         try:
             procs: list[PtyProcess] = []
             self._forced = PtyProcess(
@@ -973,14 +1046,14 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             )
             procs.append(self._forced)
         except UptermError as exc:
-            chan.write_stderr(f"upterm: {exc}\r\n".encode())
-            chan.exit(1)
+            self._out.write(f"upterm: {exc}\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._exit(1)
 
     def _forced_exited(self, proc: PtyProcess, status: int) -> None:
         proc.close()
         if self._chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.exit(status)
+                self._exit(status)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self._files is not None:
@@ -1020,7 +1093,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 answer = self._policy.on_command(self._client, escape.text)
             text = "\r\n" + (f"upterm: {answer}\r\n" if answer else "")
         with contextlib.suppress(OSError, asyncssh.Error):
-            chan.write(text.encode())
+            self._out.write(text.encode())
 
     def _help(self) -> str:
         role = self._policy.roles.get(self._client.client_id, "")
@@ -1067,15 +1140,21 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def pause_writing(self) -> None:
         if self._files is not None:
             self._files.pause_writing()
-            return
-        # A forced command is the joiner's own: it may wait for its joiner.
-        if self._forced is not None:
-            self._forced.pause_output()
+        elif self._direct is None:  # else the direct channel's flow is what counts
+            self._writing_paused()
 
     def resume_writing(self) -> None:
         if self._files is not None:
             self._files.resume_writing()
-            return
+        elif self._direct is None:
+            self._writing_resumed()
+
+    def _writing_paused(self) -> None:
+        # A forced command is the joiner's own: it may wait for its joiner.
+        if self._forced is not None:
+            self._forced.pause_output()
+
+    def _writing_resumed(self) -> None:
         if self._forced is not None:
             self._forced.resume_output()
         elif self._attached:
@@ -1118,7 +1197,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._skipping = False
             self._title_timer = loop.call_later(SKIPPED_TITLE_S, self._restore_title)
         with contextlib.suppress(OSError, asyncssh.Error):
-            chan.write(frame)
+            self._out.write(frame)
         if not streaming:
             session.redraw()  # full-screen programs repaint for it
 
@@ -1126,7 +1205,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._title_timer = None
         if self._chan is not None and self._attached and not self._skipping:
             with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.write(self._policy.session.title_restored(self.viewer_id))
+                self._out.write(self._policy.session.title_restored(self.viewer_id))
 
     def eof_received(self) -> bool:
         if self._files is not None:
@@ -1138,15 +1217,18 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             return True  # its own command runs on, to its own end and exit status
         # The joiner closed its input: it leaves (status 0, as upstream); the session goes on.
         self._leave()
-        if self._chan is not None:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.exit(0)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self._exit(0)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._files is not None:
             self._files.connection_lost(exc)
         self._policy.channel_closed(self)
+        direct, self._direct = self._direct, None
+        if direct is not None:  # the joiner is gone: what waits for it goes too
+            direct.detach()
+            direct.close()
         for timer in (self._frame_timer, self._title_timer):
             if timer is not None:
                 timer.cancel()
@@ -1175,9 +1257,9 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._tell_removed(message)
             with contextlib.suppress(OSError, asyncssh.Error):
                 if self._attached:
-                    self._chan.write(self._policy.session.screen.restore_sequence())
-                self._chan.write_stderr(message)
-                self._chan.exit(1)
+                    self._out.write(self._policy.session.screen.restore_sequence())
+                self._out.write(message, asyncssh.EXTENDED_DATA_STDERR)
+                self._exit(1)
             # Then the whole connection, once the message and exit status had time to go.
             conn = self._chan.get_extra_info("connection")
             asyncio.get_running_loop().call_later(KICK_CLOSE_DELAY_S, conn.close)
@@ -1206,9 +1288,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """
         if self._chan is None or self._skipping:
             return
+        out = self._out
         with contextlib.suppress(OSError, asyncssh.Error):
-            self._chan.write(data)
-            if self._chan.get_write_buffer_size() > SKIP_AHEAD_BYTES:
+            out.write(data)
+            if out.get_write_buffer_size() > SKIP_AHEAD_BYTES:
                 self.skip_ahead()
 
     def skip_ahead(self) -> None:
@@ -1229,11 +1312,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             # frame comes after one interval, as soon as the socket takes it.
             self._frame_timer = asyncio.get_running_loop().call_later(FRAME_INTERVAL_S, self._frame)
             with contextlib.suppress(OSError, asyncssh.Error):
-                sshcompat.discard_unsent(self._chan)
+                sshcompat.discard_unsent(self._out)
 
     def backlog(self) -> int:
         """Output asyncssh holds for this joiner."""
-        return self._chan.get_write_buffer_size() if self._chan is not None else 0
+        out = self._out
+        return int(out.get_write_buffer_size()) if out is not None else 0
 
     def finish(self, status: int) -> None:
         """The shared command ended: give the joiner's terminal back, pass the status on."""
@@ -1242,8 +1326,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             with contextlib.suppress(OSError, asyncssh.Error):
                 if was_attached:
                     session = self._policy.session
-                    self._chan.write(session.screen.restore_sequence() + session.farewell)
-                self._chan.exit(status)
+                    self._out.write(session.screen.restore_sequence() + session.farewell)
+                self._exit(status)
 
     def cut_off(self, message: bytes) -> None:
         """Disconnect a joiner that fell behind."""
@@ -1251,8 +1335,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None:
             self._tell_removed(message)
             with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.write_stderr(message)
-                self._chan.exit(1)
+                self._out.write(message, asyncssh.EXTENDED_DATA_STDERR)
+                self._exit(1)
 
 
 async def hang_up(proc: PtyProcess) -> None:

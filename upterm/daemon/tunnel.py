@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import asyncssh
 
 from upterm import sshcompat, wire
+from upterm.daemon.direct import DirectChannel
 from upterm.daemon.knownhosts import RelayTrust
 from upterm.daemon.sshd import GuestPolicy, InnerServer
 from upterm.errors import (
@@ -551,6 +552,15 @@ class Tunnel:
             raise RelayPermissionDenied(
                 f"the relay at {self.url} refused to forward session {sid}"
             ) from exc
+        if self.registered.e2e_supported:
+            # Our relay: joiners' terminal bytes may skip the inner SSH layer (daemon.direct).
+            # A relay from before that refuses the path; joiners then use the inner layer.
+            try:
+                await conn.create_unix_server(
+                    lambda: DirectChannel(policy.direct), sid + wire.DIRECT_PATH_SUFFIX
+                )
+            except (asyncssh.Error, ValueError) as exc:
+                log.info("the relay at %s takes no direct channels: %s", self.url, exc)
 
     async def _supervise(self) -> None:
         attempt = 0

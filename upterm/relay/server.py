@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -59,6 +60,10 @@ COALESCE_MIN_BYTES = 4096
 #: these: at asyncssh's 32 KiB default every full inner packet needed two. Well under the
 #: 256 KiB transport limit of Go's x/crypto, which upstream hosts use.
 TUNNEL_MAX_PACKET_BYTES = 128 * 1024
+#: Longest a joiner's end waits, after its host channel closed, for the direct channel
+#: that carried its output to close (the host closes it first; see _JoinerSession), while
+#: the joiner has taken everything the relay holds for it.
+DIRECT_CLOSE_S = 10.0
 #: Largest packet the host's inner server may send the relay on a joiner's behalf; with its
 #: framing it still fits one tunnel packet.
 INNER_MAX_PACKET_BYTES = 64 * 1024
@@ -666,6 +671,8 @@ class RelayConnection(asyncssh.SSHServer):
         self._auth_key: bytes | None = None
         self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
         self._owned: set[str] = set()
+        #: Sessions of this host that take joiners' terminal bytes on direct channels.
+        self.direct_sessions: set[str] = set()
         #: Channels this joiner has open now (not ever opened).
         self.open_channels = 0
         #: The session this joiner counts against (joiners per session), once authenticated.
@@ -755,6 +762,7 @@ class RelayConnection(asyncssh.SSHServer):
 
     def drop_session(self, sid: str) -> None:
         """Forget a session this connection registered (its successor is left alone)."""
+        self.direct_sessions.discard(sid)
         if sid in self._owned:
             self._owned.discard(sid)
             self.relay.guard.sessions_by_key.give(self._auth_key)
@@ -1238,6 +1246,12 @@ class RelayConnection(asyncssh.SSHServer):
         return wire.derive_session_id(key.blob, req.session_secret), req.generation
 
     def unix_server_requested(self, listen_path: str) -> Any:
+        if listen_path.endswith(wire.DIRECT_PATH_SUFFIX) and self.is_host:
+            sid = listen_path[: -len(wire.DIRECT_PATH_SUFFIX)]
+            if sid in self._owned:
+                # The host takes its joiners' terminal bytes directly (daemon.direct).
+                self.direct_sessions.add(sid)
+                return sshcompat.PassiveListener(lambda: self.direct_sessions.discard(sid))
         if not self.is_host or listen_path not in self._owned:
             log.info(
                 "refused forward of %r from %s: not its session",
@@ -1574,6 +1588,15 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._size: tuple[int, int, int, int] | None = None
         self._size_pending: tuple[int, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The host's direct channel for this terminal (see upterm.daemon.direct), and the
+        #: channel the joiner's bytes go on: it, or the host channel.
+        self._direct: Any = None
+        self._data: Any = None
+        #: The host channel's end (status, signal), held until the direct channel closed.
+        self._host_end: tuple[int | None, tuple[str, bool, str] | None] | None = None
+        self._host_end_timer: asyncio.TimerHandle | None = None
+        #: The host could not be reached (a direct channel still opening is closed).
+        self._failed = False
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
@@ -1618,6 +1641,11 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
     async def _open(self, command: str | None, subsystem: str | None) -> None:
         assert self._chan is not None
         chan = self._chan
+        # A terminal's direct channel opens while the inner connection does (its handshake
+        # takes round trips; the channel one), so it costs the join no time.
+        direct = None
+        if self._term is not None and command is None and subsystem is None:
+            direct = asyncio.ensure_future(self._open_direct())
         try:
             # Shielded: cancelling this channel must not cancel the joiner's other channels.
             upstream = await asyncio.shield(self._link.upstream())
@@ -1628,6 +1656,9 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                     term_size=self._size or self._term[1],
                     term_modes=self._term[2],
                 )
+            cookie = await direct if direct is not None else None
+            if cookie is not None:
+                kwargs.update(env={wire.DIRECT_ENV: cookie.hex()})
             up_chan, _ = await upstream.create_session(
                 lambda: _HostSideSession(self),
                 command=command,
@@ -1640,6 +1671,9 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             raise
         except Exception as exc:
             log.info("joiner %s could not reach its host: %r", self._link.peer(), exc)
+            self._failed = True
+            if self._direct is not None:
+                self._direct.close()
             # Fixed texts, as upstream: nothing about the host or its address leaks.
             hop = self._link._target is not None
             if (
@@ -1670,13 +1704,41 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             chan.exit(1)
             return
         self._up = up_chan
+        data_chan = self._data = self._direct or up_chan
         for data, datatype in self._pending:
-            up_chan.write(bytes(data), datatype)
+            data_chan.write(bytes(data), datatype)
         self._pending.clear()
         self._pending_bytes = 0
         chan.resume_reading()
         if self._pending_eof:
-            up_chan.write_eof()
+            data_chan.write_eof()
+
+    async def _open_direct(self) -> bytes | None:
+        """Open a direct channel to the host for this terminal, if the host takes them:
+        its bytes then skip the inner SSH layer (upterm.daemon.direct). Returns the cookie
+        the session channel names it by, or None (then everything goes on that channel)."""
+        link = self._link
+        reg, host_conn = link._reg, link._live_host()
+        if reg is None or host_conn is None or not isinstance(reg.owner, RelayConnection):
+            return None
+        if reg.session_id not in reg.owner.direct_sessions:
+            return None  # upstream's host, or ours before direct channels
+        cookie = secrets.token_bytes(wire.DIRECT_COOKIE_BYTES)
+        try:
+            chan, _ = await host_conn.create_unix_connection(
+                lambda: _HostDirect(self),
+                reg.session_id + wire.DIRECT_PATH_SUFFIX,
+                max_pktsize=INNER_MAX_PACKET_BYTES,
+            )
+        except (OSError, asyncssh.Error) as exc:
+            log.info("no direct channel to the host of %s: %r", reg.session_id, exc)
+            return None
+        if self._closed or self._failed:
+            chan.close()
+            return None
+        chan.write(cookie)
+        self._direct = chan
+        return cookie
 
     # joiner → host
 
@@ -1697,7 +1759,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._in.add(data, datatype)
 
     def _write_to_host(self, data: bytes, datatype: int | None) -> None:
-        up = self._up
+        up = self._data
         if up is None:
             return
         try:
@@ -1708,12 +1770,12 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._chan.pause_reading()
 
     def eof_received(self) -> bool:
-        if self._up is None:
+        if self._data is None:
             self._pending_eof = True
         else:
             self._in.flush()  # input that came before the EOF goes first
             with contextlib.suppress(OSError, asyncssh.Error):
-                self._up.write_eof()
+                self._data.write_eof()
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -1740,13 +1802,18 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._up.send_break(msec)
         return True
 
+    def _host_reading(self, on: bool) -> None:
+        """Read the host's output (both of its channels: the status must not overtake the
+        output) or stop."""
+        for chan in (self._up, self._direct):
+            if chan is not None:
+                (chan.resume_reading if on else chan.pause_reading)()
+
     def pause_writing(self) -> None:
-        if self._up is not None:
-            self._up.pause_reading()
+        self._host_reading(False)
 
     def resume_writing(self) -> None:
-        if self._up is not None:
-            self._up.resume_reading()
+        self._host_reading(True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._in.flush()
@@ -1756,8 +1823,13 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         self._pending_bytes = 0
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._host_end_timer is not None:
+            self._host_end_timer.cancel()
+            self._host_end_timer = None
         if self._up is not None:
             self._up.close()
+        if self._direct is not None:
+            self._direct.close()
 
     # host → joiner (called by _HostSideSession)
 
@@ -1771,8 +1843,8 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(data, datatype)
         except (OSError, asyncssh.Error):
             return  # the joiner is gone; its connection_lost closes the host side
-        if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES and self._up:
-            self._up.pause_reading()
+        if self._chan.get_write_buffer_size() > PROXY_HIGH_WATER_BYTES:
+            self._host_reading(False)
 
     def host_paused(self) -> None:
         """The host channel's send window is full: stop reading the joiner."""
@@ -1789,7 +1861,43 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_eof()
 
+    def direct_lost(self) -> None:
+        """The direct channel closed: after the host's last output (its end, held until
+        now, goes on), or the host refused it (the host channel carries everything)."""
+        self._direct = None
+        if self._host_end_timer is not None:
+            self._host_end_timer.cancel()
+            self._host_end_timer = None
+        end, self._host_end = self._host_end, None
+        if end is not None:
+            self.host_closed(*end)
+        elif self._up is not None:
+            self._data = self._up
+
+    def _direct_late(self) -> None:
+        self._host_end_timer = None
+        if self._direct is None:
+            return
+        if self._chan is not None and self._chan.get_write_buffer_size():
+            # The joiner is still taking the host's last output: not the host's delay.
+            self._host_end_timer = asyncio.get_running_loop().call_later(
+                DIRECT_CLOSE_S, self._direct_late
+            )
+            return
+        log.info("a host left a direct channel open after its session channel closed")
+        self._direct.close()
+        self.direct_lost()
+
     def host_closed(self, status: int | None, signal: tuple[str, bool, str] | None) -> None:
+        if self._direct is not None:
+            # The host closes the direct channel first, once its output there is sent;
+            # whatever else happened, the joiner is not held longer than DIRECT_CLOSE_S.
+            self._host_end = (status, signal)
+            if self._host_end_timer is None:
+                self._host_end_timer = asyncio.get_running_loop().call_later(
+                    DIRECT_CLOSE_S, self._direct_late
+                )
+            return
         self._out.flush()
         if self._chan is None:
             return
@@ -1800,6 +1908,35 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.exit(status)
             else:
                 self._chan.close()
+
+
+class _HostDirect(asyncssh.SSHUNIXSession[bytes]):
+    """The relay's end of a direct channel (upterm.daemon.direct): a joiner terminal's
+    bytes, both ways, without the inner SSH layer."""
+
+    def __init__(self, joiner: _JoinerSession) -> None:
+        self._joiner = joiner
+
+    def connection_made(self, chan: Any) -> None:
+        sshcompat.merge_channel_buffers(chan)
+        sshcompat.carry_stderr(chan)
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._joiner.out_bytes.inc(len(data))
+        self._joiner.host_data(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._joiner.host_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._joiner.host_paused()
+
+    def resume_writing(self) -> None:
+        self._joiner.host_resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._joiner.direct_lost()
 
 
 class _HostSideSession(asyncssh.SSHClientSession[bytes]):

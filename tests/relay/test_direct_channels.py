@@ -259,3 +259,24 @@ def test_cookies_are_read_from_either_kind_of_environment() -> None:
     assert direct.cookie_of({"LANG": "C"}) is None
     assert direct.cookie_of({wire.DIRECT_ENV: "zz"}) is None
     assert direct.cookie_of({wire.DIRECT_ENV: cookie.hex()[:-2]}) is None
+
+
+async def test_a_refused_joiner_is_told_at_once_not_after_its_direct_channel_times_out(
+    relay: Relay,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The host refuses this relay joiner (--e2e-only) on the terminal's channel: the direct
+    channel opened for it is closed first, so the relay passes the status on at once."""
+    tunnel, session, reg = await host_session(relay, tmp_path, e2e_only=True)
+    conn = await asyncssh_join(relay.port, reg.token)
+    t0 = asyncio.get_running_loop().time()
+    proc = await conn.create_process(term_type="xterm", encoding=None)
+    err = await asyncio.wait_for(proc.stderr.read(), 15)
+    await asyncio.wait_for(proc.wait(), 15)
+    took = asyncio.get_running_loop().time() - t0
+    assert proc.exit_status == 1, err
+    assert took < 3, f"told after {took:.1f} s"
+    assert len(tunnel._policy.direct) == 0
+    conn.close()
+    session.hangup()
+    tunnel.close()

@@ -103,6 +103,16 @@ def cookie_of(env: Any) -> bytes | None:
     return None
 
 
+def release_direct(table: DirectTable, env: Any) -> None:
+    """Close at once the direct channel a session channel's environment names, for a
+    channel that will not use it (a refused joiner): the relay holds the channel's exit
+    status until its direct channel has closed."""
+    cookie = cookie_of(env)
+    chan = table.claim(cookie) if cookie is not None else None
+    if chan is not None:
+        chan.close()
+
+
 class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
     """The host's end of one direct channel: first its cookie, then the joiner's bytes."""
 

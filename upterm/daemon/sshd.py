@@ -27,7 +27,7 @@ import asyncssh
 from upterm import sshcompat, wire
 from upterm.daemon import consent, forward, transfer
 from upterm.daemon.consent import Activity, Decision, Question
-from upterm.daemon.direct import DirectChannel, DirectTable, cookie_of
+from upterm.daemon.direct import DirectChannel, DirectTable, cookie_of, release_direct
 from upterm.daemon.escapes import Escape, JoinerEscapes
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
@@ -617,7 +617,7 @@ class InnerServer(asyncssh.SSHServer):
         if self._client is None or not self._allowed:
             return False
         if self._refusal:
-            return _RefusedSession(self._refusal)
+            return _RefusedSession(self._refusal, self._policy.direct)
         if self._client.client_id in self._policy.removed:
             return False
         return GuestSession(self._policy, self._client, self)
@@ -688,8 +688,9 @@ class InnerServer(asyncssh.SSHServer):
 class _RefusedSession(asyncssh.SSHServerSession[bytes]):
     """The only channel a refused joiner gets: it says why and closes (exit status 1)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, direct: DirectTable) -> None:
         self._reason = reason
+        self._direct = direct
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
@@ -709,6 +710,9 @@ class _RefusedSession(asyncssh.SSHServerSession[bytes]):
 
     def session_started(self) -> None:
         if self._chan is not None:
+            # A direct channel the relay opened for this terminal goes first (the relay
+            # passes the status on once it closed).
+            release_direct(self._direct, self._chan.get_environment())
             with contextlib.suppress(OSError, asyncssh.Error):
                 self._chan.write_stderr(f"upterm: {self._reason}.\r\n".encode())
                 self._chan.exit(1)

@@ -737,6 +737,30 @@ def lazy_keepalive(conn: Any) -> None:
         conn._set_keepalive_timer()
 
 
+def coarse_keepalive(conn: Any) -> None:
+    """Re-arm asyncssh's keepalive timer only when less than half an interval is left.
+
+    asyncssh cancels its timer and schedules a new one for every packet received (two
+    timer operations per keystroke on the host's tunnel). Here a packet re-arms it only once
+    half of the interval has passed since it was set: a busy connection re-arms about twice
+    per interval, and an idle one that its peer probes (the relay probes its hosts more
+    often than half our interval) still never wakes for its own probe. Unlike
+    :func:`lazy_keepalive` it adds no wakeup; the price is that a probe may go after half
+    an interval of silence rather than a whole one.
+    """
+    loop = conn._loop
+
+    def reset() -> None:
+        if not conn._auth_complete:
+            return
+        timer = conn._keepalive_timer
+        if timer is None or timer.when() - loop.time() < conn._keepalive_interval / 2:
+            conn._cancel_keepalive_timer()
+            conn._set_keepalive_timer()
+
+    conn._reset_keepalive_timer = reset
+
+
 def _name_lists(kexinit: bytes) -> list[bytes]:
     """A KEXINIT's ten name-lists (after the message type and cookie)."""
     rest = kexinit[17:]

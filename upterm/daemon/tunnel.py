@@ -378,6 +378,7 @@ class Tunnel:
                 "uptermd is running there"
             ) from exc
         sshcompat.skip_ignore_padding(conn)  # a packet and a write less per packet sent
+        sshcompat.coarse_keepalive(conn)  # no timer re-armed per packet received
         return conn
 
     async def _register(self, conn: asyncssh.SSHClientConnection) -> Registered:

@@ -334,6 +334,10 @@ class _TransportView(asyncio.Transport):
 class Gate(asyncio.Protocol):
     """One accepted connection on its way into asyncssh (see the module docstring)."""
 
+    #: Socket reads so far, over every gate of the process: what the relay writes while
+    #: handling one read can be told from what a later read brings (server._MergedWrites).
+    reads = 0
+
     def __init__(
         self,
         guard: Guard,
@@ -413,6 +417,7 @@ class Gate(asyncio.Protocol):
             self._admit()
 
     def data_received(self, data: bytes) -> None:
+        Gate.reads += 1
         if self._closed:
             return
         if self._awaiting_header:

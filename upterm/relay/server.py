@@ -1458,24 +1458,30 @@ class _MergedWrites:
     a host's inner SSH packets are a few bytes over an OpenSSH joiner's 32 KiB channel
     packet limit, and written one by one each would become a full packet and a runt,
     doubling the packets (and the cipher calls) towards the joiner. The first small piece
-    of a pass (a keystroke, its echo) is written at once; the rest of that pass is merged,
-    so a flood of tiny packets costs one write per pass, not one per packet. Order is
-    kept, and pieces of different stream types (stdout, stderr) are never merged together.
+    a socket read brings (a keystroke, its echo) is written at once, with nothing to
+    schedule; from a second piece on, the rest of that pass is merged, so a flood of tiny
+    packets costs one write per pass, not one per packet. Order is kept, and pieces of
+    different stream types (stdout, stderr) are never merged together.
     """
 
     def __init__(self, write: Callable[[bytes, int | None], None]) -> None:
         self._write = write
         self._pending: list[tuple[bytes, int | None]] = []
         self._pass_open = False
+        #: The socket read (Gate.reads) whose first small piece was written at once.
+        self._read = -1
 
     def add(self, data: bytes, datatype: int | None = None) -> None:
-        self._pending.append((data, datatype))
         if self._pass_open:
+            self._pending.append((data, datatype))
             return  # merged at the end of this pass
+        if len(data) < COALESCE_MIN_BYTES and self._read != Gate.reads:
+            self._read = Gate.reads
+            self._write(data, datatype)
+            return
+        self._pending.append((data, datatype))
         self._pass_open = True
         asyncio.get_running_loop().call_soon(self._end_pass)
-        if len(data) < COALESCE_MIN_BYTES:
-            self.flush()
 
     def _end_pass(self) -> None:
         self._pass_open = False

@@ -1916,7 +1916,27 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                 self._chan.close()
 
 
-class _HostDirect(asyncssh.SSHUNIXSession[bytes]):
+class _ToJoiner:
+    """What a channel from the host hands its joiner: output, EOF and flow control."""
+
+    _joiner: _JoinerSession
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._joiner.out_bytes.inc(len(data))
+        self._joiner.host_data(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._joiner.host_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._joiner.host_paused()
+
+    def resume_writing(self) -> None:
+        self._joiner.host_resumed()
+
+
+class _HostDirect(_ToJoiner, asyncssh.SSHUNIXSession[bytes]):
     """The relay's end of a direct channel (upterm.daemon.direct): a joiner terminal's
     bytes, both ways, without the inner SSH layer."""
 
@@ -1927,25 +1947,11 @@ class _HostDirect(asyncssh.SSHUNIXSession[bytes]):
         sshcompat.merge_channel_buffers(chan)
         sshcompat.carry_stderr(chan)
 
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._joiner.out_bytes.inc(len(data))
-        self._joiner.host_data(data, datatype)
-
-    def eof_received(self) -> bool:
-        self._joiner.host_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        self._joiner.host_paused()
-
-    def resume_writing(self) -> None:
-        self._joiner.host_resumed()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._joiner.direct_lost()
 
 
-class _HostSideSession(asyncssh.SSHClientSession[bytes]):
+class _HostSideSession(_ToJoiner, asyncssh.SSHClientSession[bytes]):
     """The relay's end of a host channel; hands everything back to its joiner."""
 
     def __init__(self, joiner: _JoinerSession) -> None:
@@ -1956,25 +1962,11 @@ class _HostSideSession(asyncssh.SSHClientSession[bytes]):
     def connection_made(self, chan: Any) -> None:
         sshcompat.merge_channel_buffers(chan)
 
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._joiner.out_bytes.inc(len(data))
-        self._joiner.host_data(data, datatype)
-
-    def eof_received(self) -> bool:
-        self._joiner.host_eof()
-        return True
-
     def exit_status_received(self, status: int) -> None:
         self._status = status
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         self._signal = (signal, core_dumped, msg)
-
-    def pause_writing(self) -> None:
-        self._joiner.host_paused()
-
-    def resume_writing(self) -> None:
-        self._joiner.host_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._joiner.host_closed(self._status, self._signal)

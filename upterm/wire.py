@@ -133,6 +133,11 @@ def ssh_string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
+def ssh_uint32(value: int) -> bytes:
+    """Encode an SSH ``uint32`` (4 bytes big-endian)."""
+    return struct.pack(">I", value)
+
+
 def ssh_uint64(value: int) -> bytes:
     """Encode an SSH ``uint64`` (8 bytes big-endian)."""
     return struct.pack(">Q", value)

@@ -10,6 +10,7 @@ and what a relay (a peer like any other) can make the host hold for it is bounde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any
 import asyncssh
 import pytest
 
+from tests.relay.attackkit import _delay_channel_opens
 from tests.relay.test_relay_public import asyncssh_join
 from tests.relay.test_relay_security import host_session, relay  # noqa: F401 - fixture
 from upterm import wire
 from upterm.daemon import direct
 from upterm.daemon.sshd import GuestSession
-from upterm.relay.server import Relay, RelayConnection, _JoinerSession
+from upterm.relay.server import Relay, RelayConnection, _HostDirect, _JoinerSession
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -175,7 +177,8 @@ async def _open_direct(r: Relay, session_id: str, first: bytes) -> Any:
     chan, _ = await host_conn.create_unix_connection(
         asyncssh.SSHUNIXSession, session_id + wire.DIRECT_PATH_SUFFIX
     )
-    chan.write(first)
+    with contextlib.suppress(BrokenPipeError):  # the host may have refused it at once
+        chan.write(first)
     return chan
 
 
@@ -187,9 +190,15 @@ async def test_what_a_relay_can_make_the_host_hold_on_direct_channels_is_bounded
     """Channels no terminal claims: at most MAX_WAITING wait, each at most WAIT_S, with at
     most EARLY_BYTES of early input; a joiner's shell types on meanwhile (the bystander)."""
     monkeypatch.setattr(direct, "WAIT_S", 2.0)
+    monkeypatch.setattr(direct, "COOKIE_S", 1.0)
     tunnel, session, reg = await host_session(relay, tmp_path)
     table = tunnel._policy.direct
     conn, shell = await _shell(relay, reg.token)
+    # Channels that never finish their cookie count too, and go after COOKIE_S.
+    partial = [await _open_direct(relay, reg.session_id, b"c" * 15) for _ in range(8)]
+    assert len(table) == 8
+    await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in partial)), 5)
+    assert len(table) == 0
     chans = [
         await _open_direct(relay, reg.session_id, secrets.token_bytes(wire.DIRECT_COOKIE_BYTES))
         for _ in range(direct.MAX_WAITING + 8)
@@ -277,6 +286,62 @@ async def test_a_refused_joiner_is_told_at_once_not_after_its_direct_channel_tim
     assert proc.exit_status == 1, err
     assert took < 3, f"told after {took:.1f} s"
     assert len(tunnel._policy.direct) == 0
+    conn.close()
+    session.hangup()
+    tunnel.close()
+
+
+def _direct_channels_at_relay(r: Relay, session_id: str) -> int:
+    conn = _host_link(r, session_id).conn
+    assert conn is not None
+    chans = conn._channels.values()
+    return sum(1 for c in chans if isinstance(getattr(c, "_session", None), _HostDirect))
+
+
+async def test_terminals_closed_while_their_direct_channel_opens_leave_none_behind(
+    relay: Relay,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A joiner that closes each terminal before the host confirmed its direct channel (a
+    slow link: here the host answers channel opens 0.3 s late): each such channel is
+    closed once it opens, never left on the tunnel without its cookie."""
+    tunnel, session, reg = await host_session(relay, tmp_path)
+    conn, shell = await _shell(relay, reg.token)
+    assert _direct_channels_at_relay(relay, reg.session_id) == 1  # this shell's
+    _delay_channel_opens(tunnel._conn, 0.3, lambda: None)
+    for _ in range(12):
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, term_type="xterm")
+        await asyncio.sleep(0.02)
+        chan.close()
+        await chan.wait_closed()
+    await asyncio.sleep(1.5)
+    assert len(tunnel._policy.direct) == 0
+    assert _direct_channels_at_relay(relay, reg.session_id) == 1
+    shell.proc.stdin.write(b"echo alive-$((6*7))\r")
+    await shell.until(b"alive-42")
+    conn.close()
+    session.hangup()
+    tunnel.close()
+
+
+async def test_a_joiner_far_behind_still_gets_its_exit_status_when_removed(
+    relay: Relay,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Removed while megabytes wait for it: the connection is closed a second later, before
+    the direct channel could flush, and the joiner is still told status 1 (the status went
+    at once, as a channel request, and the relay kept it)."""
+    tunnel, session, reg = await host_session(relay, tmp_path)
+    conn, shell = await _shell(relay, reg.token)
+    (guest,) = _guests(tunnel)
+    shell.proc.stdin.write(b"head -c 20000000 /dev/zero | tr '\\0' y\r")
+    await asyncio.sleep(2)  # not reading: the windows fill, the host holds the rest
+    assert guest.backlog() > 0
+    guest.remove(b"\r\nupterm: you were removed by the host\r\n")
+    await asyncio.sleep(2)  # the host closed the connection after KICK_CLOSE_DELAY_S
+    await shell.to_end()
+    await asyncio.wait_for(shell.proc.wait(), 10)
+    assert shell.proc.exit_status == 1
     conn.close()
     session.hangup()
     tunnel.close()

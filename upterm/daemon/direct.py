@@ -15,9 +15,10 @@ close. An exit waits until the direct channel has flushed and closed, so the las
 always arrives before the status. Only the relay opens channels on the tunnel, and a cookie
 is claimed only by a relay-certified joiner's terminal, once.
 
-Bounds (a relay is a peer like any other): at most :data:`MAX_WAITING` channels wait to be
-claimed, each at most :data:`WAIT_S`, holding at most :data:`EARLY_BYTES` of early input;
-past any of these the channel is closed.
+Bounds (a relay is a peer like any other): at most :data:`MAX_WAITING` channels are open
+and not claimed, counted from the moment they open (with or without their cookie); each has
+:data:`COOKIE_S` to bring its cookie and then :data:`WAIT_S` to be claimed, holding at
+most :data:`EARLY_BYTES` of early input; past any of these the channel is closed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Longest a direct channel waits for its terminal to claim it.
 WAIT_S = 30.0
-#: Most direct channels waiting to be claimed, per session.
+#: Longest a direct channel may take to bring its cookie (the relay writes it at once).
+COOKIE_S = 5.0
+#: Most direct channels open and not claimed, per session.
 MAX_WAITING = 32
 #: Most input held for a direct channel not claimed yet (the relay sends none before the
 #: terminal opened; this only bounds a relay that does).
@@ -61,29 +64,42 @@ class DirectSink(Protocol):
 
 
 class DirectTable:
-    """Direct channels of one session waiting for their terminal, by cookie."""
+    """Direct channels of one session not claimed yet: all of them, and by cookie those
+    whose cookie came."""
 
     def __init__(self) -> None:
+        self._open: set[DirectChannel] = set()
         self._waiting: dict[bytes, DirectChannel] = {}
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._open)
+
+    def opened(self, chan: DirectChannel) -> bool:
+        """Count a channel that just opened; False if refused (too many not claimed)."""
+        if len(self._open) >= MAX_WAITING:
+            return False
+        self._open.add(chan)
+        return True
 
     def arrived(self, cookie: bytes, chan: DirectChannel) -> bool:
-        """Keep ``chan`` for the terminal that names ``cookie``; False if refused (too many
-        waiting, or the cookie is taken)."""
-        if len(self._waiting) >= MAX_WAITING or cookie in self._waiting:
+        """Keep ``chan`` for the terminal that names ``cookie``; False if the cookie is
+        taken."""
+        if cookie in self._waiting:
             return False
         self._waiting[cookie] = chan
         return True
 
     def claim(self, cookie: bytes) -> DirectChannel | None:
         """The channel that came with ``cookie``, once."""
-        return self._waiting.pop(cookie, None)
+        chan = self._waiting.pop(cookie, None)
+        if chan is not None:
+            self._open.discard(chan)
+        return chan
 
-    def forget(self, cookie: bytes, chan: DirectChannel) -> None:
+    def forget(self, cookie: bytes | None, chan: DirectChannel) -> None:
         """``chan`` closed or gave up waiting."""
-        if self._waiting.get(cookie) is chan:
+        self._open.discard(chan)
+        if cookie is not None and self._waiting.get(cookie) is chan:
             del self._waiting[cookie]
 
 
@@ -126,12 +142,17 @@ class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
         self._sink: DirectSink | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._dropped = False
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
         sshcompat.merge_channel_buffers(chan)
         sshcompat.carry_stderr(chan)
-        self._timer = asyncio.get_running_loop().call_later(WAIT_S, self._give_up)
+        if not self._table.opened(self):
+            log.info("refused a direct channel: %d not claimed already", len(self._table))
+            self.close()
+            return
+        self._timer = asyncio.get_running_loop().call_later(COOKIE_S, self._give_up)
 
     def _give_up(self) -> None:
         self._timer = None
@@ -141,6 +162,7 @@ class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
 
     def close(self) -> None:
         """Close at once, dropping what waits (a joiner gone, or a channel refused)."""
+        self._dropped = True
         if self.chan is not None and not self._closed:
             sshcompat.discard_unsent(self.chan)
             self.chan.close()
@@ -150,6 +172,8 @@ class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
         if sink is not None:
             sink.direct_data(data, datatype)
             return
+        if self._dropped:
+            return  # refused or given up: what comes before the close is nobody's
         if self._cookie is None:
             self._head += data
             if len(self._head) < wire.DIRECT_COOKIE_BYTES:
@@ -158,10 +182,13 @@ class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
             data = bytes(self._head[wire.DIRECT_COOKIE_BYTES :])
             self._head = bytearray()
             if not self._table.arrived(cookie, self):
-                log.info("refused a direct channel: %d wait already", len(self._table))
+                log.info("refused a direct channel: its cookie is taken")
                 self.close()
                 return
             self._cookie = cookie
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = asyncio.get_running_loop().call_later(WAIT_S, self._give_up)
         self._early += data
         if len(self._early) > EARLY_BYTES:
             self.close()
@@ -186,8 +213,7 @@ class DirectChannel(asyncssh.SSHUNIXSession[bytes]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._cookie is not None:
-            self._table.forget(self._cookie, self)
+        self._table.forget(self._cookie, self)
         sink, self._sink = self._sink, None
         if sink is not None:
             sink.direct_closed()

@@ -737,7 +737,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         #: The direct channel carrying this terminal's bytes (upterm.daemon.direct), if the
         #: relay opened one; and the exit status waiting for it to flush and close.
         self._direct: DirectChannel | None = None
-        self._exit_status: int | None = None
+        self._closing = False
         self._pty: tuple[int, int] | None = None
         self._term = "xterm-256color"
         self._attached = False
@@ -794,21 +794,27 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         direct.attach(self)
 
     def _exit(self, status: int) -> None:
-        """End the channel with ``status``. With a direct channel, the status waits until
+        """End the channel with ``status``. With a direct channel, the close waits until
         nothing of the output waits here: at once if all of it went to the tunnel (whose
-        packets keep their order), else once the direct channel has flushed and closed."""
+        packets keep their order), else once the direct channel has flushed and closed.
+        The status itself goes at once either way (a channel request, which flow control
+        does not hold): the relay keeps it until the end, so a joiner far behind still
+        gets it when the connection is closed before then (a kick, the session's end)."""
         if self._chan is None:
             return
         direct = self._direct
         if direct is None:
             self._chan.exit(status)
             return
-        if self._exit_status is not None:
+        if self._closing:
             return
         direct.chan.close()  # sent after what waits for the relay's window
         if direct.chan.get_write_buffer_size():
-            self._exit_status = status  # sent by direct_closed
-            return
+            self._closing = True
+            sshcompat.send_channel_request(
+                self._chan, "exit-status", wire.ssh_uint32(status & 0xFF)
+            )
+            return  # closed by direct_closed
         direct.detach()
         self._direct = None
         self._chan.exit(status)
@@ -835,10 +841,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """The direct channel closed: the exit waiting for it goes; or (the relay closed
         it first) output goes on the session channel again."""
         self._direct = None
-        status, self._exit_status = self._exit_status, None
-        if status is not None and self._chan is not None:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.exit(status)
+        if self._closing and self._chan is not None:
+            self._chan.close()  # its status went already
         elif self._skipping:
             self._writing_resumed()  # it waited for the closed channel to drain
 

@@ -1662,7 +1662,9 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
                     term_size=self._size or self._term[1],
                     term_modes=self._term[2],
                 )
-            cookie = await direct if direct is not None else None
+            # Shielded: a channel cancelled while it opens would be left open, cookieless,
+            # on the host's tunnel; once open, _open_direct closes it if no longer wanted.
+            cookie = await asyncio.shield(direct) if direct is not None else None
             if cookie is not None:
                 kwargs.update(env={wire.DIRECT_ENV: cookie.hex()})
             up_chan, _ = await upstream.create_session(
@@ -1742,7 +1744,11 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
         if self._closed or self._failed:
             chan.close()
             return None
-        chan.write(cookie)
+        try:
+            chan.write(cookie)
+        except (OSError, asyncssh.Error):
+            chan.close()
+            return None  # the host closed it at once: the host channel carries everything
         self._direct = chan
         return cookie
 
@@ -1879,6 +1885,7 @@ class _JoinerSession(asyncssh.SSHServerSession[bytes]):
             self.host_closed(*end)
         elif self._up is not None:
             self._data = self._up
+            self.host_resumed()  # it may have paused the joiner; the host channel decides now
 
     def _direct_late(self) -> None:
         self._host_end_timer = None

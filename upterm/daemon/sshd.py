@@ -838,8 +838,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._writing_resumed()
 
     def direct_closed(self) -> None:
-        """The direct channel closed: the exit waiting for it goes; or (the relay closed
-        it first) output goes on the session channel again."""
+        """The direct channel closed: the session channel's close waiting for it goes;
+        or (the relay closed it first) output goes on the session channel again."""
         self._direct = None
         if self._closing and self._chan is not None:
             self._chan.close()  # its status went already

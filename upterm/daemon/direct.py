@@ -11,9 +11,9 @@ EOF) ride that channel: one SSH layer instead of two on the relay and here.
 
 The inner connection still does everything else: it authenticates the joiner (the relay's
 certificate), carries the terminal's requests (size, signals), the exit status and the
-close. An exit waits until the direct channel has flushed and closed, so the last output
-always arrives before the status. Only the relay opens channels on the tunnel, and a cookie
-is claimed only by a relay-certified joiner's terminal, once.
+close. The status goes at once; the close waits until the direct channel has flushed and
+closed, so the end never overtakes the last output. Only the relay opens channels on the
+tunnel, and a cookie is claimed only by a relay-certified joiner's terminal, once.
 
 Bounds (a relay is a peer like any other): at most :data:`MAX_WAITING` channels are open
 and not claimed, counted from the moment they open (with or without their cookie); each has
@@ -96,6 +96,11 @@ class DirectTable:
             self._open.discard(chan)
         return chan
 
+    def claim_named(self, env: Any) -> DirectChannel | None:
+        """The channel a session channel's environment names (:func:`cookie_of`), once."""
+        cookie = cookie_of(env)
+        return self.claim(cookie) if cookie is not None else None
+
     def forget(self, cookie: bytes | None, chan: DirectChannel) -> None:
         """``chan`` closed or gave up waiting."""
         self._open.discard(chan)
@@ -123,8 +128,7 @@ def release_direct(table: DirectTable, env: Any) -> None:
     """Close at once the direct channel a session channel's environment names, for a
     channel that will not use it (a refused joiner): the relay holds the channel's exit
     status until its direct channel has closed."""
-    cookie = cookie_of(env)
-    chan = table.claim(cookie) if cookie is not None else None
+    chan = table.claim_named(env)
     if chan is not None:
         chan.close()
 

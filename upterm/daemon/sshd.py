@@ -27,7 +27,7 @@ import asyncssh
 from upterm import sshcompat, wire
 from upterm.daemon import consent, forward, transfer
 from upterm.daemon.consent import Activity, Decision, Question
-from upterm.daemon.direct import DirectChannel, DirectTable, cookie_of, release_direct
+from upterm.daemon.direct import DirectChannel, DirectTable, release_direct
 from upterm.daemon.escapes import Escape, JoinerEscapes
 from upterm.daemon.pty import PtyProcess
 from upterm.daemon.session import FOLLOW_HIGH_WATER_BYTES, ClientInfo, Session
@@ -735,7 +735,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._server = server
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         #: The direct channel carrying this terminal's bytes (upterm.daemon.direct), if the
-        #: relay opened one; and the exit status waiting for it to flush and close.
+        #: relay opened one; and whether the channel's close waits for it to flush.
         self._direct: DirectChannel | None = None
         self._closing = False
         self._pty: tuple[int, int] | None = None
@@ -785,8 +785,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """Take the direct channel the relay opened for this terminal, if it named one."""
         if self._chan is None or self._client.mode != "relay":
             return  # only the relay opens direct channels, for the joiners it certifies
-        cookie = cookie_of(self._chan.get_environment())
-        direct = self._policy.direct.claim(cookie) if cookie is not None else None
+        direct = self._policy.direct.claim_named(self._chan.get_environment())
         if direct is None:
             return
         self._direct = direct

@@ -601,10 +601,17 @@ class Session:
         Session.last_input_at = time.monotonic()
         if self.moderation_held:
             return  # a moderated session without its moderators takes no input, anyone's
-        if self._proc is not None:
-            if self.recorder is not None:
-                self.recorder.input(data, who, secret=self._proc.reading_secret())
-            self._proc.write(data)
+        proc = self._proc
+        if proc is not None:
+            if self.recorder is None:
+                proc.write(data)
+                return
+            # Asked before and after the write: a program turning echo off for a password
+            # (bash's read -s prints its prompt first) can do so in between, and what it
+            # then reads unechoed must not be recorded as ordinary typing.
+            secret = proc.reading_secret()
+            proc.write(data)
+            self.recorder.input(data, who, secret=secret or proc.reading_secret())
 
     def _answerer(self) -> str | None:
         """The one viewer shown terminal queries: the host's terminal, else the first typist."""
